@@ -1,0 +1,250 @@
+"""A Llama-family decoder-only transformer, with Hugging Face's parameter names and math.
+
+    h   = x + o_proj(Attention(RoPE(q_proj(n1(x))), RoPE(k_proj(n1(x))), v_proj(n1(x))))
+    out = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))          n1, n2: RMSNorm
+
+Covers Llama 2/3 (llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (q/k/v bias), Qwen3
+(per-head q/k RMSNorm) and SmolLM/SmolLM2; grouped-query attention runs through
+`F.scaled_dot_product_attention`. Module names are transformers' (`model.layers.0.self_attn.q_proj`,
+...), so a checkpoint loads without a key map and a PEFT key is "base_model.model." + name.
+
+This file knows nothing about LoRA, quantization or prompts. Methods attach by swapping modules, or
+through two seams in `forward`: `inputs_embeds` (prompt tuning, p-tuning) and the `kv_cache`, whose
+per-layer keys/values can be prefilled (prefix tuning, LLaMA-Adapter). Left out on purpose: tensor
+parallelism, fused QKV (it would move the checkpoint keys), and FlashAttention (packed batches use a
+block-diagonal mask on plain SDPA instead).
+
+Dimensions: B batch, T new tokens, S keys (cached + new), C hidden, nh query heads, nkv key/value
+heads, hs head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight, as HF does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    """cos/sin tables for positions (B, T): angle[b, t, i] = pos[b, t] * inv_freq[i], duplicated to hs."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs/2), fp32 like HF
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): HF's rotate_half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, n, T, hs) rotated by RoPE: x*cos + rotate_half(x)*sin, rotate_half([a, b]) = [-b, a]."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: k[l], v[l] are (B, nkv, S_max, hs).
+
+    `length` positions are filled. A forward with T new tokens writes them at [length, length + T)
+    in every layer and attends over [0, length + T); the model then advances `length` by T.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+        self.max_length = max_length
+
+    def update(self, layer: int, k, v):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} were asked for")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nkv, S, hs)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c, hs = config, config.head_dim
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hs = c.num_attention_heads, c.num_key_value_heads, hs
+        self.q_proj = nn.Linear(c.hidden_size, self.nh * hs, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.nkv * hs, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.nkv * hs, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * hs, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(hs, c.rms_norm_eps)
+            self.k_norm = RMSNorm(hs, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hs)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs)  # (B, T, nkv, hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
+        # mask: None (no constraint), "causal" (square, no cache), or a bool tensor (B, 1, T, S).
+        is_causal = isinstance(mask, str)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=self.nkv != self.nh
+        )  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(C, I, bias=bias)
+        self.up_proj = nn.Linear(C, I, bias=bias)
+        self.down_proj = nn.Linear(I, C, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of HF's checkpoints: embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def build_mask(T, S, past, device, attention_mask=None, seq_ids=None, window=None):
+    """Which keys each query may see: None / "causal" when SDPA needs no tensor, else bool (B|1, 1, T, S).
+
+    Query t sits at cache index past + t; key s is visible when s <= past + t (causal), the key is not
+    padding (attention_mask[b, s] == 1), it is in the same packed document (seq_ids), and it is within
+    the sliding window (past + t - s < window). Every query also sees itself, so that the rows of
+    left-padding queries are not empty (an all-False row would make SDPA return NaN).
+    """
+    if attention_mask is None and seq_ids is None and (window is None or S <= window):
+        if T == 1:
+            return None
+        if past == 0:
+            return "causal"
+    q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = k_idx <= q_idx  # (T, S)
+    if window is not None:
+        mask = mask & (q_idx - k_idx < window)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    if seq_ids is not None:
+        if past:
+            raise ValueError("seq_ids (packed sequences) cannot be combined with a KV cache")
+        mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])  # (B, 1, T, T)
+    return mask | (k_idx == q_idx)[None, None]
+
+
+def packed_position_ids(seq_ids):
+    """Per-document positions for packed rows: seq_ids (B, T) -> 0, 1, 2, ... restarting at each new id."""
+    T = seq_ids.shape[1]
+    idx = torch.arange(T, device=seq_ids.device).expand_as(seq_ids)  # (B, T)
+    new_doc = torch.ones_like(seq_ids, dtype=torch.bool)
+    new_doc[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    start = torch.where(new_doc, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    return idx - start
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
+        self.gradient_checkpointing = False
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward_hidden(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
+                       seq_ids=None, kv_cache: KVCache | None = None):
+        """Final-norm hidden states (B, T, C).
+
+        input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, S) with 1 for real tokens over
+        cached + new positions (left padding); seq_ids (B, T) marks packed documents, which then see only
+        themselves and get per-document positions; position_ids default to past, past + 1, ...
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        if T == 0:
+            raise ValueError("empty input: at least one token is needed")
+        past = kv_cache.length if kv_cache is not None else 0
+        S = past + T
+        if attention_mask is not None and attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S}"
+                             f" ({past} cached + {T} new)")
+        if position_ids is None:
+            position_ids = (packed_position_ids(seq_ids) if seq_ids is not None
+                            else torch.arange(past, S, device=x.device).expand(B, T))
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, hs)
+        masks = {kind: build_mask(T, S, past, x.device, attention_mask, seq_ids,
+                                  self.config.sliding_window if kind == "sliding_attention" else None)
+                 for kind in set(self.config.layer_types)}
+        for layer, kind in zip(self.model.layers, self.config.layer_types):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, masks[kind], kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[kind], kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = S
+        return self.model.norm(x)
+
+    def forward(self, input_ids=None, **kwargs):
+        """Logits (B, T, V); keyword arguments as in `forward_hidden`."""
+        return self.lm_head(self.forward_hidden(input_ids, **kwargs))
+
+    def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_length, w.dtype, w.device)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
+        """Continue input_ids (B, T) by up to max_new_tokens; see `minicustom.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

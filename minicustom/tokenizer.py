@@ -1,0 +1,151 @@
+"""The checkpoint's own tokenizer: `tokenizers` for the ids, a sandboxed jinja2 for the chat template.
+
+A Hugging Face folder holds tokenizer.json (the whole tokenization pipeline, run by the Rust
+`tokenizers` library) and tokenizer_config.json (special-token names and the Jinja chat template;
+newer checkpoints put the template in chat_template.jinja). The template is rendered the way
+transformers renders it: ImmutableSandboxedEnvironment, trim_blocks and lstrip_blocks, the
+special-token strings as variables, `raise_exception` and `strftime_now` as globals. The rendered text
+already holds BOS when the template writes it, so it is encoded without adding special tokens again:
+BOS exactly once. Left out: slow (Python) tokenizers, tool-calling helpers, multimodal templates.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _RustTokenizer
+
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _token_str(value):
+    """tokenizer_config stores a special token as "<s>" or as {"content": "<s>", ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' clean_up_tokenization: drop the space BPE leaves before punctuation and contractions."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _RustTokenizer, config: dict | None = None, chat_template: str | None = None):
+        self.backend = tokenizer
+        config = config or {}
+        for name in _SPECIAL_NAMES:
+            setattr(self, name, _token_str(config.get(name)))
+        self.chat_template = chat_template
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self.special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    # -- ids -----------------------------------------------------------------------------------------
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self):
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self):
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self):
+        return self.token_to_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; add_special_tokens runs the checkpoint's post-processor (e.g. BOS for Llama)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and bos is not None and ids[:2] == [bos, bos] and text.startswith(self.bos_token):
+            ids = ids[1:]  # the text already held BOS and the post-processor added another: keep one
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self.clean_up_tokenization_spaces else text
+
+    def batch_encode(self, texts: list[str], add_special_tokens: bool = True):
+        """input_ids and attention_mask (B, T), left-padded for generation."""
+        from .generate import left_pad
+
+        pad = self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
+        return left_pad([self.encode(t, add_special_tokens) for t in texts], pad or 0)
+
+    # -- chat --------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = True, **kwargs):
+        """Render messages with the checkpoint's template; token ids (no special tokens added) or the text."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                             "or chat_template.jinja)")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        specials = {name: getattr(self, name) for name in _SPECIAL_NAMES if getattr(self, name) is not None}
+        text = _compile(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+_TEMPLATES: dict[str, jinja2.Template] = {}
+
+
+def _compile(source: str) -> jinja2.Template:
+    if source not in _TEMPLATES:
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: (
+            json.dumps(x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii))
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _TEMPLATES[source] = env.from_string(source)
+    return _TEMPLATES[source]
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Tokenizer of a Hugging Face folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    path = Path(path)
+    file = path / "tokenizer.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (only fast tokenizers are supported)")
+    try:
+        backend = _RustTokenizer.from_file(str(file))
+    except Exception as e:
+        raise ValueError(f"{file}: cannot be read as a tokenizers file: {e}") from None
+    config = {}
+    if (path / "tokenizer_config.json").exists():
+        try:
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'tokenizer_config.json'}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    template = config.get("chat_template")
+    if (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # several named templates: take the default one
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return Tokenizer(backend, config, template)
