@@ -19,15 +19,18 @@ class StreamPrinter:
     """Prints generated text as it comes: decodes all new tokens each step and writes the new suffix,
     holding back a trailing U+FFFD (a UTF-8 character split across tokens)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out, [], ""
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
 
     def __call__(self, token: torch.Tensor):
         self.ids.append(int(token[0]))
+        self.flush(final=False)
+
+    def flush(self, final=True):
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return
-        self.out.write(text[len(self.shown):])
+        self.out.write(text[len(self.shown):] + ("\n" if final else ""))
         self.out.flush()
         self.shown = text
 
@@ -60,7 +63,7 @@ def _prompt_ids(tokenizer, messages, raw: bool):
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def _answer(model, tokenizer, ids, args, out=sys.stdout) -> str:
+def _answer(model, tokenizer, ids, args, out=None) -> str:
     printer = StreamPrinter(tokenizer, out)
     start = time.perf_counter()
     generated = model.generate(
@@ -69,7 +72,7 @@ def _answer(model, tokenizer, ids, args, out=sys.stdout) -> str:
         generator=torch.Generator(device=args.device).manual_seed(args.seed), on_token=printer,
     )
     n = generated.shape[1] - len(ids)
-    out.write("\n")
+    printer.flush()
     if args.verbose:
         sys.stderr.write(f"[{n} tokens in {time.perf_counter() - start:.2f} s]\n")
     return tokenizer.decode(generated[0, len(ids):].tolist(), skip_special_tokens=True)

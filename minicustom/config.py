@@ -8,10 +8,13 @@ does not implement is refused here with an error naming the field, instead of gi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -170,18 +173,14 @@ class ModelConfig:
 
     def fingerprint(self) -> str:
         """A short, stable identity of the architecture (shapes and math), for matching adapters to bases."""
-        import hashlib
-
         keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # -- derived ------------------------------------------------------------------------------------
-    def inv_freq(self) -> "torch.Tensor":  # noqa: F821
+    def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies theta_i = base^(-2i/hs), i < hs/2, with the configured scaling, fp32."""
-        import torch
-
         hs = self.head_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
         s = self.rope_scaling

@@ -2,51 +2,15 @@
 here: byte-level BPE with a BOS-adding post-processor, like Llama 3's. The real SmolLM2 tokenizer is
 covered in test_real_model.py."""
 
-import json
-
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from conftest import MIXED, write_tokenizer
 
 import minicustom as mc
-
-SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-
-# Llama-3-like template: writes bos_token itself, so encoding must not add a second BOS.
-TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-MIXED = (
-    "The quick brown fox jumps over 13 lazy dogs in 2024, costing $1,234.56!\n\n"
-    "def f(x):\n    return x ** 2  # squares\n\t\tTabs and   runs of   spaces.\n"
-    "Ünïcödé: café, naïve, Zürich; 日本語のテキスト; 中文字符; 한국어; العربية; emoji 🤖🚀👩‍💻.\n"
-    "<s>special tokens inline</s> and <|im_start|>user\nhi<|im_end|>\n"
-    "Contractions: don't, I'm, we've, they're — and « quotes » „too“.\n"
-) * 12
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([MIXED[:2000]] * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True}, "pad_token": "</s>",
-        "unk_token": "<unk>", "chat_template": TEMPLATE, "clean_up_tokenization_spaces": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }))
-    return path
+    return write_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install minicustom with its test-only oracles (transformers, gguf), fetch the demo model, then lint and
+# run the whole suite. pytest exits 5 when it collected no test, and set -e makes that a failure too.
+source "$(dirname "$0")/env.sh" dev
+minicustom fetch-demo-model
+ruff check minicustom kernels tests benchmarks
+python -m pytest -q "$@"
