@@ -106,8 +106,14 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
         # mask: None (no constraint), "causal" (square, no cache), or a bool tensor (B, 1, T, S).
         is_causal = isinstance(mask, str)
+        gqa = self.nkv != self.nh
+        if gqa and torch.is_tensor(mask) and T > 1:
+            # Measured on CPU (torch 2.13): with a mask tensor and many queries, SDPA's GQA path is slower
+            # than giving each query head its own copy of its key/value head, so copy.
+            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))  # (B, nh, S, hs)
+            gqa = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=self.nkv != self.nh
+            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=gqa
         )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
 
