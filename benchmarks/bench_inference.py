@@ -68,7 +68,8 @@ def main():
             ids = torch.tensor([prompt] * B)
             compare(f"greedy generation, batch {B}, {len(prompt)}-token prompt + {n} new", B * n,
                     lambda ids=ids: ours.generate(ids, max_new_tokens=n),
-                    lambda ids=ids: theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                    lambda ids=ids: theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                    min_new_tokens=n, do_sample=False),
                     args.repeats)
         # Same greedy tokens from both, so the two generation loops did the same work.
         ids = torch.tensor([prompt])
