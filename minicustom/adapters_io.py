@@ -1,0 +1,263 @@
+"""Adapter folders in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+File keys are "base_model.model." + module name + the layer's own key ("lora_A.weight",
+"lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", ...); the adapter's name never appears
+in the file, as in PEFT. `load_adapter` dispatches on the config's `peft_type`, so later methods plug
+in by adding a loader. Everything is checked before the model is touched: keys that match no module,
+ranks that disagree with the config, shapes that do not fit, a corrupt file, or an adapter recorded as
+trained on another base (the base's config fingerprint is kept in the safetensors metadata, which
+PEFT ignores) are errors, never a silent partial load.
+
+PiSSA and OLoRA change the base weights at init (W0 -> W0 - s B0 A0). Saving such an adapter writes
+PEFT's conversion instead, a plain LoRA of rank 2r that applies to the original base:
+A' = [A; A0], B' = [B, -B0], alpha doubled (× √2 with rsLoRA) so the scaling is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import atomic_write, write_json
+from .lora import (
+    LoraConfig,
+    LoRAEmbedding,
+    LoRALinear,
+    TrainableCopy,
+    _replace,
+    adapter_layers,
+    set_adapter,
+)
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_INITS_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# PEFT options that change the math in ways minicustom does not implement: (field, harmless value).
+_UNSUPPORTED = (("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False), ("use_qalora", False),
+                ("layer_replication", None), ("target_parameters", None), ("trainable_token_indices", None),
+                ("alora_invocation_tokens", None), ("use_bdlora", None), ("exclude_modules", None))
+
+
+class AdapterError(ValueError):
+    """An adapter folder that does not fit the model it is loaded into."""
+
+
+def _fingerprint_meta(model) -> dict[str, str]:
+    c = model.config
+    return {"minicustom_base_fingerprint": c.fingerprint(),
+            "minicustom_base": f"{c.model_type} hidden={c.hidden_size} layers={c.num_hidden_layers} "
+                               f"heads={c.num_attention_heads}/{c.num_key_value_heads} vocab={c.vocab_size}"}
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+def _lora_peft_config(config: LoraConfig, module_names: list[str], converted: bool) -> dict:
+    targets = config.targets
+    if targets == "all-linear" or not isinstance(targets, str):
+        targets = sorted({n.rsplit(".", 1)[-1] for n in module_names})  # PEFT writes the leaf names
+    r, alpha = config.r, config.alpha
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    if converted:  # rank 2r; keep s = alpha / r (or alpha / √r)
+        grow = math.sqrt(2) if config.use_rslora else 2
+        r, alpha = 2 * r, alpha * grow
+        rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+        alpha_pattern = {k: v * grow for k, v in alpha_pattern.items()}
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "lora_dropout": config.dropout, "target_modules": targets, "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "init_lora_weights": True if converted else _INITS_TO_PEFT[config.init],
+        "layers_to_transform": config.layers, "layers_pattern": "layers" if config.layers is not None else None,
+        "modules_to_save": config.modules_to_save, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
+    }
+
+
+def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_model_name_or_path: str | None = None):
+    """Write one adapter as a PEFT folder (weights first, then adapter_config.json, each atomically)."""
+    configs = getattr(model, "adapter_configs", {})
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+    state, lora_modules, converted = {}, [], False
+    for name, layer in adapter_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        tensors = layer.adapter_state(adapter_name)
+        if isinstance(layer, LoRALinear) and adapter_name in layer.initial:
+            A0, B0 = layer.initial[adapter_name]
+            tensors = {"lora_A.weight": torch.cat([tensors["lora_A.weight"], A0], dim=0),  # (2r, in)
+                       "lora_B.weight": torch.cat([tensors["lora_B.weight"], -B0], dim=1)}  # (out, 2r)
+            converted = True
+        if not isinstance(layer, TrainableCopy):
+            lora_modules.append(name)
+        state.update({f"{PREFIX}{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
+    peft = _lora_peft_config(configs[adapter_name], lora_modules, converted)
+    peft["base_model_name_or_path"] = base_model_name_or_path
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **_fingerprint_meta(model)}
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
+    write_json(path / CONFIG_FILE, peft)
+    return path
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(adapter_config.json, tensors, safetensors metadata) of an adapter folder, with clear errors."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT adapter folder)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    if not weights.exists():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}" + (
+            " (adapter_model.bin is pickle and is not read)" if (path / "adapter_model.bin").exists() else ""))
+    try:
+        with safe_open(weights, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise AdapterError(f"{weights}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return config, tensors, meta
+
+
+def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
+    """Attach the adapter saved at `path` (PEFT format) under `adapter_name` and activate it."""
+    config, tensors, meta = read_adapter(path)
+    peft_type = config.get("peft_type")
+    loaders = {"LORA": _load_lora}
+    if peft_type not in loaders:
+        raise NotImplementedError(f"{path}: peft_type {peft_type!r} is not supported; supported: {', '.join(loaders)}")
+    if getattr(model, "adapter_configs", {}).get(adapter_name) is not None:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; load under another adapter_name")
+    base = meta.get("minicustom_base_fingerprint")
+    if base is not None and base != model.config.fingerprint():
+        raise AdapterError(f"{path}: this adapter was trained on another base ({meta.get('minicustom_base')}); "
+                           f"this model is {_fingerprint_meta(model)['minicustom_base']}")
+    loaders[peft_type](model, Path(path), config, tensors, adapter_name)
+    set_adapter(model, adapter_name)
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _lora_config_from_peft(config: dict, where: Path) -> LoraConfig:
+    for key, ok in _UNSUPPORTED:
+        if config.get(key, ok) not in (ok, None, False, "none", [], {}):
+            raise AdapterError(f"{where / CONFIG_FILE}: {key}={config[key]!r} is not supported")
+    if not isinstance(config.get("r"), int) or config["r"] <= 0:
+        raise AdapterError(f"{where / CONFIG_FILE}: field 'r' must be a positive integer, found {config.get('r')!r}")
+    layers = config.get("layers_to_transform")
+    return LoraConfig(
+        r=config["r"], alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout") or 0.0),
+        targets=config.get("target_modules") or [], use_rslora=bool(config.get("use_rslora")),
+        use_dora=bool(config.get("use_dora")), init="default",
+        layers=[layers] if isinstance(layers, int) else layers, modules_to_save=config.get("modules_to_save"),
+        rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
+    )
+
+
+# Keys a LoRA layer owns, with the tensor shape each must have: (module kind, shape from (r, module)).
+_LORA_KEYS = {
+    "lora_A.weight": (nn.Linear, lambda r, m: (r, m.in_features)),
+    "lora_B.weight": (nn.Linear, lambda r, m: (m.out_features, r)),
+    "lora_magnitude_vector": (nn.Linear, lambda r, m: (m.out_features,)),
+    "lora_embedding_A": (nn.Embedding, lambda r, m: (r, m.num_embeddings)),
+    "lora_embedding_B": (nn.Embedding, lambda r, m: (m.embedding_dim, r)),
+}
+
+
+def _base_module(module):
+    """The plain module under an adapter layer (LoRA layers expose in/out sizes themselves)."""
+    return module.base() if isinstance(module, (LoRALinear, LoRAEmbedding, TrainableCopy)) else module
+
+
+def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
+    config = _lora_config_from_peft(peft, path)
+    modules = dict(model.named_modules())
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    copies: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched, problems = [], []
+    saved = set(config.modules_to_save or [])
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        lora_key = next((k for k in _LORA_KEYS if name.endswith("." + k)), None)
+        if lora_key is not None and name[: -len(lora_key) - 1] in modules:
+            per_module.setdefault(name[: -len(lora_key) - 1], {})[lora_key] = t
+            continue
+        owner, _, param = name.rpartition(".")
+        if owner.endswith(".base_layer") and owner[: -len(".base_layer")] in modules:
+            # PEFT stores the base embedding next to an embedding LoRA; it must be this model's.
+            base = _base_module(modules[owner[: -len(".base_layer")]])
+            if not torch.equal(getattr(base, param).detach().cpu().to(t.dtype), t):
+                problems.append(f"{key}: the file's base matrix differs from this model's")
+            continue
+        if owner in modules and any(owner == s or owner.endswith("." + s) for s in saved):
+            copies.setdefault(owner, {})[param] = t
+            continue
+        unmatched.append(key)
+    if unmatched:
+        raise AdapterError(f"{path / WEIGHTS_FILE}: {len(unmatched)} keys match no module of this model: "
+                           + ", ".join(sorted(unmatched)[:20]))
+    if not per_module:
+        raise AdapterError(f"{path / WEIGHTS_FILE}: no LoRA tensors found")
+    plan = []
+    for name, parts in sorted(per_module.items()):
+        base = _base_module(modules[name])
+        kind = _LORA_KEYS[next(iter(parts))][0]
+        if not isinstance(base, kind):
+            problems.append(f"{name}: the file holds {kind.__name__} LoRA keys but the module is "
+                            f"{type(base).__name__}")
+            continue
+        first = "lora_A.weight" if kind is nn.Linear else "lora_embedding_A"
+        if first not in parts:
+            problems.append(f"{name}: {first} is missing")
+            continue
+        r_file = parts[first].shape[0]
+        r_cfg, alpha = config.rank_alpha(name)
+        if r_file != r_cfg:
+            problems.append(f"{name}: rank {r_file} in {WEIGHTS_FILE} but r={r_cfg} in {CONFIG_FILE}")
+            continue
+        wanted = ["lora_A.weight", "lora_B.weight"] if kind is nn.Linear else ["lora_embedding_A", "lora_embedding_B"]
+        if config.use_dora and kind is nn.Linear:
+            wanted.append("lora_magnitude_vector")
+        for k in set(wanted) | set(parts):
+            if k not in parts:
+                problems.append(f"{name}.{k} is missing")
+            elif k not in wanted:
+                problems.append(f"{name}.{k} is not used by this config (use_dora={config.use_dora})")
+            elif tuple(parts[k].shape) != _LORA_KEYS[k][1](r_file, base):
+                problems.append(f"{name}.{k}: shape {tuple(parts[k].shape)}, expected "
+                                f"{_LORA_KEYS[k][1](r_file, base)}")
+        plan.append((name, r_file, alpha, parts))
+    if problems:
+        raise AdapterError(f"{path}: the adapter does not fit this model:\n  " + "\n  ".join(problems))
+
+    # Checked: now change the model.
+    for name, r, alpha, parts in plan:
+        module = modules[name]
+        if not isinstance(module, (LoRALinear, LoRAEmbedding)):
+            module = LoRALinear(module) if isinstance(module, nn.Linear) else LoRAEmbedding(module)
+            _replace(model, name, module)
+        module.add(adapter_name, r, alpha, config)
+        with torch.no_grad():
+            for k, t in parts.items():
+                module.adapter_state(adapter_name)[k].copy_(t)
+    for name, params in copies.items():
+        module = modules[name] if isinstance(modules[name], TrainableCopy) else TrainableCopy(modules[name])
+        module.add(adapter_name)
+        with torch.no_grad():
+            for k, t in params.items():
+                module.adapter_state(adapter_name)[k].copy_(t)
+        _replace(model, name, module)
+    model.__dict__.setdefault("adapter_configs", {})[adapter_name] = config

@@ -1,0 +1,587 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
+
+A frozen linear layer W0 (out, in) gets a trainable low-rank update:
+
+    y = W0 x + b + s · B A dropout(x),      A: (r, in),  B: (out, r),  s = alpha / r
+
+A starts Kaiming-uniform (a = √5, as nn.Linear does) and B at zero, so the model is unchanged at step 0
+and only B A, never W0, is learned. Variants, as options of the same module:
+
+- rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): s = alpha / √r, which keeps the update's scale
+  stable as r grows.
+- DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m · (W0 + s B A) / ||W0 + s B A||_row, with the
+  magnitude m (out,) initialised to the row norms of W0 and the norm detached from the graph (§4.3), so
+  y = (m / n) (W0 x + s B A x) + b. With dropout, PEFT's form is kept: the base term uses dropout(x)
+  inside the correction, y = W0 x + b + (m/n - 1) W0 x' + (m/n) s B A x', x' = dropout(x).
+- Init: "default" (above), "gaussian" (A ~ N(0, 1/r²)), "pissa" (Meng et al., 2024: A, B from the top-r
+  singular vectors of W0, W0 replaced by the residual), "olora" (Büyükakyüz, 2024: A, B from a QR
+  decomposition of W0, W0 replaced by the residual). LoftQ needs NF4 and comes with it.
+- LoRA on nn.Embedding: y = E[x] + s · (A^T[x]) B^T with A (r, V) zero and B (C, r) normal, as PEFT.
+
+Several named adapters can live in one module; `active` lists the ones applied. The module keeps the
+base `weight`/`bias` as its own parameters, so base checkpoint keys do not move, and its adapter keys
+are PEFT's (`lora_A.<name>.weight`, `lora_B.<name>.weight`, `lora_magnitude_vector.<name>`,
+`lora_embedding_A.<name>`). Left out: LoRA on Conv layers, fan_in_fan_out (GPT-2's Conv1D), bias
+training, and PEFT's many other init schemes (EVA, CorDA, ...).
+
+Dimensions: r rank, in/out features, V vocabulary, C hidden.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INITS = ("default", "gaussian", "pissa", "olora")
+
+
+@dataclass
+class LoraConfig:
+    """Hyperparameters of one LoRA adapter (field names are minicustom's; `to_peft` gives PEFT's)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = "all-linear"  # names (suffix match), one regex (full match), "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    layers: list[int] | None = None  # only these decoder layers
+    modules_to_save: list[str] | None = None  # fully trained copies (e.g. lm_head)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} is not supported; supported: {', '.join(INITS)}")
+        if self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r}")
+        if self.use_dora and self.init in ("pissa", "olora"):
+            raise ValueError("DoRA with PiSSA/OLoRA init is not supported")
+
+    def rank_alpha(self, module_name: str) -> tuple[int, float]:
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule: a pattern key applies when the module name ends with it (at a '.' boundary)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # W0 (out, in), frozen
+        self.bias = base.bias
+        self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
+        self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: name -> m (out,)
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA row norms used to merge, or None
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A0, B0)
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig):
+        W0 = self.weight
+        A = nn.Linear(self.in_features, r, bias=False, device=W0.device, dtype=W0.dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=W0.device, dtype=W0.dtype)
+        s = config.scaling(r, alpha)
+        with torch.no_grad():
+            if config.init == "default":
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+                nn.init.zeros_(B.weight)
+            elif config.init == "gaussian":
+                nn.init.normal_(A.weight, std=1 / r)
+                nn.init.zeros_(B.weight)
+            else:
+                A0, B0 = _pissa(W0.float(), r, s) if config.init == "pissa" else _olora(W0.float(), r)
+                A.weight.copy_(A0)
+                B.weight.copy_(B0)
+                W0.sub_((s * B0 @ A0).to(W0.dtype))  # W_res = W0 - s B0 A0: the model is unchanged
+                self.initial[name] = (A.weight.detach().clone(), B.weight.detach().clone())
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = s
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name))
+
+    def delta(self, name: str) -> torch.Tensor:
+        """s · B A (out, in)."""
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    def _row_norm(self, name: str) -> torch.Tensor:
+        """||W0 + s B A|| over each output row (out,), detached (DoRA §4.3)."""
+        return torch.linalg.norm(self.weight + self.delta(name).detach(), dim=1).detach()
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        for name in self.active:
+            if name in self.merged:
+                continue
+            x_ = self.lora_dropout[name](x)
+            lora = self.lora_B[name](self.lora_A[name](x_)) * self.scaling[name]  # (..., out)
+            if name in self.lora_magnitude_vector:
+                scale = self.lora_magnitude_vector[name] / self._row_norm(name)  # m / ||W0 + sBA|| (out,)
+                base = F.linear(x_, self.weight) if x_ is not x else y - (0 if self.bias is None else self.bias)
+                y = y + (scale - 1) * base + scale * lora
+            else:
+                y = y + lora
+        return y
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if name in self.merged:
+            return
+        delta = self.delta(name)
+        if name in self.lora_magnitude_vector:  # W <- (m / ||W0 + ΔW||) (W0 + ΔW), row-wise
+            norm = self._row_norm(name)
+            self.weight.copy_((self.lora_magnitude_vector[name] / norm)[:, None] * (self.weight + delta))
+            self.merged[name] = norm
+        else:
+            self.weight.add_(delta.to(self.weight.dtype))
+            self.merged[name] = None
+
+    @torch.no_grad()
+    def unmerge(self, name: str):
+        if name not in self.merged:
+            return
+        norm = self.merged.pop(name)
+        if norm is not None:
+            self.weight.copy_(self.weight / (self.lora_magnitude_vector[name] / norm)[:, None] - self.delta(name))
+        else:
+            self.weight.sub_(self.delta(name).to(self.weight.dtype))
+
+    def delete(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            d.pop(name, None)
+        self.scaling.pop(name, None)
+        self.initial.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's file keys (relative to the module)."""
+        state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
+
+    def base(self) -> nn.Linear:
+        """A plain nn.Linear sharing this module's (possibly merged) weight and bias."""
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+
+def _pissa(W, r, s):
+    """PiSSA: W = U S V^T; A = √S_r V_r^T / √s, B = U_r √S_r / √s, so s B A is W's best rank-r part."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+    Sr = S[:r] / s
+    return torch.diag(Sr.sqrt()) @ Vh[:r], U[:, :r] @ torch.diag(Sr.sqrt())  # (r, in), (out, r)
+
+
+def _olora(W, r):
+    """OLoRA: W = Q R; B = Q_r (orthonormal columns), A = R_r, as PEFT (scaling applied to the residual)."""
+    Q, R = torch.linalg.qr(W)  # Q (out, k), R (k, in)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+class LoRAEmbedding(nn.Module):
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.weight = base.weight  # (V, C), frozen
+        self.lora_embedding_A = nn.ParameterDict()  # name -> (r, V)
+        self.lora_embedding_B = nn.ParameterDict()  # name -> (C, r)
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, None] = {}
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig):
+        if config.use_dora or config.init in ("pissa", "olora"):
+            raise ValueError("LoRA on embeddings supports the default and gaussian inits without DoRA")
+        w = self.weight
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=w.dtype, device=w.device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.embedding_dim, r, dtype=w.dtype, device=w.device))
+        self.scaling[name] = config.scaling(r, alpha)
+
+    def delta(self, name: str) -> torch.Tensor:
+        return self.scaling[name] * (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T  # (V, C)
+
+    def forward(self, x):
+        y = F.embedding(x, self.weight, self.padding_idx)
+        for name in self.active:
+            if name not in self.merged:
+                after_A = F.embedding(x, self.lora_embedding_A[name].T, self.padding_idx)  # (..., r)
+                y = y + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., C)
+        return y
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if name not in self.merged:
+            self.weight.add_(self.delta(name).to(self.weight.dtype))
+            self.merged[name] = None
+
+    @torch.no_grad()
+    def unmerge(self, name: str):
+        if name in self.merged:
+            del self.merged[name]
+            self.weight.sub_(self.delta(name).to(self.weight.dtype))
+
+    def delete(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        self.lora_embedding_A.pop(name, None)
+        self.lora_embedding_B.pop(name, None)
+        self.scaling.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_embedding_A)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def base(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        emb.weight = self.weight
+        return emb
+
+
+class TrainableCopy(nn.Module):
+    """modules_to_save: a full trainable copy of a module per adapter; the original stays as the base
+    (its parameters registered here under their own names, so base keys do not move)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.original = [base]  # a list, so it is not registered twice
+        for n, p in base.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        self.modules_to_save = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict = {}
+
+    def add(self, name: str, *_):
+        copy_ = copy.deepcopy(self.original[0])
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def forward(self, x):
+        for name in self.active:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name](x)
+        return self.original[0](x)
+
+    def merge(self, name: str):
+        raise ValueError("a modules_to_save copy cannot be merged; unload keeps the active copy instead")
+
+    unmerge = merge
+
+    def delete(self, name: str):
+        self.modules_to_save.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def base(self) -> nn.Module:
+        return self.original[0]
+
+
+ADAPTER_LAYERS = (LoRALinear, LoRAEmbedding, TrainableCopy)
+
+
+# -- attaching adapters to a model -----------------------------------------------------------------
+
+def _layer_index(name: str) -> int | None:
+    m = re.search(r"\blayers\.(\d+)\.", name)
+    return int(m[1]) if m else None
+
+
+def find_targets(model: nn.Module, targets, layers=None) -> list[str]:
+    """Module names selected by `targets`: "all-linear" (every nn.Linear except lm_head), one regex
+    string (full match on the module name), or a list of names (equal to, or ending in '.' + name)."""
+    names, inside = [], ()
+    for name, module in model.named_modules():
+        if name.startswith(inside):
+            continue  # the A/B matrices and copies that adapter layers hold are never targets
+        if isinstance(module, ADAPTER_LAYERS):
+            inside = inside + (name + ".",)
+        module = module.original[0] if isinstance(module, TrainableCopy) else module
+        if targets == "all-linear":
+            hit = isinstance(module, (nn.Linear, LoRALinear)) and name != "lm_head"
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit and layers is not None:
+            hit = _layer_index(name) in layers
+        if hit:
+            names.append(name)
+    return names
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def adapter_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-linear", dropout: float = 0.0,
+               use_rslora: bool = False, use_dora: bool = False, init: str = "default", layers=None,
+               modules_to_save=None, adapter_name: str = "default", rank_pattern=None, alpha_pattern=None,
+               verbose: bool = True, config: LoraConfig | None = None) -> nn.Module:
+    """Attach a LoRA adapter named `adapter_name`, make it the active one, and freeze everything else.
+
+    Returns the model (changed in place). Prints the trainable parameter count when verbose.
+    """
+    config = config or LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora,
+                                  use_dora=use_dora, init=init, layers=layers, modules_to_save=modules_to_save,
+                                  rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+    configs = model.__dict__.setdefault("adapter_configs", {})
+    if adapter_name in configs:
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
+    names = find_targets(model, config.targets, config.layers)
+    names = [n for n in names if not (config.modules_to_save and n in config.modules_to_save)]
+    if not names:
+        raise ValueError(f"targets {config.targets!r} match no module; linear modules are named like "
+                         f"{_example_names(model)}")
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            module = LoRALinear(module)
+        elif isinstance(module, nn.Embedding):
+            module = LoRAEmbedding(module)
+        elif not isinstance(module, (LoRALinear, LoRAEmbedding)):
+            raise ValueError(f"module {name} is a {type(module).__name__}; LoRA targets nn.Linear or nn.Embedding")
+        module.add(adapter_name, *config.rank_alpha(name), config)
+        _replace(model, name, module)
+    for name in config.modules_to_save or []:
+        hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]
+        if not hits:
+            raise ValueError(f"modules_to_save: no module named {name!r}")
+        for hit in hits:
+            module = model.get_submodule(hit)
+            module = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+            module.add(adapter_name)
+            _replace(model, hit, module)
+    configs[adapter_name] = config
+    set_adapter(model, adapter_name)
+    if verbose:
+        trainable, total = count_parameters(model)
+        print(f"LoRA '{adapter_name}': {len(names)} modules, trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.3f}%)")
+    return model
+
+
+def _example_names(model) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def set_adapter(model: nn.Module, names: str | list[str]):
+    """Make `names` the active adapter(s); only their parameters are trainable."""
+    names = [names] if isinstance(names, str) else list(names)
+    known = set(getattr(model, "adapter_configs", {}))
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"no adapter named {unknown}; adapters: {sorted(known)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+        for n in layer.active:
+            for p in layer.adapter_state(n).values():
+                p.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str):
+    configs = getattr(model, "adapter_configs", {})
+    if name not in configs:
+        raise ValueError(f"no adapter named {name!r}; adapters: {sorted(configs)}")
+    for _, layer in adapter_layers(model):
+        layer.delete(name)
+    del configs[name]
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model exactly: no adapter applied inside the block (the DPO reference policy)."""
+    layers = adapter_layers(model)
+    if merged := sorted({n for _, layer in layers for n in layer.merged}):
+        raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them first")
+    saved = [layer.active for _, layer in layers]
+    for _, layer in layers:
+        layer.active = []
+    try:
+        yield model
+    finally:
+        for (_, layer), active in zip(layers, saved):
+            layer.active = active
+
+
+def merge_lora(model: nn.Module, names=None):
+    """Fold the active (or named) LoRA adapters into the base weights: W0 <- W0 + s B A (DoRA: rescaled)."""
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, (LoRALinear, LoRAEmbedding)):
+            if isinstance(layer, LoRAEmbedding) and _is_tied(model, layer.weight):
+                raise ValueError("cannot merge a LoRA on tied embeddings: lm_head shares the matrix and would "
+                                 "change too")
+            for n in (names or layer.active):
+                if n in layer.adapters:
+                    layer.merge(n)
+
+
+def unmerge_lora(model: nn.Module):
+    for _, layer in adapter_layers(model):
+        for n in list(layer.merged):
+            layer.unmerge(n)
+
+
+def _is_tied(model, weight) -> bool:
+    return sum(p is weight for p in model.parameters(remove_duplicate=False)) > 1
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every adapter layer by a plain module: merged first (merge=True) or discarded. A
+    modules_to_save copy that is active replaces its original. Returns the plain model."""
+    if merge:
+        merge_lora(model)
+    else:
+        unmerge_lora(model)
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, TrainableCopy) and merge and layer.active:
+            _replace(model, name, layer.modules_to_save[layer.active[0]])
+        else:
+            _replace(model, name, layer.base())
+    model.__dict__.pop("adapter_configs", None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every active adapter that can be folded into the base and return the plain model."""
+    return unload(model, merge=True)
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], new_name: str,
+                         combination: str = "cat"):
+    """A new LoRA adapter combining existing ones, as PEFT's add_weighted_adapter.
+
+    "cat": exact, ΔW = Σ w_i s_i B_i A_i, as one adapter of rank Σ r_i (w_i s_i A_i stacked, B_i
+    stacked, s = 1). "linear": PEFT's approximation for equal ranks, with c_i = w_i s_i,
+    A = Σ sign(c_i) √|c_i| A_i, B = Σ √|c_i| B_i, s = 1: it carries cross terms B_i A_j (i ≠ j), which
+    is PEFT's definition, kept so that both give the same adapter.
+    """
+    configs = getattr(model, "adapter_configs", {})
+    if missing := [a for a in adapters if a not in configs]:
+        raise ValueError(f"no adapter named {missing}")
+    if len(adapters) != len(weights):
+        raise ValueError("adapters and weights must have the same length")
+    if any(configs[a].use_dora for a in adapters):
+        raise ValueError("weighted combinations of DoRA adapters are not supported")
+    if combination not in ("cat", "linear"):
+        raise ValueError(f"combination {combination!r} is not supported; supported: cat, linear")
+    ranks = set()
+    for _, layer in adapter_layers(model):
+        if not isinstance(layer, LoRALinear):
+            continue
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
+        if not present:
+            continue
+        As = [layer.lora_A[a].weight for a, _ in present]
+        c = [w * layer.scaling[a] for a, w in present]
+        if combination == "cat":
+            A = torch.cat([ci * Ai for ci, Ai in zip(c, As)], dim=0)  # (Σr, in)
+            B = torch.cat([layer.lora_B[a].weight for a, _ in present], dim=1)  # (out, Σr)
+        else:
+            if len({a.shape[0] for a in As}) > 1:
+                raise ValueError("combination 'linear' needs adapters of equal rank; use 'cat'")
+            A = sum(math.copysign(math.sqrt(abs(ci)), ci) * Ai for ci, Ai in zip(c, As))
+            B = sum(math.sqrt(abs(ci)) * layer.lora_B[a].weight for ci, (a, _) in zip(c, present))
+        r = A.shape[0]
+        ranks.add(r)
+        layer.add(new_name, r, float(r), LoraConfig(r=r, alpha=float(r), init="default"))
+        with torch.no_grad():
+            layer.lora_A[new_name].weight.copy_(A)
+            layer.lora_B[new_name].weight.copy_(B)
+    first = configs[adapters[0]]
+    r = max(ranks)
+    configs[new_name] = LoraConfig(r=r, alpha=float(r), targets=first.targets, layers=first.layers,
+                                   rank_pattern={}, alpha_pattern={})
+    if len(ranks) > 1:  # per-module ranks differ: record them so the file says the truth
+        for name, layer in adapter_layers(model):
+            if isinstance(layer, LoRALinear) and new_name in layer.adapters:
+                rk = layer.lora_A[new_name].weight.shape[0]
+                configs[new_name].rank_pattern[re.escape(name)] = rk
+                configs[new_name].alpha_pattern[re.escape(name)] = float(rk)
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0):
+    """LoRA+ (Hayou et al., 2024, arXiv:2402.12354): B learns `ratio` times faster than A.
+
+    Optimizer parameter groups for the trainable parameters: lora_B (and lora_embedding_B) at lr·ratio,
+    everything else at lr; weight decay only on matrices (not on DoRA magnitudes or biases)."""
+    groups = {"A": [], "B": [], "no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_B." in name or ".lora_embedding_B." in name:
+            groups["B"].append(p)
+        elif p.ndim < 2:
+            groups["no_decay"].append(p)
+        else:
+            groups["A"].append(p)
+    return [g for g in (
+        {"params": groups["A"], "lr": lr, "weight_decay": weight_decay},
+        {"params": groups["B"], "lr": lr * ratio, "weight_decay": weight_decay},
+        {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0},
+    ) if g["params"]]
+
+
+def config_dict(config: LoraConfig) -> dict:
+    return asdict(config)
