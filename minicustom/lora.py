@@ -171,7 +171,8 @@ class LoRALinear(nn.Module):
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            d.pop(name, None)
+            if name in d:
+                del d[name]
         self.scaling.pop(name, None)
         self.initial.pop(name, None)
         self.active = [a for a in self.active if a != name]
@@ -255,8 +256,9 @@ class LoRAEmbedding(nn.Module):
     def delete(self, name: str):
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        self.lora_embedding_A.pop(name, None)
-        self.lora_embedding_B.pop(name, None)
+        for d in (self.lora_embedding_A, self.lora_embedding_B):
+            if name in d:
+                del d[name]
         self.scaling.pop(name, None)
         self.active = [a for a in self.active if a != name]
 
@@ -304,7 +306,8 @@ class TrainableCopy(nn.Module):
     unmerge = merge
 
     def delete(self, name: str):
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
         self.active = [a for a in self.active if a != name]
 
     @property
