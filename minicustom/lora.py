@@ -121,6 +121,10 @@ class LoRALinear(nn.Module):
         if config.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name))
 
+    def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A (r, in), B (out, r))."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
     def delta(self, name: str) -> torch.Tensor:
         """s · B A (out, in)."""
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
@@ -229,6 +233,10 @@ class LoRAEmbedding(nn.Module):
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=w.dtype, device=w.device))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.embedding_dim, r, dtype=w.dtype, device=w.device))
         self.scaling[name] = config.scaling(r, alpha)
+
+    def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A (r, V), B (C, r))."""
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def delta(self, name: str) -> torch.Tensor:
         return self.scaling[name] * (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T  # (V, C)
@@ -485,7 +493,7 @@ def unmerge_lora(model: nn.Module):
 
 
 def _is_tied(model, weight) -> bool:
-    return sum(p is weight for p in model.parameters(remove_duplicate=False)) > 1
+    return sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) > 1
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -529,39 +537,36 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise ValueError("weighted combinations of DoRA adapters are not supported")
     if combination not in ("cat", "linear"):
         raise ValueError(f"combination {combination!r} is not supported; supported: cat, linear")
-    ranks = set()
-    for _, layer in adapter_layers(model):
-        if not isinstance(layer, LoRALinear):
+    built = {}  # module name -> rank of the new adapter there
+    for name, layer in adapter_layers(model):
+        if not isinstance(layer, (LoRALinear, LoRAEmbedding)):
             continue
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
         if not present:
             continue
-        As = [layer.lora_A[a].weight for a, _ in present]
+        As = [layer.factors(a)[0] for a, _ in present]
+        Bs = [layer.factors(a)[1] for a, _ in present]
         c = [w * layer.scaling[a] for a, w in present]
         if combination == "cat":
             A = torch.cat([ci * Ai for ci, Ai in zip(c, As)], dim=0)  # (Σr, in)
-            B = torch.cat([layer.lora_B[a].weight for a, _ in present], dim=1)  # (out, Σr)
+            B = torch.cat(Bs, dim=1)  # (out, Σr)
         else:
             if len({a.shape[0] for a in As}) > 1:
                 raise ValueError("combination 'linear' needs adapters of equal rank; use 'cat'")
             A = sum(math.copysign(math.sqrt(abs(ci)), ci) * Ai for ci, Ai in zip(c, As))
-            B = sum(math.sqrt(abs(ci)) * layer.lora_B[a].weight for ci, (a, _) in zip(c, present))
-        r = A.shape[0]
-        ranks.add(r)
-        layer.add(new_name, r, float(r), LoraConfig(r=r, alpha=float(r), init="default"))
+            B = sum(math.sqrt(abs(ci)) * Bi for ci, Bi in zip(c, Bs))
+        r = built[name] = A.shape[0]
+        layer.add(new_name, r, float(r), LoraConfig(r=r, alpha=float(r)))
         with torch.no_grad():
-            layer.lora_A[new_name].weight.copy_(A)
-            layer.lora_B[new_name].weight.copy_(B)
-    first = configs[adapters[0]]
-    r = max(ranks)
-    configs[new_name] = LoraConfig(r=r, alpha=float(r), targets=first.targets, layers=first.layers,
-                                   rank_pattern={}, alpha_pattern={})
-    if len(ranks) > 1:  # per-module ranks differ: record them so the file says the truth
-        for name, layer in adapter_layers(model):
-            if isinstance(layer, LoRALinear) and new_name in layer.adapters:
-                rk = layer.lora_A[new_name].weight.shape[0]
-                configs[new_name].rank_pattern[re.escape(name)] = rk
-                configs[new_name].alpha_pattern[re.escape(name)] = float(rk)
+            for param, value in zip(layer.factors(new_name), (A, B)):
+                param.copy_(value)
+    # The new adapter lives on the union of its parts' modules: name them exactly in the file's config.
+    r = max(built.values())
+    configs[new_name] = LoraConfig(r=r, alpha=float(r), targets="|".join(re.escape(n) for n in built))
+    for name, rk in built.items():
+        if rk != r:  # per-module ranks differ: record them so the file says the truth
+            configs[new_name].rank_pattern[re.escape(name)] = rk
+            configs[new_name].alpha_pattern[re.escape(name)] = float(rk)
 
 
 def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0):
