@@ -33,7 +33,7 @@ import copy
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -590,6 +590,3 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, wei
         {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0},
     ) if g["params"]]
 
-
-def config_dict(config: LoraConfig) -> dict:
-    return asdict(config)
