@@ -83,7 +83,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     files = _weight_files(path, allow_pickle)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state, unexpected, wrong_shape = {}, [], []
@@ -132,14 +132,16 @@ def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
-def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: torch.dtype | None = None):
-    """Write `model` as a Hugging Face checkpoint folder (safetensors, sharded above max_shard_size bytes)."""
+def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: torch.dtype | None = None,
+               state: dict[str, torch.Tensor] | None = None):
+    """Write `model` as a Hugging Face checkpoint folder (safetensors, sharded above max_shard_size bytes);
+    `state` replaces model.state_dict() (a full state gathered from sharded processes, say)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous().cpu()
-             for k, v in model.state_dict().items()}
+             for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     shards, size = [{}], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()

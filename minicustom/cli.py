@@ -1,4 +1,4 @@
-"""The `minicustom` command: generate, chat, merge, convert-gguf, fetch-demo-model.
+"""The `minicustom` command: generate, chat, train sft, inspect-data, merge, convert-gguf, fetch-demo-model.
 
 `--model` defaults to the demo model (SmolLM2-135M-Instruct), installed and converted on first use.
 """
@@ -115,8 +115,6 @@ def cmd_chat(args):
 
 def cmd_merge(args):
     """Base + adapter -> one plain checkpoint folder (weights merged; tokenizer files copied)."""
-    import shutil
-
     from .checkpoint import save_model
     from .lora import merge_adapter
 
@@ -125,12 +123,115 @@ def cmd_merge(args):
     model, _ = _load(args)
     out = Path(args.out)
     save_model(merge_adapter(model), out)
-    src = Path(args.model) if args.model else _demo_model()
+    _copy_tokenizer_files(Path(args.model) if args.model else _demo_model(), out)
+    print(out)
+
+
+def _copy_tokenizer_files(src: Path, out: Path):
+    import shutil
+
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                  "special_tokens_map.json"):
         if (src / name).exists() and src.resolve() != out.resolve():
             shutil.copy2(src / name, out / name)
-    print(out)
+
+
+def _data_options(args) -> dict:
+    from .data import LabelTemplate
+
+    if bool(args.prompt_template) != bool(args.completion_template):
+        raise ValueError("--prompt-template and --completion-template go together")
+    template = LabelTemplate(args.prompt_template, args.completion_template) if args.prompt_template else None
+    return {"template": template, "chat": args.chat_template}
+
+
+def cmd_train_sft(args):
+    """Load, attach the method, train, export; under torchrun each process runs this."""
+    import os
+
+    import torch.distributed as dist
+
+    from .data import load_examples, pad_id_for
+    from .train import TrainConfig, apply_method, export, train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():  # launched by torchrun
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    report = print if rank == 0 else (lambda *a, **k: None)
+    model, tok = _load(args)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}: they do not belong together")
+    config = TrainConfig(
+        lr=args.lr, weight_decay=args.weight_decay, lora_plus_ratio=args.lora_plus_ratio, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length, packing=not args.no_packing,
+        max_grad_norm=args.max_grad_norm or None, gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
+        exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
+    options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
+                   vocab_size=model.config.vocab_size, report=report, **_data_options(args))
+    examples = load_examples(args.data, **options)
+    eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
+    torch.manual_seed(args.seed)  # the method's initialisation is part of the run
+    apply_method(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                 targets=args.targets.split(",") if "," in args.targets else args.targets)
+    out = Path(args.out)
+    train(model, examples, config, out, eval_examples=eval_examples, tokenizer=tok, pad_id=pad_id_for(tok),
+          resume=args.resume, stop_ids=_stop_ids(model, tok))
+    export(model, out, base_model_name_or_path=str(args.model or _demo_model()))
+    if rank == 0:
+        from .checkpoint import write_json
+
+        if args.method == "full":
+            _copy_tokenizer_files(Path(args.model) if args.model else _demo_model(), out)
+        write_json(out / "train_config.json", {"method": args.method, "data": str(args.data),
+                                               **{k: v for k, v in vars(args).items() if k != "func"}})
+        print(out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cmd_inspect_data(args):
+    """Show which tokens are trained; exit 1 when an example has none."""
+    from .data import IGNORE, DataError, make_example, read_jsonl
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(args.model) if args.model else _demo_model())
+    options = _data_options(args)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    on, off = ("\x1b[30;42m", "\x1b[0m") if color else ("\u27e6", "\u27e7")
+    bad, total, trained = [], 0, 0
+    records = read_jsonl(args.data)
+    for k, (where, record) in enumerate(records):
+        try:
+            ex = make_example(record, tok, where, **options)
+        except DataError as e:
+            bad.append(str(e))
+            continue
+        total, trained = total + len(ex), trained + ex.trained
+        if ex.trained == 0:
+            bad.append(f"{where}: no trained token")
+        if k < args.num:
+            parts, run = [], None
+            for tid, y in zip(ex.input_ids, ex.labels):
+                now = y != IGNORE
+                if now != run:
+                    parts.append(on if now else (off if run else ""))
+                    run = now
+                parts.append(tok.decode([tid]))
+            parts.append(off if run else "")
+            print(f"--- {where}: {len(ex)} tokens, {ex.trained} trained ({100 * ex.trained / len(ex):.1f}%)")
+            print("".join(parts))
+    print(f"=== {len(records)} examples, {total} tokens, {trained} trained "
+          f"({100 * trained / max(total, 1):.1f}%); trained tokens are shown {'highlighted' if color else 'in ⟦ ⟧'}")
+    if bad:
+        print("\n".join(f"error: {b}" for b in bad), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def cmd_convert_gguf(args):
@@ -164,6 +265,52 @@ def _add_generation_args(p):
     p.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
 
 
+def _add_data_args(p):
+    p.add_argument("--data", required=True, help="JSONL file: prompt/completion, Alpaca, messages, "
+                   "conversations (ShareGPT) or text records")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompt/completion and Alpaca records through the tokenizer's chat template")
+    p.add_argument("--prompt-template", help='labelled data: prompt format, e.g. "Review: {text}\\nSentiment:"')
+    p.add_argument("--completion-template", help='labelled data: completion format, e.g. " {label}"')
+
+
+def _add_train_sft(sub):
+    from .train import METHODS
+
+    p = sub.add_parser("sft", help="supervised fine-tuning")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--eval-data", help="held-out JSONL file: eval loss, perplexity and exact match")
+    p.add_argument("--method", choices=sorted(METHODS), default="lora")
+    p.add_argument("--out", required=True, help="output folder: adapter (or checkpoint), metrics, checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--targets", default="all-linear", help="all-linear, or module names separated by commas")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lora-plus-ratio", type=float)
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (per process)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate")
+    p.add_argument("--no-packing", action="store_true")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--exact-match", type=int, default=32, help="eval examples to answer for exact match")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_train_sft)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicustom", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("train", help="fine-tune: train sft ...")
+    _add_train_sft(p.add_subparsers(dest="kind", required=True))
+    p = sub.add_parser("inspect-data", help="show which tokens of a dataset are trained")
+    p.add_argument("--model", help="checkpoint folder whose tokenizer to use (default: the demo model)")
+    _add_data_args(p)
+    p.add_argument("-n", "--num", type=int, default=3, help="examples to show")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(func=cmd_inspect_data)
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain checkpoint folder")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -189,10 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    from .train import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError, NotImplementedError) as e:
+    except (ValueError, OSError, ImportError, NotImplementedError, TrainingError) as e:
         raise SystemExit(f"minicustom {args.command}: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

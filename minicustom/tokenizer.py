@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _RustTokenizer
@@ -112,13 +114,25 @@ class Tokenizer:
 _TEMPLATES: dict[str, jinja2.Template] = {}
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text in some templates (transformers uses it
+    for assistant masks); here it renders its body unchanged. Masks come from spans (minicustom.data)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
 def _compile(source: str) -> jinja2.Template:
     if source not in _TEMPLATES:
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: (
             json.dumps(x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii))
         env.globals["raise_exception"] = raise_exception

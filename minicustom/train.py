@@ -1,0 +1,533 @@
+"""The training loop: supervised fine-tuning with any method, one process or many (torchrun).
+
+    step s:  N = trained tokens in all k micro-batches of all processes (known before any forward)
+             for each micro-batch m:  (sum of CE over m's trained tokens * world / N).backward()
+             clip, AdamW, lr from warmup + cosine/linear
+So the gradient is that of the mean over every trained token of the global batch, however it is split
+into micro-batches and processes (averaging per micro-batch would weigh a token of a short example more
+than one of a long one). The method is applied to the model before `train` is called (see METHODS);
+the loop only sees parameters that require grad.
+
+Data order is a function of (seed, epoch) and a checkpoint holds the trainable tensors, the optimizer
+state, the RNG state and the step, written to a temporary folder that is renamed when complete, so a
+killed run resumes onto the same loss curve. Several processes: DDP for adapters (only the trainable
+tensors are all-reduced), FSDP2 (`fully_shard` per block) for full fine-tuning; gloo on CPU, nccl on CUDA.
+Left out: mixed-precision autocast, tensor/pipeline parallelism, sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import atomic_write
+from .data import IGNORE, Example, collate, pack
+from .losses import sft_loss
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not match the run)."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lora_plus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 0
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 4  # rows per micro-batch per process (packed rows hold several examples)
+    grad_accum: int = 1
+    max_length: int = 1024
+    packing: bool = True
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int | None = None  # and at the end, when eval data is given
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    exact_match: int = 32  # eval examples to answer greedily for exact match (0: none)
+    max_new_tokens: int = 64
+    loss_chunk: int = 256
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine or linear decay to 0."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not biases, norms, DoRA magnitudes or embeddings);
+    with lora_plus_ratio, lora_B at lr * ratio."""
+    from .lora import lora_plus_param_groups
+
+    if config.lora_plus_ratio:
+        return lora_plus_param_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+class SFTLoss(nn.Module):
+    """model + loss as one module, so that DDP and FSDP2 see the whole step in a forward call."""
+
+    def __init__(self, model: nn.Module, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids, labels, seq_ids=None, attention_mask=None):
+        h = self.model.forward_hidden(input_ids, seq_ids=seq_ids, attention_mask=attention_mask)  # (B, T, C)
+        return sft_loss(h, labels, self.model.lm_head, self.chunk)[0]
+
+
+# -- data order ---------------------------------------------------------------------------------------
+
+def make_units(examples: list[Example], config: TrainConfig) -> list[list[int]]:
+    """The rows of training: bins of packed examples, or single examples."""
+    if config.packing:
+        return pack([len(e) for e in examples], config.max_length)
+    return [[i] for i in range(len(examples))]
+
+
+def epoch_steps(n_units: int, epoch: int, config: TrainConfig, world: int) -> list[list[int]]:
+    """The unit indices of each optimizer step of an epoch, in a seeded order. With several processes a
+    trailing step too small to give every process a row is dropped."""
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(n_units, generator=g).tolist()
+    per_step = config.batch_size * config.grad_accum * world
+    steps = [order[i:i + per_step] for i in range(0, n_units, per_step)]
+    if world > 1 and steps and len(steps[-1]) < per_step:
+        steps.pop()
+    return steps
+
+
+def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of a step: micro-batch m of process r holds rows
+    (m * world + r) * batch_size ..., so one process with batch_size * world sees the same rows."""
+    B = config.batch_size
+    out = [step_units[(m * world + rank) * B:(m * world + rank + 1) * B] for m in range(config.grad_accum)]
+    return [m for m in out if m]
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for key, slots in state["state"].items():
+        for slot, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{key}\x1f{slot}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{key}\x1f{slot}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        key, slot = flat.split("\x1f")
+        state.setdefault(key, {})[slot] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank: int):
+    """Write checkpoint-{step}: trainable tensors, optimizer state, RNG and step, atomically."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    trainable = _trainable_names(wrapper)
+    model_state = get_model_state_dict(wrapper, options=options)
+    optim_state = get_optimizer_state_dict(wrapper, optimizer, options=options)
+    if rank != 0:
+        return
+    final = folder / f"checkpoint-{step:06d}"
+    tmp = folder / f".checkpoint-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: t.detach().cpu().contiguous() for n, t in model_state.items() if n in trainable}
+    save_file(weights, tmp / "trainable.safetensors")
+    tensors, meta = _flatten_optimizer(optim_state)
+    tensors["\x1frng"] = torch.get_rng_state()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(folder / "latest", lambda p: p.write_text(final.name + "\n"))
+
+
+def _trainable_names(wrapper: nn.Module) -> set[str]:
+    inner = getattr(wrapper, "module", wrapper)  # DDP keeps the module as .module; its names have no prefix
+    return {n for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def prune_checkpoints(folder: Path, keep: int):
+    done = sorted(folder.glob("checkpoint-[0-9]*"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns its step."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        with safe_open(path / "trainable.safetensors", "pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(path / "optimizer.safetensors", "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise TrainingError(f"{path}: cannot read the checkpoint ({e})") from None
+    trainable = _trainable_names(wrapper)
+    if set(weights) != trainable:
+        raise TrainingError(f"{path}: the checkpoint's trainable tensors do not match this run's "
+                            f"(missing {sorted(trainable - set(weights))[:3]}, "
+                            f"unexpected {sorted(set(weights) - trainable)[:3]}); same method and options?")
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=False)
+    set_model_state_dict(wrapper, weights, options=options)
+    torch.set_rng_state(tensors.pop("\x1frng"))
+    set_optimizer_state_dict(wrapper, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
+                             options=options)
+    return state["step"]
+
+
+# -- progress -----------------------------------------------------------------------------------------
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, a line per log step otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
+
+    def update(self, step: int, text: str):
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(1, step - self.start) * (self.total - step)
+        line = f"step {step}/{self.total} [{100 * step / self.total:3.0f}%] {text} | {_clock(elapsed)} < {_clock(eta)}"
+        sys.stderr.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], config: TrainConfig, pad_id: int, tokenizer=None,
+             stop_ids=()) -> dict:
+    """Token-weighted eval loss and perplexity; with a tokenizer, greedy exact match on the first
+    `config.exact_match` examples (the generated answer, stripped, equals the reference, stripped)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), config.batch_size):
+        batch = collate([[e] for e in examples[i:i + config.batch_size]], pad_id)
+        batch = {k: v.to(model.lm_head.weight.device) for k, v in batch.items()}
+        h = model.forward_hidden(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        s, k = sft_loss(h, batch["labels"], model.lm_head, config.loss_chunk)
+        total, n = total + float(s), n + k
+    metrics = {"eval_loss": total / max(n, 1)}
+    metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if tokenizer is not None and config.exact_match:
+        from .generate import generate
+
+        chosen = [e for e in examples if e.answer_start > 0][:config.exact_match]
+        hits = 0
+        for i in range(0, len(chosen), config.batch_size):
+            part = chosen[i:i + config.batch_size]
+            prompts = [e.input_ids[:e.answer_start] for e in part]
+            out = generate(model, prompts, config.max_new_tokens, stop=list(stop_ids), pad_token_id=pad_id)
+            T = max(len(p) for p in prompts)  # prompts are left-padded to T; new tokens follow
+            for e, row in zip(part, out[:, T:].tolist()):
+                answer = tokenizer.decode(row, skip_special_tokens=True)
+                reference = tokenizer.decode([y for y in e.labels[e.answer_start:] if y != IGNORE],
+                                             skip_special_tokens=True)
+                hits += answer.strip() == reference.strip()
+        metrics["exact_match"] = hits / max(len(chosen), 1)
+    model.train(was_training)
+    return metrics
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: int = 1) -> tuple[float, int, int]:
+    """Backward over the micro-batches of one step (this process's share); returns (mean loss per trained
+    token over all processes, trained tokens, tokens). Each micro-batch's summed loss is divided by the
+    step's total count of trained tokens, so the gradients are those of one batch holding them all."""
+    counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micros),
+                           sum(b["input_ids"].numel() for b in micros)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts)
+    n_trained, n_tokens = int(counts[0]), int(counts[1])
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for m, batch in enumerate(micros):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last = m == len(micros) - 1
+        with wrapper.no_sync() if hasattr(wrapper, "no_sync") and not last else contextlib.nullcontext():
+            s = wrapper(**batch)
+            (s * (world / max(n_trained, 1))).backward()
+        loss_sum += s.detach().double().cpu()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / max(n_trained, 1), n_trained, n_tokens
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _wrap(model: nn.Module, config: TrainConfig, full: bool) -> nn.Module:
+    wrapper = SFTLoss(model, config.loss_chunk)
+    if not dist.is_initialized():
+        return wrapper
+    if full:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        return fully_shard(wrapper)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(wrapper)
+
+
+def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: str | Path, *,
+          eval_examples: list[Example] | None = None, tokenizer=None, pad_id: int = 0, resume: bool = False,
+          stop_ids=(), on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train the parameters of `model` that require grad on `examples`; returns the logged metrics.
+
+    out/ receives metrics.jsonl, loss.png and checkpoints/ (every save_every steps and at the end).
+    resume=True continues from out/checkpoints/latest. A non-finite loss stops the run with a
+    TrainingError before the optimizer touches the weights; the last checkpoint stays as it was."""
+    from .plot import write_loss_png
+
+    out = Path(out)
+    rank, world = _world()
+    folder = out / "checkpoints"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError("no parameter requires grad: apply a method (e.g. apply_lora) first")
+    full = all(p.requires_grad for p in model.parameters())
+    torch.manual_seed(config.seed)
+    model.train()
+    model.gradient_checkpointing = config.gradient_checkpointing
+    wrapper = _wrap(model, config, full)
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=config.betas)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+
+    units = make_units(examples, config)
+    per_epoch = len(epoch_steps(len(units), 0, config, world))
+    if per_epoch == 0:
+        raise TrainingError(f"{len(units)} rows cannot fill one step of {config.batch_size} rows x "
+                            f"{config.grad_accum} micro-batches x {world} processes")
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+
+    step, metrics_path = 0, out / "metrics.jsonl"
+    history: list[dict] = []
+    if resume and (folder / "latest").exists():
+        latest = folder / (folder / "latest").read_text().strip()
+        step = load_checkpoint(latest, wrapper, optimizer)
+        if metrics_path.exists():
+            history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= step]
+        if rank == 0:
+            print(f"resuming from {latest} (step {step} of {total})", file=sys.stderr)
+    elif (folder / "latest").exists():
+        raise TrainingError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) to "
+                            "continue it, or choose another output folder")
+    if rank == 0:
+        atomic_write(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    progress = Progress(total, step, enabled=rank == 0)
+    plan_epoch, plan = -1, []
+    while step < total:
+        epoch, index = divmod(step, per_epoch)
+        if epoch != plan_epoch:
+            plan, plan_epoch = epoch_steps(len(units), epoch, config, world), epoch
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_factor(step, total, config)
+        micros = [collate([[examples[i] for i in units[u]] for u in m], pad_id)
+                  for m in micro_batches(plan[index], config, rank, world)]
+        loss, n_trained, n_tokens = accumulate_gradients(wrapper, micros, device, world)
+        grad_norm = _clip(model, config.max_grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "none yet"
+            raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; the weights "
+                                f"were not updated. Last good checkpoint: {folder / kept}. Lower the "
+                                "learning rate, check the data, or train in float32.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - t0
+        record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                  "grad_norm": grad_norm, "trained_tokens": n_trained, "tokens": n_tokens,
+                  "tokens_per_s": n_tokens / seconds}
+        last = step == total
+        if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
+            record.update(_distributed_eval(model, wrapper, eval_examples, config, pad_id, tokenizer, stop_ids,
+                                            full, rank, world))
+        history.append(record)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % config.log_every == 0 or last or "eval_loss" in record:
+                extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                progress.update(step, f"loss {loss:.4f}{extra} lr {record['lr']:.2e} | "
+                                      f"{record['tokens_per_s']:,.0f} tok/s")
+        if (config.save_every and step % config.save_every == 0) or last:
+            save_checkpoint(folder, wrapper, optimizer, step, rank)
+            if rank == 0:
+                prune_checkpoints(folder, config.keep_checkpoints)
+                write_loss_png(out / "loss.png", {
+                    "train": [(r["step"], r["loss"]) for r in history],
+                    "eval": [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]})
+        if on_step is not None:
+            on_step(step, record)
+    progress.close()
+    return history
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _distributed_eval(model, wrapper, examples, config, pad_id, tokenizer, stop_ids, full, rank, world) -> dict:
+    """Eval loss over every process's share of the eval set (all must take part under FSDP); exact match
+    by greedy generation on process 0 (not under FSDP, whose sharded forward needs every process)."""
+    if world == 1:
+        return evaluate(model, examples, config, pad_id, tokenizer, stop_ids)
+    share = examples[rank::world]
+    with torch.no_grad():
+        wrapper.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, max(len(examples[0::world]), 1), config.batch_size):
+            part = share[i:i + config.batch_size] or examples[:1]  # every process runs the same number
+            batch = collate([[e] for e in part], pad_id)
+            s = wrapper(**batch)
+            if share[i:i + config.batch_size]:
+                sums += torch.tensor([float(s), sum(int((b != IGNORE).sum()) for b in batch["labels"][:, 1:])])
+        wrapper.train()
+    dist.all_reduce(sums)
+    metrics = {"eval_loss": float(sums[0] / sums[1])}
+    metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if not full and rank == 0 and tokenizer is not None and config.exact_match:
+        metrics["exact_match"] = evaluate(model, examples, config, pad_id, tokenizer, stop_ids)["exact_match"]
+    return metrics
+
+
+# -- methods and export -------------------------------------------------------------------------------
+
+def _full(model: nn.Module, **_):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _lora(**fixed):
+    def attach(model, r=8, alpha=16.0, dropout=0.0, targets="all-linear", **_):
+        from .lora import apply_lora
+
+        return apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets, **fixed)
+    return attach
+
+
+# method name -> attach(model, **hyperparameters); each later method adds its line here.
+METHODS: dict[str, Callable] = {
+    "full": _full,
+    "lora": _lora(),
+    "rslora": _lora(use_rslora=True),
+    "dora": _lora(use_dora=True),
+    "pissa": _lora(init="pissa"),
+    "olora": _lora(init="olora"),
+}
+
+
+def apply_method(model: nn.Module, method: str, **hyperparameters) -> nn.Module:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method](model, **hyperparameters)
+
+
+def export(model: nn.Module, out: str | Path, base_model_name_or_path: str | None = None):
+    """The result of a run: a PEFT-style adapter folder, or (full fine-tuning) a checkpoint folder.
+    Under FSDP2 every process must call it (the full weights are gathered); process 0 writes."""
+    from .adapters_io import save_adapter
+    from .checkpoint import save_model
+
+    rank, _ = _world()
+    if getattr(model, "adapter_configs", None):
+        if rank == 0:
+            save_adapter(model, out, base_model_name_or_path=base_model_name_or_path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=dist.is_initialized()))
+    if rank == 0:
+        save_model(model, out, state=state)
