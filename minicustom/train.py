@@ -129,23 +129,21 @@ def make_units(examples: list[Example], config: TrainConfig) -> list[list[int]]:
 
 
 def epoch_steps(n_units: int, epoch: int, config: TrainConfig, world: int) -> list[list[int]]:
-    """The unit indices of each optimizer step of an epoch, in a seeded order. With several processes a
-    trailing step too small to give every process a row is dropped."""
+    """The unit indices of each optimizer step of an epoch, in a seeded order (the last may be short)."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     order = torch.randperm(n_units, generator=g).tolist()
     per_step = config.batch_size * config.grad_accum * world
-    steps = [order[i:i + per_step] for i in range(0, n_units, per_step)]
-    if world > 1 and steps and len(steps[-1]) < per_step:
-        steps.pop()
-    return steps
+    return [order[i:i + per_step] for i in range(0, n_units, per_step)]
 
 
 def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[list[int]]:
     """This process's micro-batches of a step: micro-batch m of process r holds rows
-    (m * world + r) * batch_size ..., so one process with batch_size * world sees the same rows."""
+    (m * world + r) * batch_size ..., so one process with batch_size * world sees the same rows. In a
+    short last step, a process may get empty micro-batches: alone it skips them; with others it keeps
+    them (every process must run as many forwards), and they are run on a fully masked row."""
     B = config.batch_size
     out = [step_units[(m * world + rank) * B:(m * world + rank + 1) * B] for m in range(config.grad_accum)]
-    return [m for m in out if m]
+    return [m for m in out if m] if world == 1 else out
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -408,8 +406,11 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step, total, config)
-        micros = [collate([[examples[i] for i in units[u]] for u in m], pad_id)
+        micros = [collate([[examples[i] for i in units[u]] for u in m or plan[index][:1]], pad_id)
                   for m in micro_batches(plan[index], config, rank, world)]
+        for m, batch in zip(micro_batches(plan[index], config, rank, world), micros):
+            if not m:  # an empty share: a forward and backward that contribute nothing
+                batch["labels"].fill_(IGNORE)
         loss, n_trained, n_tokens = accumulate_gradients(wrapper, micros, device, world)
         grad_norm = _clip(model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):

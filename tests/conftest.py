@@ -117,3 +117,26 @@ def write_tokenizer(path):
         "tokenizer_class": "PreTrainedTokenizerFast",
     }))
     return path
+
+
+CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Hanoi", "Porto", "Seoul", "Perth", "Accra", "Riga", "Lagos", "Kyoto"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny SmolLM-style checkpoint with the test tokenizer, and train/eval JSONL files of mixed formats."""
+    root = tmp_path_factory.mktemp("train")
+    path, _ = make_checkpoint(root / "model", "smollm", vocab_size=400)
+    write_tokenizer(path)
+    rows = []
+    for i, city in enumerate(CITIES * 2):
+        if i % 3 == 0:
+            rows.append({"prompt": f"Where is {city}?", "completion": f" In {city}."})
+        elif i % 3 == 1:
+            rows.append({"messages": [{"role": "user", "content": f"Name a city like {city}."},
+                                      {"role": "assistant", "content": city}]})
+        else:
+            rows.append({"instruction": "Name the city.", "input": f"I live in {city}.", "output": city})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    return root, path

@@ -1,0 +1,50 @@
+"""Data parallel training under torchrun (gloo, 2 CPU processes) gives the single-process loss curve."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import metrics
+
+ROOT = Path(__file__).parents[1]
+
+
+def args(setup, out, batch_size, method):
+    root, path = setup
+    return ["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--eval-data",
+            str(root / "eval.jsonl"), "--out", str(out), "--max-length", "256", "--batch-size", str(batch_size),
+            "--grad-accum", "2", "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--method", method,
+            "--lr", "1e-3", "--exact-match", "0"]
+
+
+def launch(argv, nproc):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *runner, "-m", "minicustom.cli", *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])  # DDP for adapters, FSDP2 for full fine-tuning
+def test_two_processes_match_one(setup, tmp_path, method):
+    launch(args(setup, tmp_path / "one", 2, method), 1)
+    launch(args(setup, tmp_path / "two", 1, method), 2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["trained_tokens"] for r in one] == [r["trained_tokens"] for r in two]
+    for a, b in zip(one, two):
+        # the same sums in another order (per process, then all-reduced): fp32 round-off only
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    wa, wb = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
