@@ -394,6 +394,9 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
     elif (folder / "latest").exists():
         raise TrainingError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) to "
                             "continue it, or choose another output folder")
+    if step == 0 and eval_examples:  # the starting point, for comparison
+        history = [{"step": 0, **_distributed_eval(model, wrapper, eval_examples, config, pad_id, tokenizer,
+                                                   stop_ids, full, rank, world)}]
     if rank == 0:
         atomic_write(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -442,7 +445,7 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
             if rank == 0:
                 prune_checkpoints(folder, config.keep_checkpoints)
                 write_loss_png(out / "loss.png", {
-                    "train": [(r["step"], r["loss"]) for r in history],
+                    "train": [(r["step"], r["loss"]) for r in history if "loss" in r],
                     "eval": [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]})
         if on_step is not None:
             on_step(step, record)

@@ -34,10 +34,10 @@ def test_two_processes_match_one(setup, tmp_path, method):
     launch(args(setup, tmp_path / "one", 2, method), 1)
     launch(args(setup, tmp_path / "two", 1, method), 2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["trained_tokens"] for r in one] == [r["trained_tokens"] for r in two]
+    assert [r.get("trained_tokens") for r in one] == [r.get("trained_tokens") for r in two]
     for a, b in zip(one, two):
         # the same sums in another order (per process, then all-reduced): fp32 round-off only
-        for key in ("loss", "grad_norm", "eval_loss"):
+        for key in ("loss", "grad_norm", "eval_loss"):  # step 0 holds only the eval before training
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
     from safetensors.torch import load_file

@@ -94,3 +94,41 @@ def test_greedy_answer_matches_transformers(models, tokenizers):
     answer = tok.decode(ours.generate(ids, max_new_tokens=32, stop=[tok.eos_token_id])[0, ids.shape[1]:],
                         skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_chat_masks_match_transformers_on_the_real_template(path):
+    """The SmolLM2 ChatML template, multi-turn with its default system prompt: the trained tokens are exactly
+    each assistant reply plus its <|im_end|>, and the ids are transformers' ids for the same chat."""
+    import transformers
+
+    from minicustom.data import IGNORE, make_example
+
+    tok = mc.load_tokenizer(path)
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
+                {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    ex = make_example({"messages": messages}, tok)
+    theirs = transformers.AutoTokenizer.from_pretrained(path).apply_chat_template(messages, tokenize=True,
+                                                                                   return_dict=True)
+    assert ex.input_ids == list(theirs["input_ids"])
+    trained = [i for i, y in zip(ex.input_ids, ex.labels) if y != IGNORE]
+    assert tok.decode(trained) == "Hello, how can I help?<|im_end|>Paris.<|im_end|>"
+
+
+def test_twenty_step_lora_sft_lowers_held_out_loss(path, tmp_path):
+    """20 LoRA steps on the shipped city task (examples/data) lower held-out loss and raise exact match."""
+    import json
+    from pathlib import Path
+
+    from minicustom.cli import main
+
+    data = Path(__file__).parents[1] / "examples" / "data"
+    main(["train", "sft", "--model", str(path), "--data", str(data / "city_train.jsonl"), "--eval-data",
+          str(data / "city_eval.jsonl"), "--out", str(tmp_path), "--max-steps", "20", "--batch-size", "1",
+          "--max-length", "256", "--lr", "1e-3", "--exact-match", "12", "--max-new-tokens", "8"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    before, after = rows[0], rows[-1]
+    assert before["step"] == 0 and after["step"] == 20
+    assert after["eval_loss"] < 0.5 * before["eval_loss"], (before, after)
+    assert after["exact_match"] > before["exact_match"]
+    model = mc.load_model(path)
+    mc.load_adapter(model, tmp_path)

@@ -143,12 +143,12 @@ def test_resume_after_kill_reproduces_the_curve(setup, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "checkpoint-000003"
-    assert len(metrics(killed)) == 5 and not (killed / "adapter_model.safetensors").exists()
+    assert len(metrics(killed)) == 6 and not (killed / "adapter_model.safetensors").exists()
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         run(setup, killed, *extra)
     run(setup, killed, *extra, "--resume")
     assert metrics(killed) == metrics(tmp_path / "straight")
-    assert len(metrics(killed)) == 8 and "exact_match" in metrics(killed)[3]
+    assert len(metrics(killed)) == 9 and "exact_match" in metrics(killed)[4]
     from safetensors.torch import load_file
 
     a, b = load_file(killed / "adapter_model.safetensors"), load_file(tmp_path / "straight" / "adapter_model.safetensors")
@@ -185,8 +185,8 @@ def test_cli_outputs(setup, tmp_path):
     model = mc.load_model(path)
     mc.load_adapter(model, out)  # the result loads back
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 9))
-    assert all(k in rows[3] for k in ("eval_loss", "eval_ppl", "exact_match"))
+    assert [r["step"] for r in rows] == list(range(0, 9))  # step 0: eval before training
+    assert all(k in rows[i] for k in ("eval_loss", "eval_ppl", "exact_match") for i in (0, 4, 8))
     run(setup, tmp_path / "full", "--method", "full", "--lr", "1e-4")
     full = mc.load_model(tmp_path / "full")
     base = mc.load_model(path)
