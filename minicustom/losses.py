@@ -35,17 +35,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_W else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # one (N_c, V) fp32 buffer for every chunk: a fresh 50 MB tensor per chunk costs page faults on CPU
+        z_buf = torch.empty((min(chunk, h.shape[0]), W.shape[0]), dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
-            z = (hc @ W.T).float()  # (N_c, V)
-            lse = torch.logsumexp(z, dim=-1)  # (N_c,)
-            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+            z = z_buf[:hc.shape[0]]
+            if h.dtype == torch.float32:
+                torch.mm(hc, W.T, out=z)  # (N_c, V) logits
+            else:
+                z.copy_(hc @ W.T)  # half-precision matmul, fp32 softmax
+            # log-softmax in place, row by row (each row's max and sum are read before it is written)
+            torch.ops.aten._log_softmax.out(z, 1, False, out=z)
+            total -= z.gather(1, yc[:, None]).sum()  # - log p(y)
             if need_h or need_W:
-                dz = z.sub_(lse[:, None]).exp_()  # softmax, in place of z
-                dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
+                dz = z.exp_()  # softmax
+                dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0  # d loss / d z = p - onehot(y)
                 dz = dz.to(h.dtype)
                 if need_h:
-                    grad_h[i:i + chunk] = dz @ W  # (N_c, C)
+                    torch.mm(dz, W, out=grad_h[i:i + chunk])  # (N_c, C)
                 if need_W:
                     grad_W.addmm_(dz.T.float(), hc.float())  # (V, C)
         ctx.save_for_backward(grad_h, grad_W)
@@ -66,7 +73,7 @@ def trained_positions(hidden, labels):
     return hidden[:, :-1][keep], targets[keep]
 
 
-def sft_loss(hidden, labels, lm_head: nn.Module, chunk: int = 256):
+def sft_loss(hidden, labels, lm_head: nn.Module, chunk: int = 512):
     """(sum of next-token cross-entropy over trained positions, number of trained positions).
 
     hidden (B, T, C) are the final-norm hidden states, labels (B, T) the ids with -100 where not trained.

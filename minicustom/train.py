@@ -66,7 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     exact_match: int = 32  # eval examples to answer greedily for exact match (0: none)
     max_new_tokens: int = 64
-    loss_chunk: int = 256
+    loss_chunk: int = 512
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):

@@ -1,0 +1,155 @@
+"""LoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (CPU, fp32).
+
+The step: LoRA r=8, alpha=16 on all 7 linear projections of every layer, a batch of 4 x 256 tokens,
+forward, backward, AdamW. Two workloads over the same ids and labels for both libraries:
+  chat  - multi-turn chats of the shipped city task (examples/data), only assistant tokens trained
+  all   - the same rows with every token trained (language-model pretraining style)
+minicustom runs its trainer's own step (minicustom.train.accumulate_gradients: chunked cross-entropy
+at trained positions only); transformers+peft runs `model(input_ids, labels=labels).loss.backward()`.
+
+Each (library, workload) runs in a fresh process, so that peak memory (ru_maxrss) is its own; processes
+alternate minicustom, transformers, minicustom, ... for `--rounds` rounds, each timing `--steps` steps after
+a warm-up step; the median step time gives tokens/s. "train mem" is the peak RSS minus the RSS after
+loading the model and attaching LoRA: what the training step itself adds.
+
+    python benchmarks/bench_sft.py [--model DIR] [--rounds 2] [--steps 3] [--threads 2]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+B, T = 4, 256
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def batch(path, workload):
+    """(input_ids, labels), each (B, T): multi-turn chats of the city task cut to T tokens."""
+    import torch
+
+    import minicustom as mc
+    from minicustom.data import IGNORE, make_example, read_jsonl
+
+    tok = mc.load_tokenizer(path)
+    records = [r for _, r in read_jsonl(Path(__file__).parents[1] / "examples/data/city_train.jsonl")]
+    rows, k = [], 0
+    for _ in range(B):
+        messages = records[k]["messages"][:1]  # the system prompt, then turns until T tokens
+        while len(make_example({"messages": messages + [{"role": "user", "content": "x"},
+                                                        {"role": "assistant", "content": "y"}]}, tok)) < T + 40:
+            messages += records[k]["messages"][1:]
+            k += 1
+        rows.append(make_example({"messages": messages}, tok))
+    ids = torch.tensor([e.input_ids[:T] for e in rows])
+    labels = torch.tensor([e.labels[:T] for e in rows])
+    if workload == "all":
+        labels = ids.clone()
+    labels[:, 0] = IGNORE
+    return ids, labels
+
+
+def worker(library, workload, path, steps, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    ids, labels = batch(path, workload)
+    if library == "minicustom":
+        import minicustom as mc
+        from minicustom.train import SFTLoss, accumulate_gradients
+
+        model = mc.load_model(path)
+        mc.apply_lora(model, r=8, alpha=16, targets=TARGETS, verbose=False)
+        model.train()
+        wrapper = SFTLoss(model, chunk=512)
+
+        def loss_backward():
+            return accumulate_gradients(wrapper, [{"input_ids": ids, "labels": labels}], "cpu")[0]
+    else:
+        import peft
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+        model.train()
+
+        def loss_backward():
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            return float(loss)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = loss_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    base = rss_mb()
+    first_loss = step()  # warm-up; also the loss of the untouched model, the same for both libraries
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"median_s": statistics.median(times), "peak_mb": peak, "train_mb": peak - base,
+                      "first_loss": first_loss, "trained": int((labels[:, 1:] != -100).sum())}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint folder (default: the demo model)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from minicustom.gguf import fetch_demo_model
+
+    path = args.model or str(fetch_demo_model())
+    if args.worker:
+        return worker(*args.worker, path, args.steps, args.threads)
+
+    import peft
+    import torch
+    import transformers
+
+    print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, fp32, "
+          f"LoRA r=8 on 7 projections, batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
+    print("| workload | trained tokens | minicustom tokens/s | transformers+peft tokens/s | ratio | "
+          "minicustom peak / train mem (MB) | transformers+peft peak / train mem (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for workload in ("chat", "all"):
+        runs = {"minicustom": [], "transformers": []}
+        for _ in range(args.rounds):
+            for library in runs:
+                cmd = [sys.executable, __file__, "--worker", library, workload, "--model", path,
+                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs[library].append(json.loads(out.strip().splitlines()[-1]))
+        ours, theirs = runs["minicustom"], runs["transformers"]
+        if abs(ours[0]["first_loss"] - theirs[0]["first_loss"]) > 1e-3 * abs(theirs[0]["first_loss"]):
+            raise SystemExit(f"the two libraries disagree on the loss: {ours[0]['first_loss']} vs "
+                             f"{theirs[0]['first_loss']}")
+        a = B * T / statistics.median(r["median_s"] for r in ours)
+        b = B * T / statistics.median(r["median_s"] for r in theirs)
+        mem = [(max(r["peak_mb"] for r in x), max(r["train_mb"] for r in x)) for x in (ours, theirs)]
+        print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | "
+              f"{mem[0][0]:,.0f} / {mem[0][1]:,.0f} | {mem[1][0]:,.0f} / {mem[1][1]:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
