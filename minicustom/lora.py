@@ -139,13 +139,18 @@ class LoRALinear(nn.Module):
             if name in self.merged:
                 continue
             x_ = self.lora_dropout[name](x)
+            if name not in self.lora_magnitude_vector:
+                # y + scaling * (x A^T) B^T in one addmm: no (..., out) temporaries for the product and the
+                # scaling, in forward or backward (about 4% of a LoRA training step on CPU)
+                xa = self.lora_A[name](x_).reshape(-1, self.lora_A[name].out_features)  # (N, r)
+                y = torch.addmm(y.reshape(-1, y.shape[-1]), xa, self.lora_B[name].weight.T, alpha=self.scaling[name])
+                y = y.view(*x.shape[:-1], -1)  # (..., out)
+                continue
+            # DoRA: m / ||W0 + sBA|| (row norms) rescales the adapted weight's output
             lora = self.lora_B[name](self.lora_A[name](x_)) * self.scaling[name]  # (..., out)
-            if name in self.lora_magnitude_vector:
-                scale = self.lora_magnitude_vector[name] / self._row_norm(name)  # m / ||W0 + sBA|| (out,)
-                base = F.linear(x_, self.weight) if x_ is not x else y - (0 if self.bias is None else self.bias)
-                y = y + (scale - 1) * base + scale * lora
-            else:
-                y = y + lora
+            scale = self.lora_magnitude_vector[name] / self._row_norm(name)  # (out,)
+            base = F.linear(x_, self.weight) if x_ is not x else y - (0 if self.bias is None else self.bias)
+            y = y + (scale - 1) * base + scale * lora
         return y
 
     @torch.no_grad()

@@ -146,6 +146,18 @@ def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: 
     return [m for m in out if m] if world == 1 else out
 
 
+def step_batches(examples: list[Example], units: list[list[int]], step_units: list[int], config: TrainConfig,
+                 rank: int, world: int, pad_id: int) -> list[dict]:
+    """The collated micro-batches of this process for one step."""
+    batches = []
+    for m in micro_batches(step_units, config, rank, world):
+        batch = collate([[examples[i] for i in units[u]] for u in (m or step_units[:1])], pad_id)
+        if not m:  # an empty share: a forward and backward that contribute nothing
+            batch["labels"].fill_(IGNORE)
+        batches.append(batch)
+    return batches
+
+
 # -- checkpoints --------------------------------------------------------------------------------------
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -409,11 +421,7 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step, total, config)
-        micros = [collate([[examples[i] for i in units[u]] for u in m or plan[index][:1]], pad_id)
-                  for m in micro_batches(plan[index], config, rank, world)]
-        for m, batch in zip(micro_batches(plan[index], config, rank, world), micros):
-            if not m:  # an empty share: a forward and backward that contribute nothing
-                batch["labels"].fill_(IGNORE)
+        micros = step_batches(examples, units, plan[index], config, rank, world, pad_id)
         loss, n_trained, n_tokens = accumulate_gradients(wrapper, micros, device, world)
         grad_norm = _clip(model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
