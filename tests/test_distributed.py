@@ -48,3 +48,16 @@ def test_two_processes_match_one(setup, tmp_path, method):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_fsdp_resume_replays_the_curve(setup, tmp_path):
+    """FSDP2 checkpoints gather full tensors and shard them again on load: a run rolled back to its step-2
+    checkpoint (as if killed after it) and resumed writes the uninterrupted run's losses exactly."""
+    import shutil
+
+    launch(args(setup, tmp_path / "a", 1, "full"), 2)
+    launch(args(setup, tmp_path / "b", 1, "full"), 2)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-000004")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("checkpoint-000002\n")
+    launch(args(setup, tmp_path / "b", 1, "full") + ["--resume"], 2)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
