@@ -160,6 +160,9 @@ def cmd_train_sft(args):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(args.device)
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    if args.adapter:
+        raise ValueError("train sft starts a new adapter; --adapter is not taken (to continue a run, use --resume "
+                         "with the same --out)")
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = print if rank == 0 else (lambda *a, **k: None)
     model, tok = _load(args)

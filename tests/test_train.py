@@ -203,6 +203,9 @@ def test_cli_errors(setup, tmp_path, capsys):
         main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(tmp_path),
               "--method", "magic"])
     assert e.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--adapter is not taken"):
+        main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(tmp_path),
+              "--adapter", str(tmp_path)])
     vocab = tmp_path / "small"
     make_checkpoint(vocab, "smollm", vocab_size=300)  # the test tokenizer has 400 tokens
     write_tokenizer(vocab)
