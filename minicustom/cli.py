@@ -46,13 +46,17 @@ def _load(args):
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
 
-    path = Path(args.model) if args.model else _demo_model()
+    path = _model_path(args)
     model = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
     if getattr(args, "adapter", None):
         from .adapters_io import load_adapter
 
         load_adapter(model, args.adapter)
     return model, load_tokenizer(path)
+
+
+def _model_path(args) -> Path:
+    return Path(args.model) if args.model else _demo_model()
 
 
 def _demo_model() -> Path:
@@ -123,7 +127,7 @@ def cmd_merge(args):
     model, _ = _load(args)
     out = Path(args.out)
     save_model(merge_adapter(model), out)
-    _copy_tokenizer_files(Path(args.model) if args.model else _demo_model(), out)
+    _copy_tokenizer_files(_model_path(args), out)
     print(out)
 
 
@@ -186,14 +190,13 @@ def cmd_train_sft(args):
     out = Path(args.out)
     train(model, examples, config, out, eval_examples=eval_examples, tokenizer=tok, pad_id=pad_id_for(tok),
           resume=args.resume, stop_ids=_stop_ids(model, tok))
-    export(model, out, base_model_name_or_path=str(args.model or _demo_model()))
+    export(model, out, base_model_name_or_path=str(_model_path(args)))
     if rank == 0:
         from .checkpoint import write_json
 
         if args.method == "full":
-            _copy_tokenizer_files(Path(args.model) if args.model else _demo_model(), out)
-        write_json(out / "train_config.json", {"method": args.method, "data": str(args.data),
-                                               **{k: v for k, v in vars(args).items() if k != "func"}})
+            _copy_tokenizer_files(_model_path(args), out)
+        write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
         print(out)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -204,7 +207,7 @@ def cmd_inspect_data(args):
     from .data import IGNORE, DataError, make_example, read_jsonl
     from .tokenizer import load_tokenizer
 
-    tok = load_tokenizer(Path(args.model) if args.model else _demo_model())
+    tok = load_tokenizer(_model_path(args))
     options = _data_options(args)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     on, off = ("\x1b[30;42m", "\x1b[0m") if color else ("\u27e6", "\u27e7")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +66,6 @@ class Example:
     labels: list[int]  # IGNORE where not trained; labels[0] is always IGNORE
     source: str  # "file:line"
     answer_start: int = 0  # first trained token of the last completion: the prompt for exact-match eval
-    meta: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.input_ids)
@@ -269,7 +268,7 @@ def load_examples(path, tokenizer, max_length: int | None = None, truncation: st
             if truncation == "drop":
                 dropped += 1
                 continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], where, ex.answer_start, ex.meta)
+            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], where, ex.answer_start)
             cut += 1
             if ex.trained == 0:
                 dropped += 1

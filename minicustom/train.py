@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,11 +75,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.betas = tuple(self.betas)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def lr_factor(step: int, total: int, config: TrainConfig) -> float:
@@ -282,6 +277,12 @@ class Progress:
 
 # -- evaluation ---------------------------------------------------------------------------------------
 
+def _loss_metrics(total: float, n: int) -> dict:
+    """Mean loss per trained token and its perplexity (capped at e^50 so that a diverged run still logs)."""
+    loss = total / max(n, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[Example], config: TrainConfig, pad_id: int, tokenizer=None,
              stop_ids=()) -> dict:
@@ -296,8 +297,7 @@ def evaluate(model, examples: list[Example], config: TrainConfig, pad_id: int, t
         h = model.forward_hidden(batch["input_ids"], attention_mask=batch.get("attention_mask"))
         s, k = sft_loss(h, batch["labels"], model.lm_head, config.loss_chunk)
         total, n = total + float(s), n + k
-    metrics = {"eval_loss": total / max(n, 1)}
-    metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+    metrics = _loss_metrics(total, n)
     if tokenizer is not None and config.exact_match:
         from .generate import generate
 
@@ -486,8 +486,7 @@ def _distributed_eval(model, wrapper, examples, config, pad_id, tokenizer, stop_
                 sums += torch.tensor([float(s), sum(int((b != IGNORE).sum()) for b in batch["labels"][:, 1:])])
         wrapper.train()
     dist.all_reduce(sums)
-    metrics = {"eval_loss": float(sums[0] / sums[1])}
-    metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+    metrics = _loss_metrics(float(sums[0]), int(sums[1]))
     if not full and rank == 0 and tokenizer is not None and config.exact_match:
         metrics["exact_match"] = evaluate(model, examples, config, pad_id, tokenizer, stop_ids)["exact_match"]
     return metrics
