@@ -199,6 +199,7 @@ def cmd_train_sft(args):
         write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
         print(out)
     if dist.is_initialized():
+        dist.barrier()  # a process that tears gloo down while a peer still writes aborts ("terminate called")
         dist.destroy_process_group()
 
 
