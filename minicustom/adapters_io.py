@@ -34,6 +34,7 @@ from .lora import (
     adapter_layers,
     set_adapter,
 )
+from .qlora import Linear4bit
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -215,7 +216,7 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
     for name, parts in sorted(per_module.items()):
         base = _base_module(modules[name])
         kind = _LORA_KEYS[next(iter(parts))][0]
-        if not isinstance(base, kind):
+        if not isinstance(base, (kind, Linear4bit) if kind is nn.Linear else kind):  # QLoRA bases are 4-bit
             problems.append(f"{name}: the file holds {kind.__name__} LoRA keys but the module is "
                             f"{type(base).__name__}")
             continue

@@ -74,8 +74,39 @@ def _read_tensors(file: Path):
         raise CheckpointError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False) -> Transformer:
-    """Load a Hugging Face checkpoint folder into a `Transformer`, weights cast to `dtype` on `device`."""
+def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) -> set[str]:
+    """Swap in a Linear4bit for every weight stored in bitsandbytes' 4-bit serialization (a checkpoint that
+    transformers+bitsandbytes saved, or `minicustom quantize` wrote); returns the keys it consumed."""
+    from . import nf4
+    from .qlora import Linear4bit
+
+    used = set()
+    for key in [k for k in tensors if ".quant_state.bitsandbytes__" in k]:
+        prefix = key.split(".quant_state.")[0]  # "model.layers.0.self_attn.q_proj.weight"
+        module_name = prefix.removesuffix(".weight")
+        try:
+            linear = model.get_submodule(module_name)
+        except AttributeError:
+            raise CheckpointError(f"{where[key]}: {key} names no module of this model") from None
+        state = nf4.from_state_dict(tensors, prefix, where=where[key])
+        if tuple(state.shape) != (linear.out_features, linear.in_features):
+            raise CheckpointError(f"{where[key]}: {prefix} has shape {list(state.shape)}, the model expects "
+                                  f"{[linear.out_features, linear.in_features]}")
+        bias = tensors.get(module_name + ".bias")
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                Linear4bit(state.to(device), None if bias is None else bias.to(device), compute_dtype=dtype))
+        used |= {k for k in tensors if k.startswith(prefix + ".") or k == prefix}
+        used |= {module_name + ".bias"} & tensors.keys()
+    return used
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False,
+               quantize: str | None = None) -> Transformer:
+    """Load a Hugging Face checkpoint folder into a `Transformer`, weights cast to `dtype` on `device`.
+
+    Weights saved 4-bit by bitsandbytes load as Linear4bit (no bitsandbytes needed), computing in `dtype`;
+    `quantize="nf4"` (or "fp4") quantizes every other linear but lm_head after loading."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
@@ -83,21 +114,31 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     files = _weight_files(path, allow_pickle)
     with torch.device("meta"):
         model = Transformer(config)
+    tensors, where = {}, {}
+    for file in files:
+        for name, tensor in _read_tensors(file):
+            tensors[name] = tensor
+            where[name] = str(file)
+    used = _load_4bit(model, tensors, where, dtype, device)
     expected = dict(model.state_dict())
+    expected = {k: v for k, v in expected.items() if k not in used}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state, unexpected, wrong_shape = {}, [], []
-    for file in files:
-        for name, tensor in _read_tensors(file):
-            if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
-                continue  # tied checkpoints sometimes store the shared matrix twice
-            if name not in expected:
-                unexpected.append(f"{name} (in {file.name})")
-            elif tuple(tensor.shape) != tuple(expected[name].shape):
-                wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}"
-                                   f" (in {file.name})")
-            else:
-                state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+    for name in list(tensors):  # popped as converted: one copy of each weight in memory at a time
+        tensor = tensors.pop(name)
+        if name in used:
+            continue
+        file = Path(where[name])
+        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue  # tied checkpoints sometimes store the shared matrix twice
+        if name not in expected:
+            unexpected.append(f"{name} (in {file.name})")
+        elif tuple(tensor.shape) != tuple(expected[name].shape):
+            wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}"
+                               f" (in {file.name})")
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected or wrong_shape:
         lines = [f"{path}: the checkpoint does not match the {config.model_type} config"]
@@ -106,9 +147,15 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    missing_ok = used | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    result = model.load_state_dict(state, strict=False, assign=True)
+    assert not result.unexpected_keys and set(result.missing_keys) <= missing_ok, result
     model.tie_weights()
     model.inv_freq = config.inv_freq().to(device)  # buffers are not in the checkpoint
+    if quantize:
+        from .qlora import quantize_model
+
+        quantize_model(model, quant_type=quantize, compute_dtype=dtype)
     return model.eval()
 
 
@@ -138,8 +185,10 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
     `state` replaces model.state_dict() (a full state gathered from sharded processes, say)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype=dtype if dtype and v.is_floating_point() else v.dtype).contiguous().cpu()
-             for k, v in (model.state_dict() if state is None else state).items()}
+    from .qlora import is_quant_key, quantization_config
+
+    state = {k: v.detach().to(dtype=dtype if dtype and v.is_floating_point() and not is_quant_key(k) else v.dtype)
+             .contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards, size = [{}], 0
@@ -165,6 +214,9 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
         write_json(path / "model.safetensors.index.json", index)
         (path / "model.safetensors").unlink(missing_ok=True)
     config = model.config.to_dict()
-    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    first = next(v for k, v in state.items() if v.is_floating_point() and not is_quant_key(k))
+    config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
+    if quantization_config(model):
+        config["quantization_config"] = quantization_config(model)
     write_json(path / "config.json", config)
     return path

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .qlora import Linear4bit
+
 INITS = ("default", "gaussian", "pissa", "olora")
 
 
@@ -83,11 +85,20 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear):
+    """LoRA on an nn.Linear (W0 shared as `weight`) or on a 4-bit `Linear4bit` (QLoRA: held as `base_layer`,
+    dequantized where W0 is needed)."""
+
+    def __init__(self, base: nn.Linear | Linear4bit):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # W0 (out, in), frozen
-        self.bias = base.bias
+        if isinstance(base, Linear4bit):
+            self.base_layer = base  # adds its own bias
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        else:
+            self.base_layer = None
+            self.weight = base.weight  # W0 (out, in), frozen
+            self.bias = base.bias
         self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
         self.lora_dropout = nn.ModuleDict()
@@ -97,11 +108,23 @@ class LoRALinear(nn.Module):
         self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA row norms used to merge, or None
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A0, B0)
 
+    def base_weight(self) -> torch.Tensor:
+        """W0 (out, in): the weight itself, or the 4-bit base dequantized to its compute dtype."""
+        return self.weight if self.base_layer is None else self.base_layer.dequantize()
+
+    def _base_forward(self, x):
+        return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+
     def add(self, name: str, r: int, alpha: float, config: LoraConfig):
-        W0 = self.weight
-        A = nn.Linear(self.in_features, r, bias=False, device=W0.device, dtype=W0.dtype)
-        B = nn.Linear(r, self.out_features, bias=False, device=W0.device, dtype=W0.dtype)
+        q = self.base_layer
+        device, dtype = (self.weight.device, self.weight.dtype) if q is None else (q.state.packed.device,
+                                                                                   q.compute_dtype)
+        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         s = config.scaling(r, alpha)
+        if q is not None and config.init in ("pissa", "olora"):
+            raise ValueError(f"{config.init} rewrites the base weight, which is 4-bit here; quantize after "
+                             "initialising, or use LoftQ (qlora.apply_loftq) for a quantization-aware start")
         with torch.no_grad():
             if config.init == "default":
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -110,6 +133,7 @@ class LoRALinear(nn.Module):
                 nn.init.normal_(A.weight, std=1 / r)
                 nn.init.zeros_(B.weight)
             else:
+                W0 = self.weight
                 A0, B0 = _pissa(W0.float(), r, s) if config.init == "pissa" else _olora(W0.float(), r)
                 A.weight.copy_(A0)
                 B.weight.copy_(B0)
@@ -131,10 +155,10 @@ class LoRALinear(nn.Module):
 
     def _row_norm(self, name: str) -> torch.Tensor:
         """||W0 + s B A|| over each output row (out,), detached (DoRA §4.3)."""
-        return torch.linalg.norm(self.weight + self.delta(name).detach(), dim=1).detach()
+        return torch.linalg.norm(self.base_weight() + self.delta(name).detach(), dim=1).detach()
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self._base_forward(x)
         for name in self.active:
             if name in self.merged:
                 continue
@@ -149,7 +173,8 @@ class LoRALinear(nn.Module):
             # DoRA: m / ||W0 + sBA|| (row norms) rescales the adapted weight's output
             lora = self.lora_B[name](self.lora_A[name](x_)) * self.scaling[name]  # (..., out)
             scale = self.lora_magnitude_vector[name] / self._row_norm(name)  # (out,)
-            base = F.linear(x_, self.weight) if x_ is not x else y - (0 if self.bias is None else self.bias)
+            bias = self.bias if self.base_layer is None else self.base_layer.bias
+            base = F.linear(x_, self.base_weight()) if x_ is not x else y - (0 if bias is None else bias)
             y = y + (scale - 1) * base + scale * lora
         return y
 
@@ -157,6 +182,9 @@ class LoRALinear(nn.Module):
     def merge(self, name: str):
         if name in self.merged:
             return
+        if self.base_layer is not None:
+            raise ValueError("the base is 4-bit and cannot take the adapter in place; use qlora.merge_4bit, which "
+                             "merges into the dequantized weight and can re-quantize it")
         delta = self.delta(name)
         if name in self.lora_magnitude_vector:  # W <- (m / ||W0 + ΔW||) (W0 + ΔW), row-wise
             norm = self._row_norm(name)
@@ -197,8 +225,10 @@ class LoRALinear(nn.Module):
             state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return state
 
-    def base(self) -> nn.Linear:
-        """A plain nn.Linear sharing this module's (possibly merged) weight and bias."""
+    def base(self) -> nn.Linear | Linear4bit:
+        """A plain nn.Linear sharing this module's (possibly merged) weight and bias, or the 4-bit base."""
+        if self.base_layer is not None:
+            return self.base_layer
         with torch.device("meta"):
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         lin.weight = self.weight
@@ -355,7 +385,7 @@ def find_targets(model: nn.Module, targets, layers=None) -> list[str]:
             inside = inside + (name + ".",)
         module = module.original[0] if isinstance(module, TrainableCopy) else module
         if targets == "all-linear":
-            hit = isinstance(module, (nn.Linear, LoRALinear)) and name != "lm_head"
+            hit = isinstance(module, (nn.Linear, LoRALinear, Linear4bit)) and name != "lm_head"
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, name) is not None
         else:
@@ -397,7 +427,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-l
                          f"{_example_names(model)}")
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, Linear4bit)):
             module = LoRALinear(module)
         elif isinstance(module, nn.Embedding):
             module = LoRAEmbedding(module)
@@ -429,13 +459,14 @@ def _example_names(model) -> str:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor counted once."""
+    """(trainable, total) parameter counts, each shared tensor counted once, 4-bit weights included."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.state.numel for m in model.modules() if isinstance(m, Linear4bit))  # 4-bit weights are buffers
     return trainable, total
 
 
