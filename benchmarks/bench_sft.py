@@ -1,9 +1,13 @@
-"""LoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (CPU, fp32).
+"""LoRA / QLoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (CPU, fp32).
 
 The step: LoRA r=8, alpha=16 on all 7 linear projections of every layer, a batch of 4 x 256 tokens,
 forward, backward, AdamW. Two workloads over the same ids and labels for both libraries:
   chat  - multi-turn chats of the shipped city task (examples/data), only assistant tokens trained
   all   - the same rows with every token trained (language-model pretraining style)
+With --method qlora every linear but lm_head is NF4 with double quantization: the model is quantized once
+into a temporary checkpoint folder (bitsandbytes' serialization) that both libraries load, minicustom by
+itself and transformers through bitsandbytes, computing in fp32. Neither process ever holds the fp32
+linears, so peak memory is the 4-bit model's, and identical 4-bit bytes give both the same first loss.
 minicustom runs its trainer's own step (minicustom.train.accumulate_gradients: chunked cross-entropy
 at trained positions only); transformers+peft runs `model(input_ids, labels=labels).loss.backward()`.
 
@@ -12,7 +16,7 @@ alternate minicustom, transformers, minicustom, ... for `--rounds` rounds, each 
 a warm-up step; the median step time gives tokens/s. "train mem" is the peak RSS minus the RSS after
 loading the model and attaching LoRA: what the training step itself adds.
 
-    python benchmarks/bench_sft.py [--model DIR] [--rounds 2] [--steps 3] [--threads 2]
+    python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR] [--rounds 2] [--steps 3] [--threads 2]
 """
 
 import argparse
@@ -59,7 +63,7 @@ def batch(path, workload):
     return ids, labels
 
 
-def worker(library, workload, path, steps, threads):
+def worker(library, workload, path, model_path, steps, threads):
     import torch
 
     torch.set_num_threads(threads)
@@ -69,7 +73,7 @@ def worker(library, workload, path, steps, threads):
         import minicustom as mc
         from minicustom.train import SFTLoss, accumulate_gradients
 
-        model = mc.load_model(path)
+        model = mc.load_model(model_path)
         mc.apply_lora(model, r=8, alpha=16, targets=TARGETS, verbose=False)
         model.train()
         wrapper = SFTLoss(model, chunk=512)
@@ -80,7 +84,8 @@ def worker(library, workload, path, steps, threads):
         import peft
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                                  device_map="cpu")
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
         model.train()
 
@@ -114,21 +119,34 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from minicustom.gguf import fetch_demo_model
 
     path = args.model or str(fetch_demo_model())
     if args.worker:
-        return worker(*args.worker, path, args.steps, args.threads)
+        return worker(*args.worker[:2], path, args.worker[2], args.steps, args.threads)
 
     import peft
     import torch
     import transformers
 
+    model_path = path
+    if args.method == "qlora":
+        import tempfile
+
+        import minicustom as mc
+
+        model_path = tempfile.mkdtemp(prefix="bench-qlora-")
+        model = mc.load_model(path, quantize="nf4")
+        mc.save_model(model, model_path)
+        print(f"# {mc.qlora.memory_report(model)}")
+        del model
+
     print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, fp32, "
-          f"LoRA r=8 on 7 projections, batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
+          f"{args.method} r=8 on 7 projections, batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
     print("| workload | trained tokens | minicustom tokens/s | transformers+peft tokens/s | ratio | "
           "minicustom peak / train mem (MB) | transformers+peft peak / train mem (MB) |")
     print("|---|---|---|---|---|---|---|")
@@ -136,7 +154,7 @@ def main():
         runs = {"minicustom": [], "transformers": []}
         for _ in range(args.rounds):
             for library in runs:
-                cmd = [sys.executable, __file__, "--worker", library, workload, "--model", path,
+                cmd = [sys.executable, __file__, "--worker", library, workload, model_path, "--model", path,
                        "--steps", str(args.steps), "--threads", str(args.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[library].append(json.loads(out.strip().splitlines()[-1]))
@@ -149,6 +167,10 @@ def main():
         mem = [(max(r["peak_mb"] for r in x), max(r["train_mb"] for r in x)) for x in (ours, theirs)]
         print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | "
               f"{mem[0][0]:,.0f} / {mem[0][1]:,.0f} | {mem[1][0]:,.0f} / {mem[1][1]:,.0f} |", flush=True)
+    if model_path != path:
+        import shutil
+
+        shutil.rmtree(model_path)
 
 
 if __name__ == "__main__":

@@ -99,8 +99,9 @@ def _linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code
     if HAS_BIAS:
         # acc + bias.float()
         acc = acc + tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    # y[m, n] = acc.to(x.dtype)
-    tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty),
+    # y[m, n] = acc.to(x.dtype): round_to rounds to nearest even on every backend, .to drops zero bits
+    y = round_to(acc, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + m[:, None] * N + n[None, :], y,
              mask=(m[:, None] < M) & (n[None, :] < N))
 
 

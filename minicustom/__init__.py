@@ -1,5 +1,6 @@
 """minicustom: LLM customization methods written by hand in PyTorch, on a minimal Llama-family model."""
 
+from . import nf4
 from .adapters_io import AdapterError, load_adapter, save_adapter
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
@@ -19,6 +20,7 @@ from .lora import (
     unmerge_lora,
 )
 from .model import KVCache, Transformer
+from .qlora import Linear4bit, apply_loftq, merge_4bit, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -49,4 +51,9 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "save_model",
+    "nf4",
+    "Linear4bit",
+    "apply_loftq",
+    "merge_4bit",
+    "quantize_model",
 ]

@@ -47,7 +47,7 @@ def _load(args):
     from .tokenizer import load_tokenizer
 
     path = _model_path(args)
-    model = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(path, dtype=DTYPES[args.dtype], device=args.device, quantize=getattr(args, "quantize", None))
     if getattr(args, "adapter", None):
         from .adapters_io import load_adapter
 
@@ -121,13 +121,39 @@ def cmd_merge(args):
     """Base + adapter -> one plain checkpoint folder (weights merged; tokenizer files copied)."""
     from .checkpoint import save_model
     from .lora import merge_adapter
+    from .qlora import Linear4bit, merge_4bit
 
     if not args.adapter:
         raise ValueError("merge needs --adapter DIR")
     model, _ = _load(args)
     out = Path(args.out)
-    save_model(merge_adapter(model), out)
+    if any(isinstance(m, Linear4bit) for m in model.modules()):  # a QLoRA adapter on a 4-bit base
+        report = merge_4bit(model, requantize=args.requantize)
+        if args.requantize:
+            print(f"re-quantized {report['layers']} merged layers: relative error {report['rel_error']:.4f}, "
+                  f"max abs {report['max_abs_error']:.3g}", file=sys.stderr)
+    else:
+        model = merge_adapter(model)
+    save_model(model, out)
     _copy_tokenizer_files(_model_path(args), out)
+    print(out)
+
+
+def cmd_quantize(args):
+    """A checkpoint folder -> the same model with its linears in 4 bits, saved as transformers+bitsandbytes do."""
+    from .checkpoint import load_model, save_model
+    from .qlora import memory_report, quantize_model
+
+    path = _model_path(args)
+    out = Path(args.out)
+    if out.resolve() == path.resolve():
+        raise ValueError(f"--out {out} is the input folder; write the quantized model elsewhere")
+    model = load_model(path, dtype=DTYPES[args.dtype])
+    quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                   quant_type=args.quant_type)
+    save_model(model, out)
+    _copy_tokenizer_files(path, out)
+    print(memory_report(model), file=sys.stderr)
     print(out)
 
 
@@ -256,8 +282,11 @@ def cmd_fetch_demo_model(args):
 def _add_model_args(p):
     p.add_argument("--model", help="checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="adapter folder (PEFT format) to apply on top of the model")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weights and compute dtype (a 4-bit model computes in it)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["nf4", "fp4"],
+                   help="quantize the linear layers (not lm_head) to 4 bits after loading")
 
 
 def _add_generation_args(p):
@@ -339,7 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain checkpoint folder")
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--requantize", action="store_true",
+                   help="4-bit base: quantize the merged weights again (and report the error) instead of "
+                        "writing them in full precision")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("quantize", help="write a 4-bit (NF4/FP4, bitsandbytes format) copy of a checkpoint")
+    p.add_argument("--model", help="checkpoint folder (default: the demo model)")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--blocksize", type=int, default=64, help="32 ... 4096, a power of two")
+    p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype recorded for compute")
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("convert-gguf", help="GGUF file -> Hugging Face checkpoint folder")
     p.add_argument("file")
     p.add_argument("out_dir")

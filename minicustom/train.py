@@ -508,6 +508,21 @@ def _lora(**fixed):
     return attach
 
 
+def _qlora(model, targets="all-linear", **hyperparameters):
+    """QLoRA: every linear but lm_head to NF4 (unless the model was loaded 4-bit), then LoRA on the targets."""
+    from .qlora import Linear4bit, quantize_model
+
+    if not any(isinstance(m, Linear4bit) for m in model.modules()):
+        quantize_model(model)
+    return _lora()(model, targets=targets, **hyperparameters)
+
+
+def _loftq(model, r=8, alpha=16.0, dropout=0.0, targets="all-linear", **_):
+    from .qlora import apply_loftq
+
+    return apply_loftq(model, r=r, alpha=alpha, targets=targets, dropout=dropout)
+
+
 # method name -> attach(model, **hyperparameters); each later method adds its line here.
 METHODS: dict[str, Callable] = {
     "full": _full,
@@ -516,6 +531,8 @@ METHODS: dict[str, Callable] = {
     "dora": _lora(use_dora=True),
     "pissa": _lora(init="pissa"),
     "olora": _lora(init="olora"),
+    "qlora": _qlora,
+    "qlora-loftq": _loftq,
 }
 
 
