@@ -248,7 +248,7 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
     for name, r, alpha, parts in plan:
         module = modules[name]
         if not isinstance(module, (LoRALinear, LoRAEmbedding)):
-            module = LoRALinear(module) if isinstance(module, nn.Linear) else LoRAEmbedding(module)
+            module = LoRALinear(module) if isinstance(module, (nn.Linear, Linear4bit)) else LoRAEmbedding(module)
             _replace(model, name, module)
         module.add(adapter_name, r, alpha, config)
         with torch.no_grad():

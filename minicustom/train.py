@@ -184,7 +184,10 @@ def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
     trainable = _trainable_names(wrapper)
-    model_state = get_model_state_dict(wrapper, options=options)
+    if _sharded(wrapper):  # FSDP2: gather the full tensors
+        model_state = get_model_state_dict(wrapper, options=options)
+    else:  # every process holds them whole; and 4-bit layers' bitsandbytes keys are not attribute paths
+        model_state = dict(getattr(wrapper, "module", wrapper).named_parameters())
     optim_state = get_optimizer_state_dict(wrapper, optimizer, options=options)
     if rank != 0:
         return
@@ -204,6 +207,12 @@ def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(folder / "latest", lambda p: p.write_text(final.name + "\n"))
+
+
+def _sharded(wrapper: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(wrapper, FSDPModule)
 
 
 def _trainable_names(wrapper: nn.Module) -> set[str]:
@@ -239,7 +248,13 @@ def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
                             f"(missing {sorted(trainable - set(weights))[:3]}, "
                             f"unexpected {sorted(set(weights) - trainable)[:3]}); same method and options?")
     options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=False)
-    set_model_state_dict(wrapper, weights, options=options)
+    if _sharded(wrapper):
+        set_model_state_dict(wrapper, weights, options=options)
+    else:
+        params = dict(getattr(wrapper, "module", wrapper).named_parameters())
+        with torch.no_grad():
+            for name, t in weights.items():
+                params[name].copy_(t)
     torch.set_rng_state(tensors.pop("\x1frng"))
     set_optimizer_state_dict(wrapper, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
                              options=options)

@@ -210,3 +210,78 @@ def test_merge_into_4bit_base(use_dora):
         assert (model(x) - before).abs().max() > 0
     with pytest.raises(ValueError, match="no LoRA adapter on a 4-bit base"):
         qlora.merge_4bit(model)
+
+
+def sft(setup, out, *extra):
+    from minicustom.cli import main
+
+    root, path = setup
+    main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--eval-data",
+          str(root / "eval.jsonl"), "--out", str(out), "--max-length", "256", "--batch-size", "2",
+          "--max-steps", "6", "--save-every", "3", "--eval-every", "3", "--exact-match", "0", "--lr", "3e-3",
+          "--seed", "3", *extra])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_qlora_trains_resumes_and_merges(setup, tmp_path, capsys):
+    import shutil
+
+    from minicustom.adapters_io import load_adapter
+    from minicustom.cli import main
+
+    root, path = setup
+    straight = sft(setup, tmp_path / "a", "--method", "qlora")
+    assert straight[-1]["eval_loss"] < 0.9 * straight[0]["eval_loss"]
+    # roll back to the step-3 checkpoint, as if killed after it, and resume: the same curve
+    sft(setup, tmp_path / "b", "--method", "qlora")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-000006")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("checkpoint-000003\n")
+    resumed = sft(setup, tmp_path / "b", "--method", "qlora", "--resume")
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert drop(resumed) == drop(straight)
+    # the adapter applies to the base quantized at load time; merging writes W' = dq(W4) + sBA
+    model = load_model(path, quantize="nf4")
+    load_adapter(model, tmp_path / "a")
+    main(["merge", "--model", str(path), "--quantize", "nf4", "--adapter", str(tmp_path / "a"),
+          "--out", str(tmp_path / "merged")])
+    merged = load_model(tmp_path / "merged")
+    assert not any(isinstance(m, qlora.Linear4bit) for m in merged.modules())
+    ids = torch.randint(0, 400, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids), rtol=1e-4, atol=1e-4)
+    main(["merge", "--model", str(path), "--quantize", "nf4", "--adapter", str(tmp_path / "a"),
+          "--out", str(tmp_path / "merged4"), "--requantize"])
+    assert "relative error" in capsys.readouterr().err
+    assert any(isinstance(m, qlora.Linear4bit) for m in load_model(tmp_path / "merged4").modules())
+
+
+def test_cli_quantize(setup, tmp_path, capsys):
+    from minicustom.cli import main
+
+    _, path = setup
+    main(["quantize", "--model", str(path), "--out", str(tmp_path / "q"), "--blocksize", "32"])
+    assert "bits each" in capsys.readouterr().err
+    model = load_model(tmp_path / "q")
+    layers = [m for m in model.modules() if isinstance(m, qlora.Linear4bit)]
+    assert layers and all(m.state.blocksize == 32 and m.state.double_quant for m in layers)
+    assert (tmp_path / "q" / "tokenizer.json").exists()
+    with pytest.raises(SystemExit, match="blocksize 48 is not supported"):
+        main(["quantize", "--model", str(path), "--out", str(tmp_path / "bad"), "--blocksize", "48"])
+    with pytest.raises(SystemExit, match="is the input folder"):
+        main(["quantize", "--model", str(path), "--out", str(path)])
+
+
+def test_loftq_method_starts_closer_to_the_full_precision_model(setup):
+    from minicustom.train import apply_method
+
+    _, path = setup
+    ids = torch.randint(0, 400, (2, 11))
+    with torch.no_grad():
+        target = load_model(path)(ids)
+        errors = {}
+        for method in ("qlora", "qlora-loftq"):
+            model = load_model(path)
+            torch.manual_seed(0)
+            apply_method(model, method, r=8)
+            errors[method] = (model(ids) - target).norm()
+    assert errors["qlora-loftq"] < errors["qlora"]
