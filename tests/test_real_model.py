@@ -132,3 +132,25 @@ def test_twenty_step_lora_sft_lowers_held_out_loss(path, tmp_path):
     assert after["exact_match"] > before["exact_match"]
     model = mc.load_model(path)
     mc.load_adapter(model, tmp_path)
+
+
+def test_nf4_model_matches_transformers_bitsandbytes_and_still_answers(path, tokenizers, tmp_path):
+    """SmolLM2 quantized by minicustom (NF4, double quantization): 4.127 bits per quantized weight, the same
+    logits as transformers+bitsandbytes loading our 4-bit folder, and still the right answer."""
+    import transformers
+
+    ours = mc.load_model(path, quantize="nf4")
+    layers = [m for m in ours.modules() if isinstance(m, mc.Linear4bit)]
+    assert len(layers) == 7 * 30
+    bits = 8 * sum(m.state.nbytes() for m in layers) / sum(m.state.numel for m in layers)
+    assert bits == pytest.approx(4.127, abs=1e-3)
+    mc.save_model(ours, tmp_path / "q")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32,
+                                                               device_map="cpu").eval()
+    tok = tokenizers[0]
+    ids = torch.tensor([tok.apply_chat_template(CHATS[0], add_generation_prompt=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-3, rtol=0)
+    answer = tok.decode(ours.generate(ids, max_new_tokens=32, stop=[tok.eos_token_id])[0, ids.shape[1]:],
+                        skip_special_tokens=True)
+    assert "Paris" in answer
