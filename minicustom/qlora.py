@@ -91,11 +91,12 @@ class Linear4bit(nn.Module):
         state = nf4.quantize(linear.weight.detach(), blocksize, double_quant, quant_type)
         return cls(state, linear.bias, compute_dtype or linear.weight.dtype)
 
-    def _apply(self, fn, recurse=True):  # .to(device) / .cuda() move the packed weight; dtypes stay
+    def _apply(self, fn, recurse=True):  # .to(device) moves the packed weight; .to(dtype) sets compute_dtype
         super()._apply(fn, recurse)
-        device = fn(torch.empty(0, device=self.state.packed.device)).device
-        if device != self.state.packed.device:
-            self.state = self.state.to(device)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.state.packed.device))
+        self.compute_dtype = probe.dtype
+        if probe.device != self.state.packed.device:
+            self.state = self.state.to(probe.device)
         return self
 
     @property

@@ -285,3 +285,12 @@ def test_loftq_method_starts_closer_to_the_full_precision_model(setup):
             apply_method(model, method, r=8)
             errors[method] = (model(ids) - target).norm()
     assert errors["qlora-loftq"] < errors["qlora"]
+
+
+def test_to_dtype_sets_the_compute_dtype_and_keeps_the_codes():
+    q, _ = pair()
+    packed = q.state.packed
+    q.to(torch.bfloat16)
+    assert q.compute_dtype == torch.bfloat16 and q.bias.dtype == torch.bfloat16 and q.state.packed is packed
+    assert q(torch.randn(2, 70)).dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(), nf4.dequantize(q.state, torch.bfloat16))
