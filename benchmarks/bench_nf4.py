@@ -201,10 +201,10 @@ def linear_row(timer, bnb, shape, dname, dtype, M, peak, sweep):
           + f" | {gbps:,.0f} ({100 * gbps / peak:.0f}%) | {t['F.linear 16-bit'] / t['fused']:.2f}x |", flush=True)
     if not sweep:
         return None
-    configs = {(bn, bk, nw): (lambda bn=bn, bk=bk, nw=nw: nf4_matmul.linear(x, state, block_n=bn, block_k=bk,
-                                                                            num_warps=nw))
-               for bn in (16, 32, 64) for bk in (64, 128, 256) for nw in (2, 4, 8)}
-    return sorted((v, k) for k, v in timer.run(configs).items())[:3]
+    configs = {(bn, bk, nw, sk): (lambda bn=bn, bk=bk, nw=nw, sk=sk: nf4_matmul.linear(
+        x, state, block_n=bn, block_k=bk, num_warps=nw, split_k=sk))
+        for bn in (16, 32, 64) for bk in (128, 256) for nw in (4, 8) for sk in (None, 1, 2, 4, 8)}
+    return sorted(((v, k) for k, v in timer.run(configs).items()), key=lambda vk: vk[0])[:3]
 
 
 def bench_linear(timer, bnb, peak, sweep):
@@ -222,7 +222,8 @@ def bench_linear(timer, bnb, peak, sweep):
                 if top:
                     best[(shape, M)] = top
     if sweep:
-        print("\n## fused kernel tile sweep (bf16): best 3 (block_n, block_k, num_warps), µs; default (32, 128, 4)\n")
+        print("\n## fused kernel sweep (bf16): best 3 (block_n, block_k, num_warps, split_k), µs; default "
+              "(32, 128, 4, None = from the SM count)\n")
         for (shape, M), top in best.items():
             print(f"- {NAMES[shape]}, M={M}: " + ", ".join(f"{k} {v * 1e6:.1f}" for v, k in top))
 

@@ -7,10 +7,11 @@ For element i of the flattened weight, in block b = i // blocksize (QLoRA, Dettm
     W_i      = code[q_i] * absmax_b                  in fp32, then rounded once to the output dtype
 
 Two indices share a byte, q_{2j} in the high nibble of packed[j]. Every blocksize is even, so both
-elements of byte j sit in block b = 2j // blocksize = j // (blocksize / 2): one scale per byte. Each
-program takes BLOCK bytes, decodes their scale (the 8-bit double quantization is undone here, so there
-is no second launch for the absmax and no fp32 absmax tensor in memory), looks both nibbles up in the
-16-entry code (16 floats that stay in L1) and writes 2 * BLOCK outputs, interleaved (high, low).
+elements of byte j sit in block b = 2j // blocksize = j // (blocksize / 2). Each program takes BLOCK
+bytes as a (ROWS, COLS) tile whose rows are blocks (COLS = blocksize / 2 bytes) or, for blocksizes above
+2 * BLOCK, parts of one; it decodes one scale per row (the 8-bit double quantization is undone here, so
+there is no second launch for the absmax and no fp32 absmax tensor in memory), looks both nibbles up in
+the 16-entry code (16 floats that stay in L1) and writes 2 * BLOCK outputs, interleaved (high, low).
 
 Bytes moved per weight, blocksize 64 with double quantization, fp16 out: 0.5 read (packed) + 1/64 (codes)
 + 4/(64*256) (nested scales) + 2 written = 2.516; a memory-bound kernel, measured in
@@ -26,9 +27,9 @@ things would break that and are pinned down:
   interpreter truncates, so :func:`round_to` does the rounding on the bits, the same arithmetic as c10,
   and the final cast only drops zero bits on every backend. fp16 is a plain cast (RNE on GPU and in numpy).
 
-Left out: bitsandbytes' fused 4-bit GEMV and its other formats (8-bit blockwise, int8 outlier matmul);
-NaN/inf weights (``nf4.quantize`` rejects them). Weights must have fewer than 2^31 - 1 elements (int32
-indexing), which every layer of a 405B model does.
+Left out: bitsandbytes' other formats (8-bit blockwise, int8 outlier matmul) and storage dtypes other than
+uint8; NaN/inf weights (``nf4.quantize`` rejects them). Weights must have fewer than 2^31 - 1 elements
+(int32 indexing), which every layer of Llama 3.1 405B has (its embedding: 2.1e9).
 """
 
 import torch
@@ -37,7 +38,7 @@ import triton.language as tl
 
 from minicustom import nf4
 
-BLOCK = 1024  # bytes per program: 2048 outputs
+BLOCK = 1024  # bytes per program (2048 outputs); a power of two, as every blocksize is
 NUM_WARPS = 4
 
 
@@ -77,23 +78,23 @@ def round_to(w, DTYPE: tl.constexpr):
 @triton.jit
 def _dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                     n, n_bytes, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                    NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
-    # j = pid * BLOCK + arange(BLOCK): this program's bytes
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < n_bytes
+                    NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # this program's ROWS * COLS bytes as a (ROWS, COLS) tile; COLS divides blocksize / 2, so a row is in one block
+    row = tl.program_id(0) * (ROWS * COLS) + tl.arange(0, ROWS) * COLS  # (ROWS,) first byte of each row
+    j = row[:, None] + tl.arange(0, COLS)[None, :]  # (ROWS, COLS)
     # byte = packed[j]
-    byte = tl.load(packed_ptr + j, mask=mask, other=0)
-    # absmax of block 2j // blocksize = j // (blocksize / 2), shared by both nibbles
-    s = block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, j // (BLOCKSIZE // 2), mask,
-                     DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    byte = tl.load(packed_ptr + j, mask=j < n_bytes, other=0)
+    # absmax of block 2j // blocksize = j // (blocksize / 2): one per row, shared by both nibbles
+    s = block_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row // (BLOCKSIZE // 2),
+                     row < n_bytes, DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, None]  # (ROWS, 1)
     # W[2j] = code[byte >> 4] * absmax_b
     hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * s
     # W[2j + 1] = code[byte & 0xF] * absmax_b
     lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * s
-    # W[2j : 2j + 2] = (hi, lo), rounded to the output dtype
+    # W[2j : 2j + 2] = (hi, lo), rounded to the output dtype                               (ROWS, 2 COLS)
     w = tl.interleave(round_to(hi, out_ptr.dtype.element_ty), round_to(lo, out_ptr.dtype.element_ty))
-    # i = 2 * pid * BLOCK + arange(2 * BLOCK); an odd n drops the last byte's padding nibble
-    i = tl.program_id(0) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    # i = 2j, 2j + 1; an odd n drops the last byte's padding nibble
+    i = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]  # (ROWS, 2 COLS)
     # out[i] = W[i].to(dtype): exact, the rounding is done
     tl.store(out_ptr + i, w.to(out_ptr.dtype.element_ty), mask=i < n)
 
@@ -139,9 +140,9 @@ def dequantize(state: nf4.QuantState, dtype: torch.dtype | None = None, out: tor
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)} on {out.device} (contiguous: "
                          f"{out.is_contiguous()}); expected contiguous {dtype} {tuple(state.shape)} on {device}")
     n, packed = state.numel, state.packed.reshape(-1)
-    grid = (triton.cdiv(packed.numel(), BLOCK),)
-    _dequant_kernel[grid](packed, *kernel_args(state), state.code, out, n, packed.numel(),
-                          BLOCKSIZE=state.blocksize, DOUBLE_QUANT=state.double_quant,
-                          NESTED_BLOCKSIZE=state.nested_blocksize, BLOCK=BLOCK,
-                          num_warps=NUM_WARPS, enable_fp_fusion=False)
+    cols = min(BLOCK, state.blocksize // 2)  # bytes per tile row: one block, or part of one
+    _dequant_kernel[(triton.cdiv(packed.numel(), BLOCK),)](
+        packed, *kernel_args(state), state.code, out, n, packed.numel(), BLOCKSIZE=state.blocksize,
+        DOUBLE_QUANT=state.double_quant, NESTED_BLOCKSIZE=state.nested_blocksize, ROWS=BLOCK // cols, COLS=cols,
+        num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out

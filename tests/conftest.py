@@ -7,9 +7,14 @@ logits are O(1) and a wrong sign, a swapped half or a missing bias shows far abo
 import json
 import os
 
-import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a function, its own helpers included, which it
+# does when triton is first imported (peft and bitsandbytes import it): set it before any test module is
+# collected, so the kernels run on the interpreter (CPU). A GPU run can set TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
