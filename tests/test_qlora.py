@@ -100,7 +100,6 @@ def hf_4bit(path, quant_type="nf4", double_quant=True):
 @pytest.mark.parametrize("family, quant_type, double_quant", [
     ("llama-bias", "nf4", True), ("qwen3", "nf4", True), ("smollm", "fp4", False)])
 def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path, family, quant_type, double_quant):
-    pytest.importorskip("bitsandbytes")
     make_checkpoint(tmp_path / "fp", family)
     hf = hf_4bit(tmp_path / "fp", quant_type, double_quant)
     hf.save_pretrained(tmp_path / "q")
@@ -112,7 +111,6 @@ def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path, family, qu
 
 
 def test_minicustom_quantized_checkpoint_loads_in_transformers(tmp_path):
-    pytest.importorskip("bitsandbytes")
     make_checkpoint(tmp_path / "fp", "llama-bias")
     model = load_model(tmp_path / "fp", quantize="nf4")
     save_model(model, tmp_path / "q")
