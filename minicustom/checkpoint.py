@@ -152,7 +152,14 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     assert not result.unexpected_keys and set(result.missing_keys) <= missing_ok, result
     model.tie_weights()
     model.inv_freq = config.inv_freq().to(device)  # buffers are not in the checkpoint
-    if quantize:
+    if quantize and used:  # already 4-bit: nothing to do, unless the format asked for is another
+        from .qlora import Linear4bit
+
+        stored = {m.state.quant_type for m in model.modules() if isinstance(m, Linear4bit)}
+        if stored != {quantize}:
+            raise CheckpointError(f"{path}: the checkpoint is already 4-bit ({', '.join(sorted(stored))}); "
+                                  f"cannot quantize it to {quantize}")
+    elif quantize:
         from .qlora import quantize_model
 
         quantize_model(model, quant_type=quantize, compute_dtype=dtype)

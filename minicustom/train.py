@@ -510,6 +510,11 @@ def _distributed_eval(model, wrapper, examples, config, pad_id, tokenizer, stop_
 # -- methods and export -------------------------------------------------------------------------------
 
 def _full(model: nn.Module, **_):
+    from .qlora import Linear4bit
+
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise ValueError("full fine-tuning updates every weight, but this model's linears are 4-bit and frozen; "
+                         "train an adapter on them (--method qlora or lora), or load the model unquantized")
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -292,3 +292,16 @@ def test_to_dtype_sets_the_compute_dtype_and_keeps_the_codes():
     assert q.compute_dtype == torch.bfloat16 and q.bias.dtype == torch.bfloat16 and q.state.packed is packed
     assert q(torch.randn(2, 70)).dtype == torch.bfloat16
     assert torch.equal(q.dequantize(), nf4.dequantize(q.state, torch.bfloat16))
+
+
+def test_a_4bit_checkpoint_with_quantize_and_full_fine_tuning(setup, tmp_path):
+    from minicustom.checkpoint import CheckpointError
+    from minicustom.train import apply_method
+
+    _, path = setup
+    save_model(load_model(path, quantize="nf4"), tmp_path / "q")
+    assert any(isinstance(m, qlora.Linear4bit) for m in load_model(tmp_path / "q", quantize="nf4").modules())
+    with pytest.raises(CheckpointError, match=r"already 4-bit \(nf4\); cannot quantize it to fp4"):
+        load_model(tmp_path / "q", quantize="fp4")
+    with pytest.raises(ValueError, match="4-bit and frozen"):
+        apply_method(load_model(tmp_path / "q"), "full")
