@@ -13,7 +13,8 @@ at trained positions only); transformers+peft runs `model(input_ids, labels=labe
 
 Each (library, workload) runs in a fresh process, so that peak memory (ru_maxrss) is its own; processes
 alternate minicustom, transformers, minicustom, ... for `--rounds` rounds, each timing `--steps` steps after
-a warm-up step; the median step time gives tokens/s. "train mem" is the peak RSS minus the RSS after
+a warm-up step; the median step time gives tokens/s, and the ratio is the median over rounds of the two
+neighbouring runs' ratio. "train mem" is the peak RSS minus the RSS after
 loading the model and attaching LoRA: what the training step itself adds.
 
     python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR] [--rounds 2] [--steps 3] [--threads 2]
@@ -164,8 +165,11 @@ def main():
                              f"{theirs[0]['first_loss']}")
         a = B * T / statistics.median(r["median_s"] for r in ours)
         b = B * T / statistics.median(r["median_s"] for r in theirs)
+        # the ratio of each round's neighbouring runs, then the median: robust to the machine's speed
+        # drifting over minutes (a shared host), which moves both libraries' figures between rounds
+        ratio = statistics.median(t["median_s"] / o["median_s"] for o, t in zip(ours, theirs))
         mem = [(max(r["peak_mb"] for r in x), max(r["train_mb"] for r in x)) for x in (ours, theirs)]
-        print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | "
+        print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {b:,.0f} | {ratio:.2f}x | "
               f"{mem[0][0]:,.0f} / {mem[0][1]:,.0f} | {mem[1][0]:,.0f} / {mem[1][1]:,.0f} |", flush=True)
     if model_path != path:
         import shutil
