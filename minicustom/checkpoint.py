@@ -78,6 +78,7 @@ def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) ->
     """Swap in a Linear4bit for every weight stored in bitsandbytes' 4-bit serialization (a checkpoint that
     transformers+bitsandbytes saved, or `minicustom quantize` wrote); returns the keys it consumed."""
     from . import nf4
+    from .lora import _replace
     from .qlora import Linear4bit
 
     used = set()
@@ -93,11 +94,9 @@ def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) ->
             raise CheckpointError(f"{where[key]}: {prefix} has shape {list(state.shape)}, the model expects "
                                   f"{[linear.out_features, linear.in_features]}")
         bias = tensors.get(module_name + ".bias")
-        parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                Linear4bit(state.to(device), None if bias is None else bias.to(device), compute_dtype=dtype))
-        used |= {k for k in tensors if k.startswith(prefix + ".") or k == prefix}
-        used |= {module_name + ".bias"} & tensors.keys()
+        _replace(model, module_name,
+                 Linear4bit(state.to(device), None if bias is None else bias.to(device), compute_dtype=dtype))
+        used |= {prefix, key, module_name + ".bias", *(f"{prefix}.{s}" for s in nf4.STATE_SUFFIXES)} & tensors.keys()
     return used
 
 
@@ -120,8 +119,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
             tensors[name] = tensor
             where[name] = str(file)
     used = _load_4bit(model, tensors, where, dtype, device)
-    expected = dict(model.state_dict())
-    expected = {k: v for k, v in expected.items() if k not in used}
+    expected = {k: v for k, v in model.state_dict().items() if k not in used}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state, unexpected, wrong_shape = {}, [], []
@@ -223,7 +221,7 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
     config = model.config.to_dict()
     first = next(v for k, v in state.items() if v.is_floating_point() and not is_quant_key(k))
     config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
-    if quantization_config(model):
-        config["quantization_config"] = quantization_config(model)
+    if quant := quantization_config(model):
+        config["quantization_config"] = quant
     write_json(path / "config.json", config)
     return path

@@ -125,9 +125,12 @@ class QuantState:
                        offset=move(self.offset), nested_absmax=move(self.nested_absmax),
                        nested_code=move(self.nested_code), _absmax_cache=None)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What is stored per weight: packed codes and scales (the code tables are shared)."""
+        return [t for t in (self.packed, self.absmax, self.offset, self.nested_absmax) if t is not None]
+
     def nbytes(self) -> int:
-        tensors = (self.packed, self.absmax, self.offset, self.nested_absmax)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def bits_per_param(self) -> float:
         """Storage per weight, counting packed codes, scales, offset and nested scales (not the code tables,

@@ -42,10 +42,6 @@ def dequantize(state: nf4.QuantState, dtype: torch.dtype) -> torch.Tensor:
     return nf4.dequantize(state, dtype)
 
 
-def _state_tensors(state: nf4.QuantState) -> list[torch.Tensor]:
-    return [t for t in (state.packed, state.absmax, state.offset, state.nested_absmax) if t is not None]
-
-
 class _Linear4bitFunction(torch.autograd.Function):
     """x -> x dq(W)^T, saving only the packed weight and its scales for backward."""
 
@@ -107,7 +103,7 @@ class Linear4bit(nn.Module):
         return dequantize(self.state, dtype or self.compute_dtype)
 
     def forward(self, x):
-        y = _Linear4bitFunction.apply(x.to(self.compute_dtype), self.state, *_state_tensors(self.state))
+        y = _Linear4bitFunction.apply(x.to(self.compute_dtype), self.state, *self.state.tensors())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -190,8 +186,9 @@ def loftq(weight: torch.Tensor, r: int, scaling: float, iters: int = 1, blocksiz
     A = R / √s and B = L / √s: s·B·A = L R whatever alpha/r is. (PEFT assigns A = R, B = L, which is only right
     when s = 1.) Returns (the final 4-bit base, A (r, in), B (out, r)), all in fp32.
     """
+    if iters < 1:
+        raise ValueError(f"LoftQ needs at least one alternation, got iters={iters}")
     W = weight.detach().float()
-    L = R = torch.zeros(0)
     residual_target = W
     for _ in range(iters):
         state = nf4.quantize(residual_target, blocksize, double_quant, quant_type)
@@ -212,8 +209,8 @@ def apply_loftq(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     quantize_model(model, targets, blocksize, double_quant, quant_type)
     apply_lora(model, r=r, alpha=alpha, targets=targets, **lora_kwargs)
-    config: LoraConfig = model.adapter_configs[lora_kwargs.get("adapter_name", "default")]
     name = lora_kwargs.get("adapter_name", "default")
+    config: LoraConfig = model.adapter_configs[name]
     for module_name, module in model.named_modules():
         if not isinstance(module, LoRALinear) or module.base_layer is None:
             continue
