@@ -15,9 +15,11 @@ A' = [A; A0], B' = [B, -B0], alpha doubled (× √2 with rsLoRA) so the scaling 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -79,11 +81,7 @@ def _lora_peft_config(config: LoraConfig, module_names: list[str], converted: bo
     }
 
 
-def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_model_name_or_path: str | None = None):
-    """Write one adapter as a PEFT folder (weights first, then adapter_config.json, each atomically)."""
-    configs = getattr(model, "adapter_configs", {})
-    if adapter_name not in configs:
-        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+def _lora_to_peft(model: nn.Module, adapter_name: str):
     state, lora_modules, converted = {}, [], False
     for name, layer in adapter_layers(model):
         if adapter_name not in layer.adapters:
@@ -97,12 +95,37 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_mod
         if not isinstance(layer, TrainableCopy):
             lora_modules.append(name)
         state.update({f"{PREFIX}{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
-    peft = _lora_peft_config(configs[adapter_name], lora_modules, converted)
+    return _lora_peft_config(model.adapter_configs[adapter_name], lora_modules, converted), state, {}
+
+
+# peft_type -> the minicustom module that reads and writes it
+_MODULES = {"IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt",
+            "ADAPTION_PROMPT": "llama_adapter", "BOTTLENECK_ADAPTER": "adapter"}
+SUPPORTED = ("LORA", *_MODULES)
+
+
+def _method(peft_type: str):
+    """What reads and writes adapters of `peft_type`: an object with to_peft(model, name) ->
+    (adapter_config dict, tensors, extra files {file name: tensors}) and load_peft(model, path, config,
+    tensors, name), which checks everything before it touches the model; None if unsupported."""
+    if peft_type == "LORA":
+        return _LORA
+    return importlib.import_module(f".{_MODULES[peft_type]}", __package__) if peft_type in _MODULES else None
+
+
+def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_model_name_or_path: str | None = None):
+    """Write one adapter as a PEFT folder (weights first, then adapter_config.json, each atomically)."""
+    configs = getattr(model, "adapter_configs", {})
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
+    peft, state, extra = _method(configs[adapter_name].peft_type).to_peft(model, adapter_name)
     peft["base_model_name_or_path"] = base_model_name_or_path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **_fingerprint_meta(model)}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=meta))
+    for file, tensors in {**extra, WEIGHTS_FILE: state}.items():
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata=meta))
     write_json(path / CONFIG_FILE, peft)
     return path
 
@@ -135,16 +158,16 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
     """Attach the adapter saved at `path` (PEFT format) under `adapter_name` and activate it."""
     config, tensors, meta = read_adapter(path)
     peft_type = config.get("peft_type")
-    loaders = {"LORA": _load_lora}
-    if peft_type not in loaders:
-        raise NotImplementedError(f"{path}: peft_type {peft_type!r} is not supported; supported: {', '.join(loaders)}")
+    if _method(peft_type) is None:
+        raise NotImplementedError(f"{path}: peft_type {peft_type!r} is not supported; supported: "
+                                  f"{', '.join(SUPPORTED)}")
     if getattr(model, "adapter_configs", {}).get(adapter_name) is not None:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; load under another adapter_name")
     base = meta.get("minicustom_base_fingerprint")
     if base is not None and base != model.config.fingerprint():
         raise AdapterError(f"{path}: this adapter was trained on another base ({meta.get('minicustom_base')}); "
                            f"this model is {_fingerprint_meta(model)['minicustom_base']}")
-    loaders[peft_type](model, Path(path), config, tensors, adapter_name)
+    _method(peft_type).load_peft(model, Path(path), config, tensors, adapter_name)
     set_adapter(model, adapter_name)
     if not is_trainable:
         for p in model.parameters():
@@ -262,3 +285,6 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
                 module.adapter_state(adapter_name)[k].copy_(t)
         _replace(model, name, module)
     model.__dict__.setdefault("adapter_configs", {})[adapter_name] = config
+
+
+_LORA = SimpleNamespace(to_peft=_lora_to_peft, load_peft=_load_lora)  # LoRA's file code is the rest of this file

@@ -32,21 +32,39 @@ from __future__ import annotations
 import copy
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import (
+    AdapterLayer,
+    adapter_layers,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    find_targets,
+    register_config,
+    replace,
+    set_adapter,
+)
 from .qlora import Linear4bit
+
+_replace = replace  # the name the LoRA-era callers use
+__all__ = ["LoraConfig", "LoRALinear", "LoRAEmbedding", "TrainableCopy", "apply_lora", "merge_lora", "unmerge_lora",
+           "unload", "merge_adapter", "add_weighted_adapter", "lora_plus_param_groups", "count_parameters",
+           "delete_adapter", "disable_adapters", "find_targets", "set_adapter", "adapter_layers"]
 
 INITS = ("default", "gaussian", "pissa", "olora")
 
 
 @dataclass
 class LoraConfig:
-    """Hyperparameters of one LoRA adapter (field names are minicustom's; `to_peft` gives PEFT's)."""
+    """Hyperparameters of one LoRA adapter (field names are minicustom's; adapters_io writes PEFT's)."""
+
+    peft_type: ClassVar[str] = "LORA"
 
     r: int = 8
     alpha: float = 16.0
@@ -114,7 +132,7 @@ class _LoRAProduct(torch.autograd.Function):
         return g, grad_x, grad_A, grad_B, None
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """LoRA on an nn.Linear (W0 shared as `weight`) or on a 4-bit `Linear4bit` (QLoRA: held as `base_layer`,
     dequantized where W0 is needed)."""
 
@@ -275,7 +293,7 @@ def _olora(W, r):
     return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(AdapterLayer):
     def __init__(self, base: nn.Embedding):
         super().__init__()
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
@@ -344,7 +362,7 @@ class LoRAEmbedding(nn.Module):
         return emb
 
 
-class TrainableCopy(nn.Module):
+class TrainableCopy(AdapterLayer):
     """modules_to_save: a full trainable copy of a module per adapter; the original stays as the base
     (its parameters registered here under their own names, so base keys do not move)."""
 
@@ -390,47 +408,7 @@ class TrainableCopy(nn.Module):
         return self.original[0]
 
 
-ADAPTER_LAYERS = (LoRALinear, LoRAEmbedding, TrainableCopy)
-
-
 # -- attaching adapters to a model -----------------------------------------------------------------
-
-def _layer_index(name: str) -> int | None:
-    m = re.search(r"\blayers\.(\d+)\.", name)
-    return int(m[1]) if m else None
-
-
-def find_targets(model: nn.Module, targets, layers=None) -> list[str]:
-    """Module names selected by `targets`: "all-linear" (every nn.Linear except lm_head), one regex
-    string (full match on the module name), or a list of names (equal to, or ending in '.' + name)."""
-    names, inside = [], ()
-    for name, module in model.named_modules():
-        if name.startswith(inside):
-            continue  # the A/B matrices and copies that adapter layers hold are never targets
-        if isinstance(module, ADAPTER_LAYERS):
-            inside = inside + (name + ".",)
-        module = module.original[0] if isinstance(module, TrainableCopy) else module
-        if targets == "all-linear":
-            hit = isinstance(module, (nn.Linear, LoRALinear, Linear4bit)) and name != "lm_head"
-        elif isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in targets)
-        if hit and layers is not None:
-            hit = _layer_index(name) in layers
-        if hit:
-            names.append(name)
-    return names
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def adapter_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)]
-
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-linear", dropout: float = 0.0,
                use_rslora: bool = False, use_dora: bool = False, init: str = "default", layers=None,
@@ -443,8 +421,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-l
     config = config or LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora,
                                   use_dora=use_dora, init=init, layers=layers, modules_to_save=modules_to_save,
                                   rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
-    configs = model.__dict__.setdefault("adapter_configs", {})
-    if adapter_name in configs:
+    if adapter_name in getattr(model, "adapter_configs", {}):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     names = find_targets(model, config.targets, config.layers)
     names = [n for n in names if not (config.modules_to_save and n in config.modules_to_save)]
@@ -470,7 +447,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-l
             module = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
             module.add(adapter_name)
             _replace(model, hit, module)
-    configs[adapter_name] = config
+    register_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
     if verbose:
         trainable, total = count_parameters(model)
@@ -484,68 +461,18 @@ def _example_names(model) -> str:
     return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor counted once, 4-bit weights included."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-    total += sum(m.state.numel for m in model.modules() if isinstance(m, Linear4bit))  # 4-bit weights are buffers
-    return trainable, total
-
-
-def set_adapter(model: nn.Module, names: str | list[str]):
-    """Make `names` the active adapter(s); only their parameters are trainable."""
-    names = [names] if isinstance(names, str) else list(names)
-    known = set(getattr(model, "adapter_configs", {}))
-    if unknown := [n for n in names if n not in known]:
-        raise ValueError(f"no adapter named {unknown}; adapters: {sorted(known)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in adapter_layers(model):
-        layer.active = [n for n in names if n in layer.adapters]
-        for n in layer.active:
-            for p in layer.adapter_state(n).values():
-                p.requires_grad_(True)
-
-
-def delete_adapter(model: nn.Module, name: str):
-    configs = getattr(model, "adapter_configs", {})
-    if name not in configs:
-        raise ValueError(f"no adapter named {name!r}; adapters: {sorted(configs)}")
-    for _, layer in adapter_layers(model):
-        layer.delete(name)
-    del configs[name]
-
-
-@contextmanager
-def disable_adapters(model: nn.Module):
-    """Run the base model exactly: no adapter applied inside the block (the DPO reference policy)."""
-    layers = adapter_layers(model)
-    if merged := sorted({n for _, layer in layers for n in layer.merged}):
-        raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them first")
-    saved = [layer.active for _, layer in layers]
-    for _, layer in layers:
-        layer.active = []
-    try:
-        yield model
-    finally:
-        for (_, layer), active in zip(layers, saved):
-            layer.active = active
-
-
 def merge_lora(model: nn.Module, names=None):
-    """Fold the active (or named) LoRA adapters into the base weights: W0 <- W0 + s B A (DoRA: rescaled)."""
+    """Fold the active (or named) adapters into the base weights: LoRA W0 <- W0 + s B A (DoRA: rescaled),
+    and any other method that can merge (IA3); the others (prefixes, bottleneck adapters) refuse."""
     for _, layer in adapter_layers(model):
-        if isinstance(layer, (LoRALinear, LoRAEmbedding)):
-            if isinstance(layer, LoRAEmbedding) and _is_tied(model, layer.weight):
-                raise ValueError("cannot merge a LoRA on tied embeddings: lm_head shares the matrix and would "
-                                 "change too")
-            for n in (names or layer.active):
-                if n in layer.adapters:
-                    layer.merge(n)
+        if isinstance(layer, TrainableCopy):
+            continue
+        if isinstance(layer, LoRAEmbedding) and _is_tied(model, layer.weight):
+            raise ValueError("cannot merge a LoRA on tied embeddings: lm_head shares the matrix and would "
+                             "change too")
+        for n in (names or layer.active):
+            if n in layer.adapters:
+                layer.merge(n)
 
 
 def unmerge_lora(model: nn.Module):

@@ -9,16 +9,22 @@ Covers Llama 2/3 (llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (q/k
 ...), so a checkpoint loads without a key map and a PEFT key is "base_model.model." + name.
 
 This file knows nothing about LoRA, quantization or prompts. Methods attach by swapping modules, or
-through two seams in `forward`: `inputs_embeds` (prompt tuning, p-tuning) and the `kv_cache`, whose
-per-layer keys/values can be prefilled (prefix tuning, LLaMA-Adapter). Left out on purpose: tensor
-parallelism, fused QKV (it would move the checkpoint keys), and FlashAttention (packed batches use a
-block-diagonal mask on plain SDPA instead).
+through two seams: `inputs_embeds`, and `kv_prefix`, a module that gives each layer extra keys/values
+(`Prefix`) seen by every query. A *joint* prefix of P positions (prefix tuning; prompt tuning and
+p-tuning, whose virtual tokens' keys/values it is) sits before the tokens under one softmax: it shifts
+token positions by P, is always visible whatever the attention mask says, and is written once into
+the KV cache when the cache is made. A *gated* prefix (LLaMA-Adapter) gets its own softmax whose
+output, scaled by a gate, is added to the attention's. Left out on purpose: tensor parallelism, fused
+QKV (it would move the checkpoint keys), and FlashAttention (packed batches use a block-diagonal mask
+on plain SDPA instead).
 
 Dimensions: B batch, T new tokens, S keys (cached + new), C hidden, nh query heads, nkv key/value
 heads, hs head dim, V vocabulary.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +64,47 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
 
 
+@dataclass
+class Prefix:
+    """Extra keys/values for one layer: k, v (B|1, nkv, P, hs), already in attention space.
+
+    gate None: joined with the tokens' keys under one softmax. Else (LLaMA-Adapter): attended with a
+    separate softmax, and gate * that output is added to the attention output before o_proj.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    gate: torch.Tensor | None = None
+
+
+def joint_length(prefixes: list[Prefix | None] | None) -> int:
+    """P, the positions of the joint prefix (0 if none); every layer's joint prefix has the same P."""
+    return next((p.k.shape[2] for p in prefixes or () if p is not None and p.gate is None), 0)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: k[l], v[l] are (B, nkv, S_max, hs).
 
     `length` positions are filled. A forward with T new tokens writes them at [length, length + T)
-    in every layer and attends over [0, length + T); the model then advances `length` by T.
+    in every layer and attends over [0, length + T); the model then advances `length` by T. A joint
+    prefix is written at [0, P) when the cache is made (`prefix_length` = P); gated prefixes are kept
+    as they are (`gated`), for every later forward.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, dtype, device):
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, dtype, device,
+                 prefixes: list[Prefix | None] | None = None):
+        P = joint_length(prefixes)
+        shape = (batch_size, config.num_key_value_heads, max_length + P, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.length = 0
-        self.max_length = max_length
+        self.max_length = max_length + P
+        self.prefix_length = P
+        self.gated = [p if p is not None and p.gate is not None else None for p in prefixes or ()] or None
+        for layer, p in enumerate(prefixes or ()):
+            if p is not None and p.gate is None:
+                self.update(layer, p.k.expand(batch_size, -1, -1, -1), p.v.expand(batch_size, -1, -1, -1))
+        self.length = P
 
     def update(self, layer: int, k, v):
         start, end = self.length, self.length + k.shape[2]
@@ -95,7 +129,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hs, c.rms_norm_eps)
             self.k_norm = RMSNorm(hs, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache):
+    def forward(self, x, cos, sin, mask, kv_cache, prefix: Prefix | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hs)  # (B, T, nh, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs)  # (B, T, nkv, hs)
@@ -106,6 +140,9 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
+        elif prefix is not None and prefix.gate is None:  # joint prefix (with a cache it is in the cache)
+            k = torch.cat([prefix.k.expand(B, -1, -1, -1), k], dim=2)  # (B, nkv, S, hs)
+            v = torch.cat([prefix.v.expand(B, -1, -1, -1), v], dim=2)
         # mask: None (no constraint), "causal" (square, no cache), or a bool tensor (B, 1, T, S).
         is_causal = isinstance(mask, str)
         gqa = self.nkv != self.nh
@@ -117,6 +154,9 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=gqa
         )  # (B, nh, T, hs)
+        if prefix is not None and prefix.gate is not None:  # gated prefix: its own softmax, no mask
+            y = y + prefix.gate * F.scaled_dot_product_attention(
+                q, prefix.k.expand(B, -1, -1, -1), prefix.v.expand(B, -1, -1, -1), enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
 
 
@@ -140,8 +180,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+    def forward(self, x, cos, sin, mask, kv_cache=None, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,13 +197,14 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def build_mask(T, S, past, device, attention_mask=None, seq_ids=None, window=None):
+def build_mask(T, S, past, device, attention_mask=None, seq_ids=None, window=None, prefix=0):
     """Which keys each query may see: None / "causal" when SDPA needs no tensor, else bool (B|1, 1, T, S).
 
     Query t sits at cache index past + t; key s is visible when s <= past + t (causal), the key is not
-    padding (attention_mask[b, s] == 1), it is in the same packed document (seq_ids), and it is within
-    the sliding window (past + t - s < window). Every query also sees itself, so that the rows of
-    left-padding queries are not empty (an all-False row would make SDPA return NaN).
+    padding (attention_mask[b, s] == 1, over all S keys), it is in the same packed document (seq_ids) or
+    in the joint prefix (s < prefix), and it is within the sliding window (past + t - s < window).
+    Every query also sees itself, so that the rows of left-padding queries are not empty (an all-False
+    row would make SDPA return NaN).
     """
     if attention_mask is None and seq_ids is None and (window is None or S <= window):
         if T == 1:
@@ -179,9 +220,10 @@ def build_mask(T, S, past, device, attention_mask=None, seq_ids=None, window=Non
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
     if seq_ids is not None:
-        if past:
+        if past != prefix:
             raise ValueError("seq_ids (packed sequences) cannot be combined with a KV cache")
-        mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])  # (B, 1, T, T)
+        same = seq_ids[:, None, :, None] == seq_ids[:, None, None, :]  # (B, 1, T, T)
+        mask = mask & F.pad(same, (prefix, 0), value=True)  # (B, 1, T, S): the prefix is every document's
     return mask | (k_idx == q_idx)[None, None]
 
 
@@ -205,6 +247,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
         self.gradient_checkpointing = False
+        # The seam for prefix methods: a module called as kv_prefix(batch_size) -> one Prefix or None per
+        # layer (or None when it has nothing active). Set by apply_prefix, apply_prompt, apply_llama_adapter.
+        self.kv_prefix: nn.Module | None = None
+
+    def prefixes(self, batch_size: int) -> list[Prefix | None] | None:
+        return self.kv_prefix(batch_size) if self.kv_prefix is not None else None
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -214,9 +262,10 @@ class Transformer(nn.Module):
                        seq_ids=None, kv_cache: KVCache | None = None):
         """Final-norm hidden states (B, T, C).
 
-        input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, S) with 1 for real tokens over
-        cached + new positions (left padding); seq_ids (B, T) marks packed documents, which then see only
-        themselves and get per-document positions; position_ids default to past, past + 1, ...
+        input_ids (B, T) or inputs_embeds (B, T, C); attention_mask (B, S - P) with 1 for real tokens
+        over cached + new token positions (left padding); seq_ids (B, T) marks packed documents, which
+        then see only themselves and get per-document positions; position_ids count tokens (default
+        past, past + 1, ...) and are shifted by the P positions of a joint prefix, as PEFT's are.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -224,23 +273,32 @@ class Transformer(nn.Module):
         B, T, _ = x.shape
         if T == 0:
             raise ValueError("empty input: at least one token is needed")
-        past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None:  # its joint prefix is in it already
+            prefixes, P, past = kv_cache.gated, kv_cache.prefix_length, kv_cache.length
+        else:
+            prefixes = self.prefixes(B)
+            P = past = joint_length(prefixes)
         S = past + T
-        if attention_mask is not None and attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S}"
-                             f" ({past} cached + {T} new)")
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != S - P:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S - P}"
+                                 f" ({past - P} cached + {T} new)")
+            attention_mask = F.pad(attention_mask, (P, 0), value=1)  # (B, S): the prefix is never padding
         if position_ids is None:
-            position_ids = (packed_position_ids(seq_ids) if seq_ids is not None
+            position_ids = (packed_position_ids(seq_ids) + P if seq_ids is not None
                             else torch.arange(past, S, device=x.device).expand(B, T))
+        else:
+            position_ids = position_ids + P
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, hs)
         masks = {kind: build_mask(T, S, past, x.device, attention_mask, seq_ids,
-                                  self.config.sliding_window if kind == "sliding_attention" else None)
+                                  self.config.sliding_window if kind == "sliding_attention" else None, P)
                  for kind in set(self.config.layer_types)}
-        for layer, kind in zip(self.model.layers, self.config.layer_types):
+        for i, (layer, kind) in enumerate(zip(self.model.layers, self.config.layer_types)):
+            prefix = prefixes[i] if prefixes is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, masks[kind], kv_cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, masks[kind], kv_cache, prefix, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[kind], kv_cache)
+                x = layer(x, cos, sin, masks[kind], kv_cache, prefix)
         if kv_cache is not None:
             kv_cache.length = S
         return self.model.norm(x)
@@ -250,8 +308,9 @@ class Transformer(nn.Module):
         return self.lm_head(self.forward_hidden(input_ids, **kwargs))
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A cache for max_length tokens, holding the active prefix (if any) besides them."""
         w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_length, w.dtype, w.device)
+        return KVCache(self.config, batch_size, max_length, w.dtype, w.device, self.prefixes(batch_size))
 
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
         """Continue input_ids (B, T) by up to max_new_tokens; see `minicustom.generate.generate`."""

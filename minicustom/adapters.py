@@ -1,0 +1,158 @@
+"""What every adapter method shares: the adapter-layer protocol, target selection, and named adapters.
+
+A method attaches by swapping modules for `AdapterLayer`s (LoRA, IA3, bottleneck adapters), or by
+setting the model's `kv_prefix` seam to one (prefix tuning, prompt tuning, p-tuning, LLaMA-Adapter).
+Either way the layer holds one or more *named* adapters, and `active` lists the ones applied; so
+`set_adapter`, `disable_adapters` (the DPO reference policy), `delete_adapter` and `save_adapter` work
+the same for every method. `model.adapter_configs` maps each adapter name to its method's config
+dataclass, which is how saving knows the method.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """A module carrying named adapters. Subclasses set `active` (applied adapters, in order) and
+    `merged` (adapters folded into the base weights), and implement the methods below."""
+
+    active: list[str]
+    merged: dict
+
+    @property
+    def adapters(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's trainable tensors, under its file keys (relative to this module's name)."""
+        raise NotImplementedError
+
+    def delete(self, name: str):
+        raise NotImplementedError
+
+    def merge(self, name: str):
+        raise ValueError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self, name: str):
+        raise ValueError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def base(self) -> nn.Module | None:
+        """The plain module this layer replaced (None for the kv_prefix seam, which replaced nothing)."""
+        raise NotImplementedError
+
+
+def layer_index(name: str) -> int | None:
+    m = re.search(r"\blayers\.(\d+)\.", name)
+    return int(m[1]) if m else None
+
+
+def linear_like(module: nn.Module) -> bool:
+    from .qlora import Linear4bit
+
+    if isinstance(module, AdapterLayer):
+        module = module.base()
+    return isinstance(module, (nn.Linear, Linear4bit))
+
+
+def find_targets(model: nn.Module, targets, layers=None) -> list[str]:
+    """Module names selected by `targets`: "all-linear" (every nn.Linear except lm_head), one regex
+    string (full match on the module name), or a list of names (equal to, or ending in '.' + name)."""
+    names, inside = [], ()
+    for name, module in model.named_modules():
+        if name.startswith(inside):
+            continue  # the parameters and copies that adapter layers hold are never targets
+        if isinstance(module, AdapterLayer):
+            inside = inside + (name + ".",)
+        if targets == "all-linear":
+            hit = linear_like(module) and name != "lm_head"
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit and layers is not None:
+            hit = layer_index(name) in layers
+        if hit:
+            names.append(name)
+    return names
+
+
+def replace(model: nn.Module, name: str, new: nn.Module | None):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def register_config(model: nn.Module, name: str, config) -> dict:
+    """Record `config` as adapter `name` of the model (an error if the name is taken)."""
+    configs = model.__dict__.setdefault("adapter_configs", {})
+    if name in configs:
+        raise ValueError(f"an adapter named {name!r} already exists; delete it or pick another name")
+    configs[name] = config
+    return configs
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared tensor counted once, 4-bit weights included."""
+    from .qlora import Linear4bit
+
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.state.numel for m in model.modules() if isinstance(m, Linear4bit))  # 4-bit weights are buffers
+    return trainable, total
+
+
+def report(model: nn.Module, what: str):
+    trainable, total = count_parameters(model)
+    print(f"{what}: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+
+def set_adapter(model: nn.Module, names: str | list[str]):
+    """Make `names` the active adapter(s); only their parameters are trainable."""
+    names = [names] if isinstance(names, str) else list(names)
+    known = set(getattr(model, "adapter_configs", {}))
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"no adapter named {unknown}; adapters: {sorted(known)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+        for n in layer.active:
+            for p in layer.adapter_state(n).values():
+                p.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str):
+    configs = getattr(model, "adapter_configs", {})
+    if name not in configs:
+        raise ValueError(f"no adapter named {name!r}; adapters: {sorted(configs)}")
+    for _, layer in adapter_layers(model):
+        layer.delete(name)
+    del configs[name]
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model exactly: no adapter applied inside the block (the DPO reference policy)."""
+    layers = adapter_layers(model)
+    if merged := sorted({n for _, layer in layers for n in layer.merged}):
+        raise ValueError(f"adapters {merged} are merged into the base weights; unmerge them first")
+    saved = [layer.active for _, layer in layers]
+    for _, layer in layers:
+        layer.active = []
+    try:
+        yield model
+    finally:
+        for (_, layer), active in zip(layers, saved):
+            layer.active = active
