@@ -23,6 +23,9 @@ class AdapterLayer(nn.Module):
 
     active: list[str]
     merged: dict
+    # True for a layer that wraps a whole sublayer and registers the sublayer's own children under their
+    # names (so base keys do not move): those children stay visible as targets to other methods.
+    transparent: bool = False
 
     @property
     def adapters(self) -> list[str]:
@@ -66,7 +69,7 @@ def find_targets(model: nn.Module, targets, layers=None) -> list[str]:
     for name, module in model.named_modules():
         if name.startswith(inside):
             continue  # the parameters and copies that adapter layers hold are never targets
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and not module.transparent:
             inside = inside + (name + ".",)
         if targets == "all-linear":
             hit = linear_like(module) and name != "lm_head"

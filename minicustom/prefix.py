@@ -1,0 +1,202 @@
+"""Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+arXiv:2101.00190).
+
+Every layer l gets P learned key/value vectors that every query attends to before the tokens:
+
+    head_i = softmax(q_i [P_k^l; K]^T / √hs) [P_v^l; V]            P_k^l, P_v^l: (nkv, P, hs)
+
+Only the prefixes are trained. The paper found optimizing them directly unstable and reparameterises
+them through an MLP, P^l = MLP(E) with E (P, D): `projection=True` gives PEFT's form,
+Embedding(P, D) -> Linear(D, h) -> Tanh -> Linear(h, 2 L D). Without it the prefixes are themselves
+an Embedding(P, 2 L D). D = nkv · hs, the width of one layer's keys, so grouped-query models get
+prefixes sized to their key/value heads (PEFT does the same since its #1901); the 2 L D outputs are
+ordered [layer 0 keys, layer 0 values, layer 1 keys, ...], each D split into nkv heads of hs, which
+is PEFT's layout (`get_prompt`). Prefixes are already in attention space: no RoPE is applied to them,
+and the tokens' positions start at P, as in PEFT (transformers counts the prefix as cached tokens).
+
+The prefixes reach the model through its `kv_prefix` seam (model.py): in training they are joined to
+each layer's keys inside the (possibly checkpointed) block; in generation they are written into the
+KV cache once, when the cache is made. Not identity at init: P keys always take part of the softmax.
+
+Files: PEFT's PREFIX_TUNING format, `prompt_embeddings` (P, 2 L D), the prefixes themselves (PEFT
+saves the MLP's output, not the MLP). With the projection, the encoder is also written to
+`prefix_encoder.safetensors` so that training can resume; loading uses it when it is there and
+otherwise takes the exported prefixes as plain embeddings, as PEFT does in inference mode.
+
+Dimensions: L layers, P virtual tokens, D = nkv · hs, h encoder hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters import AdapterLayer, register_config, report, set_adapter
+from .adapters_io import AdapterError
+from .model import Prefix
+
+ENCODER_FILE = "prefix_encoder.safetensors"
+
+
+@dataclass
+class PrefixConfig:
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    num_virtual_tokens: int = 20
+    projection: bool = False  # reparameterise through Embedding -> Linear -> Tanh -> Linear
+    encoder_hidden_size: int | None = None  # h; None: D
+    init: str = "random"  # "random" (nn.Embedding / nn.Linear defaults, as PEFT) or "zero" (PEFT's init_weights)
+
+    def __post_init__(self):
+        if self.num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        if self.init not in ("random", "zero"):
+            raise ValueError(f"init {self.init!r} is not supported; supported: random, zero")
+
+
+class PrefixEncoder(nn.Module):
+    """(P, 2 L D) prefixes: an embedding, or an embedding through a two-layer tanh MLP."""
+
+    def __init__(self, P: int, L: int, D: int, projection: bool, hidden: int, init: str, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        if projection:
+            self.embedding = nn.Embedding(P, D, **kw)
+            self.transform = nn.Sequential(nn.Linear(D, hidden, **kw), nn.Tanh(), nn.Linear(hidden, 2 * L * D, **kw))
+            if init == "zero":
+                nn.init.zeros_(self.transform[-1].weight)
+                nn.init.zeros_(self.transform[-1].bias)
+        else:
+            self.embedding = nn.Embedding(P, 2 * L * D, **kw)
+            if init == "zero":
+                nn.init.zeros_(self.embedding.weight)
+
+    def forward(self) -> torch.Tensor:
+        E = self.embedding.weight  # (P, D) or (P, 2 L D)
+        return self.transform(E) if hasattr(self, "transform") else E  # (P, 2 L D)
+
+
+class PrefixTuning(AdapterLayer):
+    """The model's kv_prefix: named prefix encoders; the active one gives every layer its keys/values."""
+
+    def __init__(self, L: int, nkv: int, hs: int):
+        super().__init__()
+        self.L, self.nkv, self.hs = L, nkv, hs
+        self.prefix_encoder = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict = {}
+
+    def forward(self, batch_size: int) -> list[Prefix] | None:
+        if not self.active:
+            return None
+        if len(self.active) > 1:
+            raise ValueError(f"prefix tuning applies one adapter at a time; active: {self.active}")
+        flat = self.prefix_encoder[self.active[0]]()  # (P, 2 L D)
+        kv = flat.view(-1, 2 * self.L, self.nkv, self.hs).permute(1, 2, 0, 3)  # (2L, nkv, P, hs)
+        return [Prefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(self.L)]  # (1, nkv, P, hs) each
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.prefix_encoder)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.prefix_encoder[name].named_parameters())
+
+    def delete(self, name: str):
+        del self.prefix_encoder[name]
+        self.active = [a for a in self.active if a != name]
+
+    def base(self) -> None:
+        return None
+
+
+def _prefix_module(model: nn.Module) -> PrefixTuning:
+    """The model's PrefixTuning seam module, made on first use; an error if another method holds the seam."""
+    if model.kv_prefix is None:
+        c = model.config
+        model.kv_prefix = PrefixTuning(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    if not isinstance(model.kv_prefix, PrefixTuning):
+        raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; prefix tuning "
+                         "cannot be combined with it")
+    return model.kv_prefix
+
+
+def _add(model: nn.Module, config: PrefixConfig, adapter_name: str) -> PrefixEncoder:
+    c, w = model.config, model.model.embed_tokens.weight
+    D = c.num_key_value_heads * c.head_dim
+    module = _prefix_module(model)
+    encoder = PrefixEncoder(config.num_virtual_tokens, c.num_hidden_layers, D, config.projection,
+                            config.encoder_hidden_size or D, config.init, device=w.device, dtype=w.dtype)
+    register_config(model, adapter_name, config)
+    module.prefix_encoder[adapter_name] = encoder
+    return encoder
+
+
+def apply_prefix(model: nn.Module, num_virtual_tokens: int = 20, projection: bool = False,
+                 encoder_hidden_size: int | None = None, init: str = "random", adapter_name: str = "default",
+                 verbose: bool = True, config: PrefixConfig | None = None) -> nn.Module:
+    """Attach prefix tuning as adapter `adapter_name`, make it the active one, and freeze everything else."""
+    config = config or PrefixConfig(num_virtual_tokens, projection, encoder_hidden_size, init)
+    _add(model, config, adapter_name)
+    set_adapter(model, adapter_name)
+    if verbose:
+        report(model, f"prefix tuning '{adapter_name}' ({config.num_virtual_tokens} virtual tokens)")
+    return model
+
+
+# -- PEFT files -------------------------------------------------------------------------------------
+
+def to_peft(model: nn.Module, adapter_name: str):
+    config: PrefixConfig = model.adapter_configs[adapter_name]
+    c = model.config
+    D = c.num_key_value_heads * c.head_dim
+    encoder = model.kv_prefix.prefix_encoder[adapter_name]
+    peft = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
+            "token_dim": D, "num_transformer_submodules": 1, "num_attention_heads": c.num_key_value_heads,
+            "num_layers": c.num_hidden_layers, "encoder_hidden_size": config.encoder_hidden_size or D,
+            "prefix_projection": config.projection, "init_weights": "zero" if config.init == "zero" else None,
+            "inference_mode": True}
+    extra = {ENCODER_FILE: dict(encoder.named_parameters())} if config.projection else {}
+    with torch.no_grad():
+        return peft, {"prompt_embeddings": encoder()}, extra
+
+
+def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
+    c = model.config
+    D, L = c.num_key_value_heads * c.head_dim, c.num_hidden_layers
+    where = path / "adapter_config.json"
+    P = peft.get("num_virtual_tokens")
+    if not isinstance(P, int) or P <= 0:
+        raise AdapterError(f"{where}: num_virtual_tokens must be a positive integer, found {P!r}")
+    expected = {"num_transformer_submodules": 1, "num_layers": L, "token_dim": D}
+    for key, value in expected.items():
+        if peft.get(key, value) not in (value, None):
+            raise AdapterError(f"{where}: {key}={peft[key]!r}, but this model needs {value} "
+                               f"({L} layers, {c.num_key_value_heads} key/value heads of {c.head_dim})")
+    if set(tensors) != {"prompt_embeddings"}:
+        raise AdapterError(f"{path / 'adapter_model.safetensors'}: expected one tensor, prompt_embeddings; found "
+                           f"{sorted(tensors)}")
+    E = tensors["prompt_embeddings"]
+    if tuple(E.shape) != (P, 2 * L * D):
+        raise AdapterError(f"{path / 'adapter_model.safetensors'}: prompt_embeddings has shape {tuple(E.shape)}, "
+                           f"expected ({P}, {2 * L * D}) = (num_virtual_tokens, 2 · layers · token_dim)")
+    projection = bool(peft.get("prefix_projection")) and (path / ENCODER_FILE).exists()
+    config = PrefixConfig(P, projection, peft.get("encoder_hidden_size") if projection else None)
+    state = {"embedding.weight": E}
+    if projection:
+        state = load_file(path / ENCODER_FILE)
+        with torch.device("meta"):
+            wanted = PrefixEncoder(P, L, D, True, config.encoder_hidden_size or D, "random").state_dict()
+        bad = {k: tuple(v.shape) for k, v in state.items() if k not in wanted or v.shape != wanted[k].shape}
+        if bad or set(state) != set(wanted):
+            raise AdapterError(f"{path / ENCODER_FILE}: expected {({k: tuple(v.shape) for k, v in wanted.items()})}, "
+                               f"found {({k: tuple(v.shape) for k, v in state.items()})}")
+    encoder = _add(model, config, adapter_name)
+    with torch.no_grad():
+        for k, p in encoder.named_parameters():
+            p.copy_(state[k])
