@@ -1,0 +1,178 @@
+"""LLaMA-Adapter (Zhang et al., 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models with
+Zero-init Attention", arXiv:2303.16199).
+
+The top L layers each get an adaption prompt A^l (n, C) of learned vectors. The layer's own frozen
+projections turn it into keys and values, and the tokens' queries attend to them with a softmax of
+their own, scaled by a gate g^l that starts at zero:
+
+    y = Attention(q, K, V) + g^l · softmax(q (W_k A^l)^T / √hs) (W_v A^l)         before o_proj
+
+With g = 0 the model is exactly the base at step 0 ("zero-init attention"), and the gate learns how
+much of the prompt to let in. The adapter keys carry no RoPE (they are not at any position); the
+queries are the layer's rotated ones. Grouped-query models share each key/value head among its query
+heads, as for the tokens; models with per-head key norms (Qwen3) norm the adapter keys too.
+
+The prompts reach the model through its `kv_prefix` seam as *gated* prefixes (model.py): one extra
+SDPA call per adapted layer. In generation their keys/values are computed once, when the KV cache is
+made. Left out: the paper's multi-modal (image-conditioned) variant.
+
+Files: PEFT's ADAPTION_PROMPT format, "base_model.model.model.layers.{i}.self_attn.adaption_prompt"
+(1, n, C) and "...adaption_gate" (1,), adapter_len = n, adapter_layers = L. PEFT's own implementation
+adds o_proj(gate · ...) after o_proj, which is the same product when o_proj has no bias (Llama,
+Mistral); with a bias, PEFT adds it a second time (even at g = 0) and we do not.
+
+Dimensions: L adapted layers, n prompt length, C hidden, nkv key/value heads, hs head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .adapters import AdapterLayer, register_config, report, set_adapter
+from .adapters_io import PREFIX, AdapterError
+from .model import Prefix
+
+
+@dataclass
+class LlamaAdapterConfig:
+    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+
+    adapter_len: int = 10  # n
+    adapter_layers: int = 8  # L, counted from the top
+
+    def __post_init__(self):
+        if self.adapter_len <= 0 or self.adapter_layers <= 0:
+            raise ValueError(f"adapter_len and adapter_layers must be positive, got {self.adapter_len}, "
+                             f"{self.adapter_layers}")
+
+
+class AdaptionPrompts(nn.Module):
+    """One adapter: prompts (L, n, C), N(0, 1) as PEFT, and gates (L,) at zero."""
+
+    def __init__(self, L: int, n: int, C: int, device=None, dtype=None):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(L, n, C, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.zeros(L, device=device, dtype=dtype))
+
+
+class LlamaAdapter(AdapterLayer):
+    """The model's kv_prefix: named adaption prompts; the active one gives each top layer a gated prefix."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._layers = [model.model.layers]  # a list: the model is not registered as a child of its own seam
+        self.adaption = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict = {}
+
+    def forward(self, batch_size: int) -> list[Prefix | None] | None:
+        if not self.active:
+            return None
+        if len(self.active) > 1:
+            raise ValueError(f"LLaMA-Adapter applies one adapter at a time; active: {self.active}")
+        a = self.adaption[self.active[0]]
+        layers = self._layers[0]
+        first = len(layers) - a.prompt.shape[0]
+        out: list[Prefix | None] = [None] * first
+        for j, block in enumerate(layers[first:]):
+            attn = block.self_attn
+            A = a.prompt[j][None]  # (1, n, C)
+            n = A.shape[1]
+            k = attn.k_proj(A).view(1, n, attn.nkv, attn.hs)  # (1, n, nkv, hs)
+            v = attn.v_proj(A).view(1, n, attn.nkv, attn.hs)
+            if hasattr(attn, "k_norm"):
+                k = attn.k_norm(k)
+            out.append(Prefix(k.transpose(1, 2), v.transpose(1, 2), gate=a.gate[j]))  # (1, nkv, n, hs)
+        return out
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.adaption)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.adaption[name].named_parameters())
+
+    def delete(self, name: str):
+        del self.adaption[name]
+        self.active = [a for a in self.active if a != name]
+
+    def base(self) -> None:
+        return None
+
+
+def _add(model: nn.Module, config: LlamaAdapterConfig, adapter_name: str) -> AdaptionPrompts:
+    c, w = model.config, model.model.embed_tokens.weight
+    if config.adapter_layers > c.num_hidden_layers:
+        raise ValueError(f"adapter_layers={config.adapter_layers}, but the model has {c.num_hidden_layers} layers")
+    if model.kv_prefix is None:
+        model.kv_prefix = LlamaAdapter(model)
+    if not isinstance(model.kv_prefix, LlamaAdapter):
+        raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; LLaMA-Adapter "
+                         "cannot be combined with it")
+    register_config(model, adapter_name, config)
+    prompts = AdaptionPrompts(config.adapter_layers, config.adapter_len, c.hidden_size, w.device, w.dtype)
+    model.kv_prefix.adaption[adapter_name] = prompts
+    return prompts
+
+
+def apply_llama_adapter(model: nn.Module, adapter_len: int = 10, adapter_layers: int = 8,
+                        adapter_name: str = "default", verbose: bool = True,
+                        config: LlamaAdapterConfig | None = None) -> nn.Module:
+    """Attach LLaMA-Adapter as adapter `adapter_name` (top `adapter_layers` layers, `adapter_len` prompt
+    vectors each), make it the active one, and freeze everything else."""
+    config = config or LlamaAdapterConfig(adapter_len, adapter_layers)
+    _add(model, config, adapter_name)
+    set_adapter(model, adapter_name)
+    if verbose:
+        report(model, f"LLaMA-Adapter '{adapter_name}' (top {config.adapter_layers} layers)")
+    return model
+
+
+# -- PEFT files -------------------------------------------------------------------------------------
+
+def _key(layer: int, what: str) -> str:
+    return f"{PREFIX}model.layers.{layer}.self_attn.adaption_{what}"
+
+
+def to_peft(model: nn.Module, adapter_name: str):
+    config: LlamaAdapterConfig = model.adapter_configs[adapter_name]
+    a = model.kv_prefix.adaption[adapter_name]
+    first = model.config.num_hidden_layers - config.adapter_layers
+    tensors = {}
+    for j in range(config.adapter_layers):
+        tensors[_key(first + j, "prompt")] = a.prompt[j][None]  # (1, n, C)
+        tensors[_key(first + j, "gate")] = a.gate[j : j + 1]  # (1,)
+    peft = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": config.adapter_len,
+            "adapter_layers": config.adapter_layers, "target_modules": "self_attn", "inference_mode": True}
+    return peft, tensors, {}
+
+
+def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
+    where, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    n, L = peft.get("adapter_len"), peft.get("adapter_layers")
+    for field, value in (("adapter_len", n), ("adapter_layers", L)):
+        if not isinstance(value, int) or value <= 0:
+            raise AdapterError(f"{where}: {field} must be a positive integer, found {value!r}")
+    if peft.get("target_modules", "self_attn") != "self_attn":
+        raise AdapterError(f"{where}: target_modules={peft['target_modules']!r} is not supported (self_attn)")
+    layers, C = model.config.num_hidden_layers, model.config.hidden_size
+    if L > layers:
+        raise AdapterError(f"{where}: adapter_layers={L}, but this model has {layers} layers")
+    first = layers - L
+    wanted = {_key(first + j, w): s for j in range(L) for w, s in (("prompt", (1, n, C)), ("gate", (1,)))}
+    problems = [f"{k}: unexpected key" for k in sorted(set(tensors) - set(wanted))]
+    problems += [f"{k}: missing" for k in sorted(set(wanted) - set(tensors))]
+    problems += [f"{k}: shape {tuple(t.shape)}, expected {wanted[k]}" for k, t in sorted(tensors.items())
+                 if k in wanted and tuple(t.shape) != wanted[k]]
+    if problems:
+        raise AdapterError(f"{weights}: the adapter does not fit this model:\n  " + "\n  ".join(problems))
+    a = _add(model, LlamaAdapterConfig(n, L), adapter_name)
+    with torch.no_grad():
+        for j in range(L):
+            a.prompt[j].copy_(tensors[_key(first + j, "prompt")][0])
+            a.gate[j].copy_(tensors[_key(first + j, "gate")][0])
