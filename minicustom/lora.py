@@ -464,20 +464,22 @@ def _example_names(model) -> str:
 def merge_lora(model: nn.Module, names=None):
     """Fold the active (or named) adapters into the base weights: LoRA W0 <- W0 + s B A (DoRA: rescaled),
     and any other method that can merge (IA3); the others (prefixes, bottleneck adapters) refuse."""
-    for _, layer in adapter_layers(model):
-        if isinstance(layer, TrainableCopy):
-            continue
-        if isinstance(layer, LoRAEmbedding) and _is_tied(model, layer.weight):
-            raise ValueError("cannot merge a LoRA on tied embeddings: lm_head shares the matrix and would "
-                             "change too")
-        for n in (names or layer.active):
-            if n in layer.adapters:
-                layer.merge(n)
+    todo = [(name, layer, [n for n in (names or layer.active) if n in layer.adapters])
+            for name, layer in adapter_layers(model) if not isinstance(layer, TrainableCopy)]
+    for name, layer, adapters in todo:  # checked before anything is merged
+        if adapters and not layer.mergeable:
+            layer.merge(adapters[0])  # raises, saying why
+        if adapters and getattr(layer, "weight", None) is not None and _is_tied(model, layer.weight):
+            raise ValueError(f"cannot merge into {name}: its weight is tied to another module (embed_tokens and "
+                             "lm_head share the matrix), which would change too")
+    for _, layer, adapters in todo:
+        for n in adapters:
+            layer.merge(n)
 
 
 def unmerge_lora(model: nn.Module):
     for _, layer in adapter_layers(model):
-        for n in list(layer.merged):
+        for n in reversed(list(layer.merged)):  # last merged, first unmerged: undoes a product or a DoRA rescale
             layer.unmerge(n)
 
 
