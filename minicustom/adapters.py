@@ -26,6 +26,8 @@ class AdapterLayer(nn.Module):
     # True for a layer that wraps a whole sublayer and registers the sublayer's own children under their
     # names (so base keys do not move): those children stay visible as targets to other methods.
     transparent: bool = False
+    # False for methods with nothing to fold into a weight (nonlinear adapters, prefixes): merge raises.
+    mergeable: bool = True
 
     @property
     def adapters(self) -> list[str]:

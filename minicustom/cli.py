@@ -211,8 +211,12 @@ def cmd_train_sft(args):
     examples = load_examples(args.data, **options)
     eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
     torch.manual_seed(args.seed)  # the method's initialisation is part of the run
-    apply_method(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                 targets=args.targets.split(",") if "," in args.targets else args.targets)
+    targets = args.targets.split(",") if args.targets and "," in args.targets else args.targets
+    apply_method(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
+                 num_virtual_tokens=args.num_virtual_tokens, prefix_projection=args.prefix_projection,
+                 prompt_init=args.prompt_init, prompt_init_text=args.prompt_init_text, tokenizer=tok,
+                 encoder=args.encoder, reduction_factor=args.reduction_factor, placement=args.placement,
+                 adapter_len=args.adapter_len, adapter_layers=args.adapter_layers)
     out = Path(args.out)
     train(model, examples, config, out, eval_examples=eval_examples, tokenizer=tok, pad_id=pad_id_for(tok),
           resume=args.resume, stop_ids=_stop_ids(model, tok))
@@ -323,7 +327,19 @@ def _add_train_sft(sub):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--targets", default="all-linear", help="all-linear, or module names separated by commas")
+    p.add_argument("--targets", help="modules to adapt: all-linear, or names separated by commas (default: the "
+                   "method's own: all-linear for LoRA; for IA3, PEFT's per family, k_proj,v_proj,down_proj on Llama)")
+    g = p.add_argument_group("prefix, prompt and ptuning")
+    g.add_argument("--num-virtual-tokens", type=int, default=20)
+    g.add_argument("--prefix-projection", action="store_true", help="prefix: reparameterise through an MLP")
+    g.add_argument("--prompt-init", choices=["random", "text", "sample_vocab"], default="random")
+    g.add_argument("--prompt-init-text", help="prompt: the text whose token embeddings start the prompt")
+    g.add_argument("--encoder", choices=["mlp", "lstm"], default="mlp", help="ptuning: the prompt encoder")
+    g = p.add_argument_group("adapter (bottleneck) and llama-adapter")
+    g.add_argument("--reduction-factor", type=int, default=16, help="adapter: bottleneck = hidden / this")
+    g.add_argument("--placement", choices=["houlsby", "pfeiffer", "parallel"], default="houlsby")
+    g.add_argument("--adapter-len", type=int, default=10, help="llama-adapter: prompt vectors per layer")
+    g.add_argument("--adapter-layers", type=int, default=8, help="llama-adapter: adapted layers, from the top")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lora-plus-ratio", type=float)

@@ -63,6 +63,8 @@ class AdaptionPrompts(nn.Module):
 class LlamaAdapter(AdapterLayer):
     """The model's kv_prefix: named adaption prompts; the active one gives each top layer a gated prefix."""
 
+    mergeable = False
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self._layers = [model.model.layers]  # a list: the model is not registered as a child of its own seam

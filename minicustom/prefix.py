@@ -84,6 +84,8 @@ class PrefixEncoder(nn.Module):
 class PrefixTuning(AdapterLayer):
     """The model's kv_prefix: named prefix encoders; the active one gives every layer its keys/values."""
 
+    mergeable = False
+
     def __init__(self, L: int, nkv: int, hs: int):
         super().__init__()
         self.L, self.nkv, self.hs = L, nkv, hs

@@ -521,14 +521,14 @@ def _full(model: nn.Module, **_):
 
 
 def _lora(**fixed):
-    def attach(model, r=8, alpha=16.0, dropout=0.0, targets="all-linear", **_):
+    def attach(model, r=8, alpha=16.0, dropout=0.0, targets=None, **_):
         from .lora import apply_lora
 
-        return apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets, **fixed)
+        return apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets or "all-linear", **fixed)
     return attach
 
 
-def _qlora(model, targets="all-linear", **hyperparameters):
+def _qlora(model, targets=None, **hyperparameters):
     """QLoRA: every linear but lm_head to NF4 (unless the model was loaded 4-bit), then LoRA on the targets."""
     from .qlora import Linear4bit, quantize_model
 
@@ -537,10 +537,48 @@ def _qlora(model, targets="all-linear", **hyperparameters):
     return _lora()(model, targets=targets, **hyperparameters)
 
 
-def _loftq(model, r=8, alpha=16.0, dropout=0.0, targets="all-linear", **_):
+def _loftq(model, r=8, alpha=16.0, dropout=0.0, targets=None, **_):
     from .qlora import apply_loftq
 
-    return apply_loftq(model, r=r, alpha=alpha, targets=targets, dropout=dropout)
+    return apply_loftq(model, r=r, alpha=alpha, targets=targets or "all-linear", dropout=dropout)
+
+
+def _ia3(model, targets=None, **_):
+    from .ia3 import apply_ia3
+
+    return apply_ia3(model, targets=targets)
+
+
+def _adapter(model, reduction_factor=16, placement="houlsby", dropout=0.0, **_):
+    from .adapter import apply_adapters
+
+    return apply_adapters(model, reduction_factor=reduction_factor, placement=placement, dropout=dropout)
+
+
+def _llama_adapter(model, adapter_len=10, adapter_layers=8, **_):
+    from .llama_adapter import apply_llama_adapter
+
+    return apply_llama_adapter(model, adapter_len=adapter_len,
+                               adapter_layers=min(adapter_layers, model.config.num_hidden_layers))
+
+
+def _prefix(model, num_virtual_tokens=20, prefix_projection=False, **_):
+    from .prefix import apply_prefix
+
+    return apply_prefix(model, num_virtual_tokens=num_virtual_tokens, projection=prefix_projection)
+
+
+def _prompt(model, num_virtual_tokens=20, prompt_init="random", prompt_init_text=None, tokenizer=None, **_):
+    from .prompt import apply_prompt_tuning
+
+    return apply_prompt_tuning(model, num_virtual_tokens=num_virtual_tokens, init=prompt_init,
+                               init_text=prompt_init_text, tokenizer=tokenizer)
+
+
+def _ptuning(model, num_virtual_tokens=20, encoder="mlp", **_):
+    from .prompt import apply_p_tuning
+
+    return apply_p_tuning(model, num_virtual_tokens=num_virtual_tokens, encoder=encoder)
 
 
 # method name -> attach(model, **hyperparameters); each later method adds its line here.
@@ -553,6 +591,12 @@ METHODS: dict[str, Callable] = {
     "olora": _lora(init="olora"),
     "qlora": _qlora,
     "qlora-loftq": _loftq,
+    "ia3": _ia3,
+    "adapter": _adapter,
+    "llama-adapter": _llama_adapter,
+    "prefix": _prefix,
+    "prompt": _prompt,
+    "ptuning": _ptuning,
 }
 
 
