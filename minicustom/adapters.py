@@ -161,3 +161,51 @@ def disable_adapters(model: nn.Module):
     finally:
         for (_, layer), active in zip(layers, saved):
             layer.active = active
+
+
+class PrefixLayer(AdapterLayer):
+    """What the modules of the model's kv_prefix seam share (prefix tuning, prompt tuning, LLaMA-Adapter):
+    one ModuleDict of named adapters, named by `store`, of which one at a time is applied; nothing to
+    merge, and no module replaced (unload removes them)."""
+
+    store: str
+    mergeable = False
+    name_of_method: str
+
+    def __init__(self):
+        super().__init__()
+        setattr(self, self.store, nn.ModuleDict())
+        self.active: list[str] = []
+        self.merged: dict = {}
+
+    def active_adapter(self) -> nn.Module | None:
+        if not self.active:
+            return None
+        if len(self.active) > 1:
+            raise ValueError(f"{self.name_of_method} applies one adapter at a time; active: {self.active}")
+        return getattr(self, self.store)[self.active[0]]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self, self.store))
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(getattr(self, self.store)[name].named_parameters())
+
+    def delete(self, name: str):
+        del getattr(self, self.store)[name]
+        self.active = [a for a in self.active if a != name]
+
+    def base(self) -> None:
+        return None
+
+
+def prefix_layer(model: nn.Module, cls: type[PrefixLayer], *args) -> PrefixLayer:
+    """The model's kv_prefix module of type `cls`, made (cls(*args)) on first use; an error if another
+    method holds the seam (one prefix method at a time)."""
+    if model.kv_prefix is None:
+        model.kv_prefix = cls(*args)
+    if not isinstance(model.kv_prefix, cls):
+        raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; "
+                         f"{cls.name_of_method} cannot be combined with it")
+    return model.kv_prefix

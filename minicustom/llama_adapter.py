@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .adapters import AdapterLayer, register_config, report, set_adapter
+from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
 from .adapters_io import PREFIX, AdapterError
 from .model import Prefix
 
@@ -60,24 +60,18 @@ class AdaptionPrompts(nn.Module):
         self.gate = nn.Parameter(torch.zeros(L, device=device, dtype=dtype))
 
 
-class LlamaAdapter(AdapterLayer):
+class LlamaAdapter(PrefixLayer):
     """The model's kv_prefix: named adaption prompts; the active one gives each top layer a gated prefix."""
 
-    mergeable = False
+    store, name_of_method = "adaption", "LLaMA-Adapter"
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self._layers = [model.model.layers]  # a list: the model is not registered as a child of its own seam
-        self.adaption = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: dict = {}
 
     def forward(self, batch_size: int) -> list[Prefix | None] | None:
-        if not self.active:
+        if (a := self.active_adapter()) is None:
             return None
-        if len(self.active) > 1:
-            raise ValueError(f"LLaMA-Adapter applies one adapter at a time; active: {self.active}")
-        a = self.adaption[self.active[0]]
         layers = self._layers[0]
         first = len(layers) - a.prompt.shape[0]
         out: list[Prefix | None] = [None] * first
@@ -92,33 +86,15 @@ class LlamaAdapter(AdapterLayer):
             out.append(Prefix(k.transpose(1, 2), v.transpose(1, 2), gate=a.gate[j]))  # (1, nkv, n, hs)
         return out
 
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.adaption)
-
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return dict(self.adaption[name].named_parameters())
-
-    def delete(self, name: str):
-        del self.adaption[name]
-        self.active = [a for a in self.active if a != name]
-
-    def base(self) -> None:
-        return None
-
 
 def _add(model: nn.Module, config: LlamaAdapterConfig, adapter_name: str) -> AdaptionPrompts:
     c, w = model.config, model.model.embed_tokens.weight
     if config.adapter_layers > c.num_hidden_layers:
         raise ValueError(f"adapter_layers={config.adapter_layers}, but the model has {c.num_hidden_layers} layers")
-    if model.kv_prefix is None:
-        model.kv_prefix = LlamaAdapter(model)
-    if not isinstance(model.kv_prefix, LlamaAdapter):
-        raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; LLaMA-Adapter "
-                         "cannot be combined with it")
+    module = prefix_layer(model, LlamaAdapter, model)
     register_config(model, adapter_name, config)
     prompts = AdaptionPrompts(config.adapter_layers, config.adapter_len, c.hidden_size, w.device, w.dtype)
-    model.kv_prefix.adaption[adapter_name] = prompts
+    module.adaption[adapter_name] = prompts
     return prompts
 
 

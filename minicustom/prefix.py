@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import AdapterLayer, register_config, report, set_adapter
+from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
 from .adapters_io import AdapterError
 from .model import Prefix
 
@@ -81,57 +81,27 @@ class PrefixEncoder(nn.Module):
         return self.transform(E) if hasattr(self, "transform") else E  # (P, 2 L D)
 
 
-class PrefixTuning(AdapterLayer):
+class PrefixTuning(PrefixLayer):
     """The model's kv_prefix: named prefix encoders; the active one gives every layer its keys/values."""
 
-    mergeable = False
+    store, name_of_method = "prefix_encoder", "prefix tuning"
 
     def __init__(self, L: int, nkv: int, hs: int):
         super().__init__()
         self.L, self.nkv, self.hs = L, nkv, hs
-        self.prefix_encoder = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: dict = {}
 
     def forward(self, batch_size: int) -> list[Prefix] | None:
-        if not self.active:
+        if (encoder := self.active_adapter()) is None:
             return None
-        if len(self.active) > 1:
-            raise ValueError(f"prefix tuning applies one adapter at a time; active: {self.active}")
-        flat = self.prefix_encoder[self.active[0]]()  # (P, 2 L D)
+        flat = encoder()  # (P, 2 L D)
         kv = flat.view(-1, 2 * self.L, self.nkv, self.hs).permute(1, 2, 0, 3)  # (2L, nkv, P, hs)
         return [Prefix(kv[2 * i][None], kv[2 * i + 1][None]) for i in range(self.L)]  # (1, nkv, P, hs) each
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.prefix_encoder)
-
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return dict(self.prefix_encoder[name].named_parameters())
-
-    def delete(self, name: str):
-        del self.prefix_encoder[name]
-        self.active = [a for a in self.active if a != name]
-
-    def base(self) -> None:
-        return None
-
-
-def _prefix_module(model: nn.Module) -> PrefixTuning:
-    """The model's PrefixTuning seam module, made on first use; an error if another method holds the seam."""
-    if model.kv_prefix is None:
-        c = model.config
-        model.kv_prefix = PrefixTuning(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
-    if not isinstance(model.kv_prefix, PrefixTuning):
-        raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; prefix tuning "
-                         "cannot be combined with it")
-    return model.kv_prefix
 
 
 def _add(model: nn.Module, config: PrefixConfig, adapter_name: str) -> PrefixEncoder:
     c, w = model.config, model.model.embed_tokens.weight
     D = c.num_key_value_heads * c.head_dim
-    module = _prefix_module(model)
+    module = prefix_layer(model, PrefixTuning, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     encoder = PrefixEncoder(config.num_virtual_tokens, c.num_hidden_layers, D, config.projection,
                             config.encoder_hidden_size or D, config.init, device=w.device, dtype=w.dtype)
     register_config(model, adapter_name, config)

@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import AdapterLayer, register_config, report, set_adapter
+from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
 from .adapters_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 from .model import Prefix
 
@@ -126,26 +126,21 @@ class _Capture:
         return k, v
 
 
-class VirtualTokens(AdapterLayer):
+class VirtualTokens(PrefixLayer):
     """The model's kv_prefix: named prompt encoders; the active one's E becomes every layer's prefix."""
 
-    mergeable = False
+    store, name_of_method = "prompt_encoder", "prompt tuning / p-tuning"
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self._model = [model]  # a reference, not a child: the model owns this module
-        self.prompt_encoder = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: dict = {}
         self._inside = False
 
     def forward(self, batch_size: int) -> list[Prefix] | None:
-        if not self.active or self._inside:
+        if self._inside or (encoder := self.active_adapter()) is None:
             return None
-        if len(self.active) > 1:
-            raise ValueError(f"virtual tokens apply one adapter at a time; active: {self.active}")
         model = self._model[0]
-        E = self.prompt_encoder[self.active[0]]().to(model.model.embed_tokens.weight.dtype)  # (1, P, C)
+        E = encoder().to(model.model.embed_tokens.weight.dtype)  # (1, P, C)
         capture = _Capture()
         self._inside = True  # a model that asks its seam for prefixes in this forward gets none
         try:
@@ -153,20 +148,6 @@ class VirtualTokens(AdapterLayer):
         finally:
             self._inside = False
         return [Prefix(*capture.kv[i]) for i in range(len(capture.kv))]  # (1, nkv, P, hs) each; any B
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.prompt_encoder)
-
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return dict(self.prompt_encoder[name].named_parameters())
-
-    def delete(self, name: str):
-        del self.prompt_encoder[name]
-        self.active = [a for a in self.active if a != name]
-
-    def base(self) -> None:
-        return None
 
 
 def _encoder(model: nn.Module, config) -> PromptEncoder:
@@ -179,14 +160,10 @@ def _encoder(model: nn.Module, config) -> PromptEncoder:
 
 
 def _attach(model: nn.Module, config, adapter_name: str, encoder: PromptEncoder):
-    if model.kv_prefix is not None and not isinstance(model.kv_prefix, VirtualTokens):
-        raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; prompt tuning "
-                         "and p-tuning cannot be combined with it")
+    module = prefix_layer(model, VirtualTokens, model)
     register_config(model, adapter_name, config)
-    if model.kv_prefix is None:
-        model.kv_prefix = VirtualTokens(model)
-    model.kv_prefix.prompt_encoder[adapter_name] = encoder.to(model.model.embed_tokens.weight.device)
-    model.kv_prefix.train(model.training)  # the LSTM's dropout follows the model's mode
+    module.prompt_encoder[adapter_name] = encoder.to(model.model.embed_tokens.weight.device)
+    module.train(model.training)  # the LSTM's dropout follows the model's mode
 
 
 def text_init_ids(tokenizer, text: str, P: int) -> list[int]:
