@@ -67,6 +67,14 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+@torch.no_grad()
+def greedy_uncached(model, ids, n: int):
+    """n greedy tokens by full forwards, no KV cache: the reference for cached generation."""
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 def make_checkpoint(path, family: str, seed: int = 0, **overrides):
     """Save a tiny random HF model of `family` as safetensors under path; returns (path, hf_model)."""
     model = make_hf_model(family, seed, **overrides)

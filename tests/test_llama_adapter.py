@@ -17,7 +17,7 @@ whose head_dim is not hidden / heads), and adds o_proj's bias twice, so the fami
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import greedy_uncached, make_checkpoint
 from peft import AdaptionPromptConfig, PeftModel, get_peft_model
 
 import minicustom as mc
@@ -106,20 +106,14 @@ def test_files_travel_both_ways(tmp_path):
         torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=ATOL, rtol=RTOL)
 
 
-def _greedy_uncached(model, ids, n):
-    for _ in range(n):
-        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("family", ["smollm", "qwen3"])
 def test_cached_generation_equals_uncached(tmp_path, family):
     model, _ = _ours(tmp_path, family)
     ids = _ids(B=2, T=5)
     with torch.no_grad():
-        want = _greedy_uncached(model, ids, 10)
+        want = greedy_uncached(model, ids, 10)
         with mc.disable_adapters(model):
-            base = _greedy_uncached(model, ids, 10)
+            base = greedy_uncached(model, ids, 10)
     got = model.generate(ids, max_new_tokens=10)
     assert got.tolist() == want.tolist()
     assert got.tolist() != base.tolist()  # the adapter changes the answer

@@ -15,7 +15,7 @@ B·T positions and reach |g| ~ 10-100; they are compared divided by their larges
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import greedy_uncached, make_checkpoint
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import minicustom as mc
@@ -108,18 +108,12 @@ def test_files_travel_both_ways(tmp_path, projection):
         torch.testing.assert_close(again(ids), want, atol=ATOL, rtol=RTOL)
 
 
-def _greedy_uncached(model, ids, n):
-    for _ in range(n):
-        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("family", ["smollm", "mistral"])
 def test_cached_generation_equals_uncached(tmp_path, family):
     model, _ = _pair(tmp_path, family, True, hidden=24)
     ids = _ids(B=2, T=6)
     with torch.no_grad():
-        want = _greedy_uncached(model, ids, 10)
+        want = greedy_uncached(model, ids, 10)
     torch.testing.assert_close(model.generate(ids, max_new_tokens=10), want, atol=0, rtol=0)
     cache = model.new_kv_cache(2, 16)
     assert cache.prefix_length == P and cache.length == P
