@@ -50,6 +50,7 @@ from torch import nn
 
 from .adapters import (
     AdapterLayer,
+    LinearAdapterLayer,
     adapter_layers,
     find_targets,
     register_config,
@@ -161,39 +162,24 @@ class _Bottleneck(AdapterLayer):
         return f"C={self.C}, adapters={self.adapters}"
 
 
-class BottleneckLinear(_Bottleneck):
+class BottleneckLinear(_Bottleneck, LinearAdapterLayer):
     """Sequential adapters on a linear's output: h = W x + b; h <- h + z(h). The base is an nn.Linear
     (its `weight`, `bias` kept as this module's, so base keys do not move) or a 4-bit `Linear4bit`
     (held as `base_layer`, as LoRALinear does)."""
 
     def __init__(self, base: nn.Linear | Linear4bit):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        if isinstance(base, Linear4bit):
-            self.base_layer = base
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        else:
-            self.base_layer = None
-            self.weight, self.bias = base.weight, base.bias  # frozen
+        self.hold(base)
         self._init_adapters(base.out_features)
 
     def _output_linear(self):
         return self.base()
 
     def forward(self, x):
-        h = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)  # (B, T, C)
+        h = self._base_forward(x)  # (B, T, C)
         for name in self.active:
             h = h + self.branch(name, h)
         return h
-
-    def base(self) -> nn.Linear | Linear4bit:
-        if self.base_layer is not None:
-            return self.base_layer
-        with torch.device("meta"):
-            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        lin.weight, lin.bias = self.weight, self.bias
-        return lin
 
 
 class ParallelAdapterMLP(_Bottleneck):

@@ -14,6 +14,7 @@ import re
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -209,3 +210,40 @@ def prefix_layer(model: nn.Module, cls: type[PrefixLayer], *args) -> PrefixLayer
         raise ValueError(f"the model's kv_prefix already holds {type(model.kv_prefix).__name__}; "
                          f"{cls.name_of_method} cannot be combined with it")
     return model.kv_prefix
+
+
+class LinearAdapterLayer(AdapterLayer):
+    """An adapter layer over one linear (LoRA, IA3, sequential bottleneck adapters). An nn.Linear's W and
+    b become this module's own `weight`/`bias`, so base keys do not move; a 4-bit `Linear4bit` is held
+    as `base_layer` (it adds its own bias) and dequantized where W is needed."""
+
+    def hold(self, base: nn.Module):
+        from .qlora import Linear4bit
+
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if isinstance(base, Linear4bit):
+            self.base_layer = base
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        else:
+            self.base_layer = None
+            self.weight, self.bias = base.weight, base.bias  # W (out, in), b (out,): frozen
+
+    def _base_forward(self, x):
+        return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+
+    def factory(self) -> dict:
+        """device and dtype for new adapter tensors: the weight's, or the 4-bit base's compute dtype."""
+        q = self.base_layer
+        if q is None:
+            return dict(device=self.weight.device, dtype=self.weight.dtype)
+        return dict(device=q.state.packed.device, dtype=q.compute_dtype)
+
+    def base(self) -> nn.Module:
+        """A plain nn.Linear sharing this module's (possibly merged) weight and bias, or the 4-bit base."""
+        if self.base_layer is not None:
+            return self.base_layer
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin

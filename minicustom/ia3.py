@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .adapters import (
     AdapterLayer,
+    LinearAdapterLayer,
     count_parameters,
     find_targets,
     linear_like,
@@ -94,34 +94,20 @@ class IA3Config:
         return any(name.endswith(f) for f in self.feedforward or [])
 
 
-class IA3Linear(AdapterLayer):
+class IA3Linear(LinearAdapterLayer):
     """IA3 on an nn.Linear (W shared as `weight`, b as `bias`, so base keys do not move) or on a 4-bit
     `Linear4bit` (held as `base_layer`). `is_feedforward` is the module's, fixed by its first adapter."""
 
     def __init__(self, base: nn.Linear | Linear4bit, is_feedforward: bool):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.hold(base)
         self.is_feedforward = is_feedforward
-        if isinstance(base, Linear4bit):
-            self.base_layer = base  # adds its own bias
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        else:
-            self.base_layer = None
-            self.weight = base.weight  # W (out, in), frozen
-            self.bias = base.bias
         self.ia3_l = nn.ParameterDict()  # name -> l: (1, in) feedforward, (out, 1) otherwise
         self.active: list[str] = []
         self.merged: dict[str, None] = {}
 
     def add(self, name: str):
-        q = self.base_layer
-        device, dtype = (self.weight.device, self.weight.dtype) if q is None else (q.state.packed.device,
-                                                                                   q.compute_dtype)
-        self.ia3_l[name] = nn.Parameter(torch.ones(_shape(self, self.is_feedforward), device=device, dtype=dtype))
-
-    def _base_forward(self, x):
-        return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+        self.ia3_l[name] = nn.Parameter(torch.ones(_shape(self, self.is_feedforward), **self.factory()))
 
     def forward(self, x):
         scaling = None  # l_a ⊙ l_b ⊙ ..., multiplied in PEFT's order
@@ -172,16 +158,6 @@ class IA3Linear(AdapterLayer):
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l[name]}
-
-    def base(self) -> nn.Linear | Linear4bit:
-        """A plain nn.Linear sharing this module's (possibly merged) weight and bias, or the 4-bit base."""
-        if self.base_layer is not None:
-            return self.base_layer
-        with torch.device("meta"):
-            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        lin.weight = self.weight
-        lin.bias = self.bias
-        return lin
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

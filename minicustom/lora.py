@@ -41,6 +41,7 @@ from torch import nn
 
 from .adapters import (
     AdapterLayer,
+    LinearAdapterLayer,
     adapter_layers,
     count_parameters,
     delete_adapter,
@@ -132,21 +133,13 @@ class _LoRAProduct(torch.autograd.Function):
         return g, grad_x, grad_A, grad_B, None
 
 
-class LoRALinear(AdapterLayer):
+class LoRALinear(LinearAdapterLayer):
     """LoRA on an nn.Linear (W0 shared as `weight`) or on a 4-bit `Linear4bit` (QLoRA: held as `base_layer`,
     dequantized where W0 is needed)."""
 
     def __init__(self, base: nn.Linear | Linear4bit):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        if isinstance(base, Linear4bit):
-            self.base_layer = base  # adds its own bias
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        else:
-            self.base_layer = None
-            self.weight = base.weight  # W0 (out, in), frozen
-            self.bias = base.bias
+        self.hold(base)  # W0, b
         self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
         self.lora_dropout = nn.ModuleDict()
@@ -160,15 +153,10 @@ class LoRALinear(AdapterLayer):
         """W0 (out, in): the weight itself, or the 4-bit base dequantized to its compute dtype."""
         return self.weight if self.base_layer is None else self.base_layer.dequantize()
 
-    def _base_forward(self, x):
-        return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
-
     def add(self, name: str, r: int, alpha: float, config: LoraConfig):
         q = self.base_layer
-        device, dtype = (self.weight.device, self.weight.dtype) if q is None else (q.state.packed.device,
-                                                                                   q.compute_dtype)
-        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        A = nn.Linear(self.in_features, r, bias=False, **self.factory())
+        B = nn.Linear(r, self.out_features, bias=False, **self.factory())
         s = config.scaling(r, alpha)
         if q is not None and config.init in ("pissa", "olora"):
             raise ValueError(f"{config.init} rewrites the base weight, which is 4-bit here; quantize after "
@@ -268,16 +256,6 @@ class LoRALinear(AdapterLayer):
         if name in self.lora_magnitude_vector:
             state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return state
-
-    def base(self) -> nn.Linear | Linear4bit:
-        """A plain nn.Linear sharing this module's (possibly merged) weight and bias, or the 4-bit base."""
-        if self.base_layer is not None:
-            return self.base_layer
-        with torch.device("meta"):
-            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        lin.weight = self.weight
-        lin.bias = self.bias
-        return lin
 
 
 def _pissa(W, r, s):
