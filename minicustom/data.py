@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: JSONL formats, span-based label masking, best-fit-decreasing packing.
+"""Training data: JSONL formats for SFT and preference pairs, span-based label masking, best-fit-decreasing packing.
 
 Every record becomes a list of text *segments*, each trained or not (prompt, system and user text are
 not; completions and assistant turns are). The segments are joined, the whole text is tokenized once
@@ -16,6 +16,8 @@ Formats, one JSON object per line:
     {"conversations": [{"from": "human", "value": ...}]}    ShareGPT, mapped to messages
     {"text": ...}                                           plain text, every token trained
 A `LabelTemplate` turns labelled records (say `text` and `label` columns) into prompt/completion pairs.
+Preference pairs (DPO) use TRL's formats: prompt/chosen/rejected as strings or message lists, or
+chosen/rejected alone with the prompt implicit in their shared beginning; each side is an Example.
 
 Packing: best-fit decreasing puts examples into bins of max_length tokens; a packed row carries
 seq_ids, so the model's block-diagonal causal mask keeps documents apart and positions restart at 0
@@ -249,6 +251,24 @@ def make_example(record: dict, tokenizer, where: str = "", template: LabelTempla
     return tokenize_segments(segments, tokenizer, is_chat, where)
 
 
+def _limit(ex: Example, max_length: int | None, truncation: str) -> tuple[Example | None, bool]:
+    """(the example cut to max_length, or None when it is dropped, and whether it was cut)."""
+    if max_length is None or len(ex) <= max_length:
+        return ex, False
+    if truncation == "drop":
+        return None, False
+    ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source, ex.answer_start)
+    return (ex if ex.trained else None), True
+
+
+def _check_vocab(ex: Example, vocab_size: int | None, where: str):
+    if vocab_size is not None and max(ex.input_ids) >= vocab_size:
+        raise DataError(f"{where}: token id {max(ex.input_ids)} is outside the model's vocabulary of "
+                        f"{vocab_size}: the tokenizer does not belong to this model")
+    if ex.trained == 0:
+        raise DataError(f"{where}: no trained token (every label is masked); check the record's fields")
+
+
 def load_examples(path, tokenizer, max_length: int | None = None, truncation: str = "truncate",
                   template: LabelTemplate | None = None, chat: bool = False, vocab_size: int | None = None,
                   report=print) -> list[Example]:
@@ -259,26 +279,88 @@ def load_examples(path, tokenizer, max_length: int | None = None, truncation: st
     examples, cut, dropped = [], 0, 0
     for where, record in read_jsonl(path):
         ex = make_example(record, tokenizer, where, template, chat)
-        if vocab_size is not None and max(ex.input_ids) >= vocab_size:
-            raise DataError(f"{where}: token id {max(ex.input_ids)} is outside the model's vocabulary of "
-                            f"{vocab_size}: the tokenizer does not belong to this model")
-        if ex.trained == 0:
-            raise DataError(f"{where}: no trained token (every label is masked); check the record's fields")
-        if max_length is not None and len(ex) > max_length:
-            if truncation == "drop":
-                dropped += 1
-                continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], where, ex.answer_start)
-            cut += 1
-            if ex.trained == 0:
-                dropped += 1
-                continue
-        examples.append(ex)
+        _check_vocab(ex, vocab_size, where)
+        ex, was_cut = _limit(ex, max_length, truncation)
+        cut, dropped = cut + was_cut, dropped + (ex is None)
+        if ex is not None:
+            examples.append(ex)
     if cut or dropped:
         report(f"{path}: {cut} examples longer than {max_length} tokens truncated, {dropped} dropped")
     if not examples:
         raise DataError(f"{path}: no example left (all {dropped} were longer than max_length {max_length})")
     return examples
+
+
+# -- preference pairs ---------------------------------------------------------------------------------
+
+@dataclass
+class PreferencePair:
+    """One prompt with a chosen and a rejected completion, each a whole Example (prompt + completion,
+    only the completion trained), so a pair is two rows of the same batch."""
+
+    chosen: Example
+    rejected: Example
+    source: str
+
+
+def _implicit_prompt(chosen, rejected, where: str):
+    """TRL's implicit-prompt format: no 'prompt', the shared beginning of chosen and rejected is the prompt.
+    Message lists split after the last shared message; strings at the last space before they differ
+    (the space goes with the completions)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        n = chosen.rfind(" ", 0, n + 1) if n < min(len(chosen), len(rejected)) else n
+        n = max(n, 0)
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        raise DataError(f"{where}: with no 'prompt' field, chosen and rejected must share a beginning (the "
+                        f"prompt) and differ after it; they share {n} {'messages' if isinstance(chosen, list) else 'characters'}")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def make_pair(record: dict, tokenizer, where: str = "", chat: bool = False) -> PreferencePair:
+    """A preference record -> PreferencePair. Formats (TRL's): prompt/chosen/rejected as strings or as
+    message lists (chosen/rejected holding the assistant turn(s)), or chosen/rejected alone (implicit prompt)."""
+    if "chosen" not in record or "rejected" not in record:
+        raise DataError(f"{where}: a preference record needs 'chosen' and 'rejected' (and usually 'prompt'); "
+                        f"the record has {sorted(record)}")
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
+        raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
+    if prompt is None:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, where)
+    if type(prompt) is not type(chosen):
+        raise DataError(f"{where}: 'prompt' must be a {type(chosen).__name__} like 'chosen' and 'rejected'")
+    return PreferencePair(make_example({"prompt": prompt, "completion": chosen}, tokenizer, where, chat=chat),
+                          make_example({"prompt": prompt, "completion": rejected}, tokenizer, where, chat=chat),
+                          where)
+
+
+def load_preferences(path, tokenizer, max_length: int | None = None, truncation: str = "truncate",
+                     chat: bool = False, vocab_size: int | None = None, report=print) -> list[PreferencePair]:
+    """Read a JSONL file of preference records. A pair whose chosen or rejected sequence is longer than
+    max_length is cut ("truncate", keeping the start) or left out ("drop"); the counts are reported."""
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    pairs, cut, dropped = [], 0, 0
+    for where, record in read_jsonl(path):
+        pair = make_pair(record, tokenizer, where, chat)
+        limited = []
+        for ex in (pair.chosen, pair.rejected):
+            _check_vocab(ex, vocab_size, where)
+            limited.append(_limit(ex, max_length, truncation))
+        (chosen, cut_c), (rejected, cut_r) = limited
+        if chosen is None or rejected is None:
+            dropped += 1
+            continue
+        cut += cut_c or cut_r
+        pairs.append(PreferencePair(chosen, rejected, where))
+    if cut or dropped:
+        report(f"{path}: {cut} pairs longer than {max_length} tokens truncated, {dropped} dropped")
+    if not pairs:
+        raise DataError(f"{path}: no pair left (all {dropped} were longer than max_length {max_length})")
+    return pairs
 
 
 # -- packing and batches ------------------------------------------------------------------------------

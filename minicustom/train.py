@@ -111,7 +111,50 @@ class SFTLoss(nn.Module):
 
     def forward(self, input_ids, labels, seq_ids=None, attention_mask=None):
         h = self.model.forward_hidden(input_ids, seq_ids=seq_ids, attention_mask=attention_mask)  # (B, T, C)
-        return sft_loss(h, labels, self.model.lm_head, self.chunk)[0]
+        return sft_loss(h, labels, self.model.lm_head, self.chunk)[0], {}
+
+
+class SFTTask:
+    """What the loop needs to know of its objective, for SFT: the rows (packed examples), a micro-batch of
+    rows, its weight (trained tokens: the loss of a step is a sum over them divided by their count), the
+    loss module, and the eval metrics. The DPO task (dpo.py) answers the same questions for pairs."""
+
+    weight_name = "trained_tokens"
+
+    def __init__(self, examples: list[Example], config: TrainConfig, pad_id: int, eval_examples=None,
+                 tokenizer=None, stop_ids=()):
+        self.examples, self.config, self.pad_id = examples, config, pad_id
+        self.eval_items, self.tokenizer, self.stop_ids = eval_examples or [], tokenizer, stop_ids
+        self.units = make_units(examples, config)
+
+    def batch(self, unit_ids: list[int], filler: bool = False) -> dict:
+        batch = collate([[self.examples[i] for i in self.units[u]] for u in unit_ids], self.pad_id)
+        if filler:  # an empty share of a distributed step: a forward and backward that contribute nothing
+            batch["labels"].fill_(IGNORE)
+        return batch
+
+    def eval_batch(self, items: list[Example], filler: bool = False) -> dict:
+        batch = collate([[e] for e in items], self.pad_id)
+        if filler:
+            batch["labels"].fill_(IGNORE)
+        return batch
+
+    @staticmethod
+    def weight(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return SFTLoss(model, self.config.loss_chunk)
+
+    def eval_metrics(self, loss_sum: float, weight: int, stats: dict) -> dict:
+        return _loss_metrics(loss_sum, weight)
+
+    def answer_metrics(self, model) -> dict:
+        """Greedy exact match on the first `exact_match` eval examples (needs the tokenizer)."""
+        if self.tokenizer is None or not self.config.exact_match:
+            return {}
+        return {"exact_match": exact_match(model, self.eval_items, self.config, self.pad_id, self.tokenizer,
+                                           self.stop_ids)}
 
 
 # -- data order ---------------------------------------------------------------------------------------
@@ -141,16 +184,9 @@ def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: 
     return [m for m in out if m] if world == 1 else out
 
 
-def step_batches(examples: list[Example], units: list[list[int]], step_units: list[int], config: TrainConfig,
-                 rank: int, world: int, pad_id: int) -> list[dict]:
-    """The collated micro-batches of this process for one step."""
-    batches = []
-    for m in micro_batches(step_units, config, rank, world):
-        batch = collate([[examples[i] for i in units[u]] for u in (m or step_units[:1])], pad_id)
-        if not m:  # an empty share: a forward and backward that contribute nothing
-            batch["labels"].fill_(IGNORE)
-        batches.append(batch)
-    return batches
+def step_batches(task, step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[dict]:
+    """The collated micro-batches of this process for one step (an empty share: a filler that counts nothing)."""
+    return [task.batch(m or step_units[:1], filler=not m) for m in micro_batches(step_units, config, rank, world)]
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -299,70 +335,101 @@ def _loss_metrics(total: float, n: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], config: TrainConfig, pad_id: int, tokenizer=None,
-             stop_ids=()) -> dict:
-    """Token-weighted eval loss and perplexity; with a tokenizer, greedy exact match on the first
-    `config.exact_match` examples (the generated answer, stripped, equals the reference, stripped)."""
+def exact_match(model, examples: list[Example], config: TrainConfig, pad_id: int, tokenizer, stop_ids=()) -> float:
+    """Greedy exact match on the first `config.exact_match` examples: the generated answer, stripped,
+    equals the reference, stripped."""
+    from .generate import generate
+
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), config.batch_size):
-        batch = collate([[e] for e in examples[i:i + config.batch_size]], pad_id)
-        batch = {k: v.to(model.lm_head.weight.device) for k, v in batch.items()}
-        h = model.forward_hidden(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        s, k = sft_loss(h, batch["labels"], model.lm_head, config.loss_chunk)
-        total, n = total + float(s), n + k
-    metrics = _loss_metrics(total, n)
-    if tokenizer is not None and config.exact_match:
-        from .generate import generate
-
-        chosen = [e for e in examples if e.answer_start > 0][:config.exact_match]
-        hits = 0
-        for i in range(0, len(chosen), config.batch_size):
-            part = chosen[i:i + config.batch_size]
-            prompts = [e.input_ids[:e.answer_start] for e in part]
-            out = generate(model, prompts, config.max_new_tokens, stop=list(stop_ids), pad_token_id=pad_id)
-            T = max(len(p) for p in prompts)  # prompts are left-padded to T; new tokens follow
-            for e, row in zip(part, out[:, T:].tolist()):
-                answer = tokenizer.decode(row, skip_special_tokens=True)
-                reference = tokenizer.decode([y for y in e.labels[e.answer_start:] if y != IGNORE],
-                                             skip_special_tokens=True)
-                hits += answer.strip() == reference.strip()
-        metrics["exact_match"] = hits / max(len(chosen), 1)
+    chosen = [e for e in examples if e.answer_start > 0][:config.exact_match]
+    hits = 0
+    for i in range(0, len(chosen), config.batch_size):
+        part = chosen[i:i + config.batch_size]
+        prompts = [e.input_ids[:e.answer_start] for e in part]
+        out = generate(model, prompts, config.max_new_tokens, stop=list(stop_ids), pad_token_id=pad_id)
+        T = max(len(p) for p in prompts)  # prompts are left-padded to T; new tokens follow
+        for e, row in zip(part, out[:, T:].tolist()):
+            answer = tokenizer.decode(row, skip_special_tokens=True)
+            reference = tokenizer.decode([y for y in e.labels[e.answer_start:] if y != IGNORE],
+                                         skip_special_tokens=True)
+            hits += answer.strip() == reference.strip()
     model.train(was_training)
+    return hits / max(len(chosen), 1)
+
+
+def evaluate(model: nn.Module, examples: list[Example], config: TrainConfig, pad_id: int, tokenizer=None,
+             stop_ids=()) -> dict:
+    """Token-weighted eval loss and perplexity; with a tokenizer, greedy exact match (see exact_match)."""
+    task = SFTTask([], config, pad_id, examples, tokenizer, stop_ids)
+    return evaluate_task(task, model, task.loss_module(model), full=False)
+
+
+@torch.no_grad()
+def evaluate_task(task, model: nn.Module, wrapper: nn.Module, full: bool) -> dict:
+    """The task's eval metrics over every process's share of its eval items (all take part: FSDP's sharded
+    forward needs each of them), then its answer metrics (greedy generation) on process 0 alone, except
+    under FSDP."""
+    rank, world = _world()
+    config = task.config
+    share = task.eval_items[rank::world]
+    was_training = model.training
+    wrapper.eval()
+    loss_sum, weight, stats = 0.0, 0, {}
+    for i in range(0, max(len(task.eval_items[0::world]), 1), config.batch_size):
+        part = share[i:i + config.batch_size]
+        batch = task.eval_batch(part or task.eval_items[:1], filler=not part)  # every process runs as many
+        s, st = wrapper(**batch)
+        loss_sum, weight = loss_sum + float(s), weight + task.weight(batch)
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    wrapper.train(was_training)
+    if world > 1:
+        sums = torch.tensor([loss_sum, weight, *stats.values()], dtype=torch.float64)
+        dist.all_reduce(sums)
+        loss_sum, weight = float(sums[0]), int(sums[1])
+        stats = dict(zip(stats, sums[2:].tolist()))
+    metrics = task.eval_metrics(loss_sum, weight, stats)
+    if world == 1 or (rank == 0 and not full):
+        metrics.update(task.answer_metrics(model))
     return metrics
 
 
 # -- the loop -----------------------------------------------------------------------------------------
 
-def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: int = 1) -> tuple[float, int, int]:
-    """Backward over the micro-batches of one step (this process's share); returns (mean loss per trained
-    token over all processes, trained tokens, tokens). Each micro-batch's summed loss is divided by the
-    step's total count of trained tokens, so the gradients are those of one batch holding them all."""
-    counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micros),
-                           sum(b["input_ids"].numel() for b in micros)], dtype=torch.float64)
+def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: int = 1,
+                         weight: Callable[[dict], int] = SFTTask.weight) -> tuple[float, int, int, dict]:
+    """Backward over the micro-batches of one step (this process's share); returns (mean loss per unit of
+    weight over all processes, total weight, tokens, the wrapper's statistics summed and divided by the
+    weight). The weight is the trained tokens for SFT, the pairs for DPO: each micro-batch's summed loss
+    is divided by the step's total weight, so the gradients are those of one batch holding them all."""
+    counts = torch.tensor([sum(weight(b) for b in micros), sum(b["input_ids"].numel() for b in micros)],
+                          dtype=torch.float64)
     if world > 1:
         dist.all_reduce(counts)
-    n_trained, n_tokens = int(counts[0]), int(counts[1])
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    n_weight, n_tokens = int(counts[0]), int(counts[1])
+    loss_sum, stats = torch.zeros((), dtype=torch.float64), {}
     for m, batch in enumerate(micros):
         batch = {k: v.to(device) for k, v in batch.items()}
         last = m == len(micros) - 1
         with wrapper.no_sync() if hasattr(wrapper, "no_sync") and not last else contextlib.nullcontext():
-            s = wrapper(**batch)
-            (s * (world / max(n_trained, 1))).backward()
+            s, st = wrapper(**batch)
+            (s * (world / max(n_weight, 1))).backward()
         loss_sum += s.detach().double().cpu()
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v.detach().double().cpu()
+    sums = torch.stack([loss_sum, *stats.values()])
     if world > 1:
-        dist.all_reduce(loss_sum)
-    return float(loss_sum) / max(n_trained, 1), n_trained, n_tokens
+        dist.all_reduce(sums)
+    means = (sums / max(n_weight, 1)).tolist()
+    return means[0], n_weight, n_tokens, dict(zip(stats, means[1:]))
 
 
 def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _wrap(model: nn.Module, config: TrainConfig, full: bool) -> nn.Module:
-    wrapper = SFTLoss(model, config.loss_chunk)
+def _wrap(model: nn.Module, wrapper: nn.Module, full: bool) -> nn.Module:
     if not dist.is_initialized():
         return wrapper
     if full:
@@ -384,8 +451,16 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
     out/ receives metrics.jsonl, loss.png and checkpoints/ (every save_every steps and at the end).
     resume=True continues from out/checkpoints/latest. A non-finite loss stops the run with a
     TrainingError before the optimizer touches the weights; the last checkpoint stays as it was."""
+    task = SFTTask(examples, config, pad_id, eval_examples, tokenizer, stop_ids)
+    return run(task, model, out, resume=resume, on_step=on_step)
+
+
+def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
+        on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """The loop, for any task (SFTTask here, DPOTask in dpo.py): see train()."""
     from .plot import write_loss_png
 
+    config = task.config
     out = Path(out)
     rank, world = _world()
     folder = out / "checkpoints"
@@ -397,15 +472,14 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
     torch.manual_seed(config.seed)
     model.train()
     model.gradient_checkpointing = config.gradient_checkpointing
-    wrapper = _wrap(model, config, full)
+    wrapper = _wrap(model, task.loss_module(model), full)
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=config.betas)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
 
-    units = make_units(examples, config)
-    per_epoch = len(epoch_steps(len(units), 0, config, world))
+    per_epoch = len(epoch_steps(len(task.units), 0, config, world))
     if per_epoch == 0:
-        raise TrainingError(f"{len(units)} rows cannot fill one step of {config.batch_size} rows x "
+        raise TrainingError(f"{len(task.units)} rows cannot fill one step of {config.batch_size} rows x "
                             f"{config.grad_accum} micro-batches x {world} processes")
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
 
@@ -421,9 +495,8 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
     elif (folder / "latest").exists():
         raise TrainingError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) to "
                             "continue it, or choose another output folder")
-    if step == 0 and eval_examples:  # the starting point, for comparison
-        history = [{"step": 0, **_distributed_eval(model, wrapper, eval_examples, config, pad_id, tokenizer,
-                                                   stop_ids, full, rank, world)}]
+    if step == 0 and task.eval_items:  # the starting point, for comparison
+        history = [{"step": 0, **evaluate_task(task, model, wrapper, full)}]
     if rank == 0:
         atomic_write(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -432,12 +505,12 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
     while step < total:
         epoch, index = divmod(step, per_epoch)
         if epoch != plan_epoch:
-            plan, plan_epoch = epoch_steps(len(units), epoch, config, world), epoch
+            plan, plan_epoch = epoch_steps(len(task.units), epoch, config, world), epoch
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(step, total, config)
-        micros = step_batches(examples, units, plan[index], config, rank, world, pad_id)
-        loss, n_trained, n_tokens = accumulate_gradients(wrapper, micros, device, world)
+        micros = step_batches(task, plan[index], config, rank, world)
+        loss, n_weight, n_tokens, stats = accumulate_gradients(wrapper, micros, device, world, task.weight)
         grad_norm = _clip(model, config.max_grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "none yet"
@@ -448,13 +521,12 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - t0
-        record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": grad_norm, "trained_tokens": n_trained, "tokens": n_tokens,
-                  "tokens_per_s": n_tokens / seconds}
+        record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": loss, **stats,
+                  "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, task.weight_name: n_weight,
+                  "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
         last = step == total
-        if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
-            record.update(_distributed_eval(model, wrapper, eval_examples, config, pad_id, tokenizer, stop_ids,
-                                            full, rank, world))
+        if task.eval_items and ((config.eval_every and step % config.eval_every == 0) or last):
+            record.update(evaluate_task(task, model, wrapper, full))
         history.append(record)
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -482,29 +554,6 @@ def _clip(model: nn.Module, max_norm: float | None) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
-
-
-def _distributed_eval(model, wrapper, examples, config, pad_id, tokenizer, stop_ids, full, rank, world) -> dict:
-    """Eval loss over every process's share of the eval set (all must take part under FSDP); exact match
-    by greedy generation on process 0 (not under FSDP, whose sharded forward needs every process)."""
-    if world == 1:
-        return evaluate(model, examples, config, pad_id, tokenizer, stop_ids)
-    share = examples[rank::world]
-    with torch.no_grad():
-        wrapper.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
-        for i in range(0, max(len(examples[0::world]), 1), config.batch_size):
-            part = share[i:i + config.batch_size] or examples[:1]  # every process runs the same number
-            batch = collate([[e] for e in part], pad_id)
-            s = wrapper(**batch)
-            if share[i:i + config.batch_size]:
-                sums += torch.tensor([float(s), sum(int((b != IGNORE).sum()) for b in batch["labels"][:, 1:])])
-        wrapper.train()
-    dist.all_reduce(sums)
-    metrics = _loss_metrics(float(sums[0]), int(sums[1]))
-    if not full and rank == 0 and tokenizer is not None and config.exact_match:
-        metrics["exact_match"] = evaluate(model, examples, config, pad_id, tokenizer, stop_ids)["exact_match"]
-    return metrics
 
 
 # -- methods and export -------------------------------------------------------------------------------

@@ -50,10 +50,10 @@ def test_accumulation_equals_one_batch(setup, method):
     model, _, examples = model_and_examples(setup, method, r=4)
     ex = examples[:5]
     wrapper = SFTLoss(model, chunk=7)
-    loss_a, n_a, _ = accumulate_gradients(wrapper, [collate([[e]], 0) for e in ex], "cpu")
+    loss_a, n_a, *_ = accumulate_gradients(wrapper, [collate([[e]], 0) for e in ex], "cpu")
     g_a = grads(model)
     model.zero_grad()
-    loss_b, n_b, _ = accumulate_gradients(wrapper, [collate([[e] for e in ex], 0)], "cpu")
+    loss_b, n_b, *_ = accumulate_gradients(wrapper, [collate([[e] for e in ex], 0)], "cpu")
     g_b = grads(model)
     model.zero_grad()
     logits = [model(torch.tensor([e.input_ids]))[0, :-1] for e in ex]
