@@ -1,4 +1,4 @@
-"""The `minicustom` command: generate, chat, train sft, inspect-data, merge, convert-gguf, fetch-demo-model.
+"""The `minicustom` command: generate, chat, train sft, train dpo, inspect-data, merge, convert-gguf, fetch-demo-model.
 
 `--model` defaults to the demo model (SmolLM2-135M-Instruct), installed and converted on first use.
 """
@@ -175,14 +175,11 @@ def _data_options(args) -> dict:
     return {"template": template, "chat": args.chat_template}
 
 
-def cmd_train_sft(args):
-    """Load, attach the method, train, export; under torchrun each process runs this."""
+def _init_distributed(args) -> int:
+    """Under torchrun: join the process group (nccl on CUDA, gloo on CPU); returns this process's rank."""
     import os
 
     import torch.distributed as dist
-
-    from .data import load_examples, pad_id_for
-    from .train import TrainConfig, apply_method, export, train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():  # launched by torchrun
@@ -190,47 +187,120 @@ def cmd_train_sft(args):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(args.device)
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
-    if args.adapter:
-        raise ValueError("train sft starts a new adapter; --adapter is not taken (to continue a run, use --resume "
-                         "with the same --out)")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    report = print if rank == 0 else (lambda *a, **k: None)
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _load_for_training(args):
     model, tok = _load(args)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}: they do not belong together")
-    config = TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, lora_plus_ratio=args.lora_plus_ratio, schedule=args.schedule,
-        warmup_steps=args.warmup_steps, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_length=args.max_length, packing=not args.no_packing,
-        max_grad_norm=args.max_grad_norm or None, gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-        exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
-    options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
-                   vocab_size=model.config.vocab_size, report=report, **_data_options(args))
-    examples = load_examples(args.data, **options)
-    eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
+    return model, tok
+
+
+def _train_options(args) -> dict:
+    """The TrainConfig fields both trainers take from the command line."""
+    return dict(lr=args.lr, weight_decay=args.weight_decay, lora_plus_ratio=args.lora_plus_ratio,
+                schedule=args.schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
+                max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
+                gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, log_every=args.log_every,
+                eval_every=args.eval_every, save_every=args.save_every)
+
+
+def _attach(args, model, tok):
+    from .train import apply_method
+
     torch.manual_seed(args.seed)  # the method's initialisation is part of the run
     targets = args.targets.split(",") if args.targets and "," in args.targets else args.targets
-    apply_method(model, args.method, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
+    apply_method(model, args.method or "lora", r=args.r, alpha=args.alpha, dropout=args.dropout, targets=targets,
                  num_virtual_tokens=args.num_virtual_tokens, prefix_projection=args.prefix_projection,
                  prompt_init=args.prompt_init, prompt_init_text=args.prompt_init_text, tokenizer=tok,
                  encoder=args.encoder, reduction_factor=args.reduction_factor, placement=args.placement,
                  adapter_len=args.adapter_len, adapter_layers=args.adapter_layers)
+
+
+def _finish(args, model, rank: int, full: bool):
+    """Export the adapter (or the checkpoint), the tokenizer files of a full model and the command's options."""
+    import torch.distributed as dist
+
+    from .checkpoint import write_json
+    from .train import export
+
     out = Path(args.out)
-    train(model, examples, config, out, eval_examples=eval_examples, tokenizer=tok, pad_id=pad_id_for(tok),
-          resume=args.resume, stop_ids=_stop_ids(model, tok))
     export(model, out, base_model_name_or_path=str(_model_path(args)))
     if rank == 0:
-        from .checkpoint import write_json
-
-        if args.method == "full":
+        if full:
             _copy_tokenizer_files(_model_path(args), out)
         write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
         print(out)
     if dist.is_initialized():
         dist.barrier()  # a process that tears gloo down while a peer still writes aborts ("terminate called")
         dist.destroy_process_group()
+
+
+def cmd_train_sft(args):
+    """Load, attach the method, train, export; under torchrun each process runs this."""
+    from .data import load_examples, pad_id_for
+    from .train import TrainConfig, train
+
+    rank = _init_distributed(args)
+    if args.adapter:
+        raise ValueError("train sft starts a new adapter; --adapter is not taken (to continue a run, use --resume "
+                         "with the same --out)")
+    report = print if rank == 0 else (lambda *a, **k: None)
+    model, tok = _load_for_training(args)
+    config = TrainConfig(**_train_options(args), packing=not args.no_packing, exact_match=args.exact_match,
+                         max_new_tokens=args.max_new_tokens)
+    options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
+                   vocab_size=model.config.vocab_size, report=report, **_data_options(args))
+    examples = load_examples(args.data, **options)
+    eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
+    _attach(args, model, tok)
+    train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
+          pad_id=pad_id_for(tok), resume=args.resume, stop_ids=_stop_ids(model, tok))
+    _finish(args, model, rank, full=args.method == "full")
+
+
+def cmd_train_dpo(args):
+    """Load, attach a new adapter or load the starting one (trainable), pick the reference, train, export."""
+    import os
+
+    from .adapters_io import load_adapter
+    from .data import load_preferences, pad_id_for
+    from .dpo import DPOConfig, train_dpo
+
+    rank = _init_distributed(args)
+    report = print if rank == 0 else (lambda *a, **k: None)
+    start, args.adapter = args.adapter, None
+    if start and args.method:
+        raise ValueError("--adapter continues that adapter's method; --method is for a new adapter, not both")
+    if args.reference is None and (start or args.method == "full"):
+        raise ValueError("starting DPO from " + (f"the adapter {start}" if start else "a fully fine-tuned model") +
+                         " needs an explicit reference: --reference adapter-snapshot (that starting point, frozen), "
+                         "base (the model underneath, adapters disabled), a checkpoint folder, or precomputed")
+    reference = {None: "base", "adapter-snapshot": "snapshot"}.get(args.reference, args.reference)
+    if reference not in ("base", "snapshot", "precomputed") and not Path(reference).is_dir():
+        raise ValueError(f"--reference {args.reference}: not base, adapter-snapshot, precomputed or a folder")
+    model, tok = _load_for_training(args)
+    losses = args.loss.split(",")
+    weights = [float(w) for w in args.loss_weights.split(",")] if args.loss_weights else None
+    config = DPOConfig(**_train_options(args), loss_type=losses if len(losses) > 1 else losses[0],
+                       loss_weights=weights, beta=args.beta, label_smoothing=args.label_smoothing,
+                       rpo_alpha=args.rpo_alpha, simpo_gamma=args.simpo_gamma, discopop_tau=args.discopop_tau)
+    options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
+                   vocab_size=model.config.vocab_size, report=report, chat=args.chat_template)
+    pairs = load_preferences(args.data, **options)
+    eval_pairs = load_preferences(args.eval_data, **options) if args.eval_data else None
+    if start:
+        load_adapter(model, start, is_trainable=True)
+    else:
+        _attach(args, model, tok)
+    cache = args.reference_cache or Path(os.environ.get("MINICUSTOM_CACHE") or Path.home() / ".cache" / "minicustom"
+                                         ) / "reference-logps"
+    train_dpo(model, pairs, config, Path(args.out), reference=reference, eval_pairs=eval_pairs,
+              pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report)
+    _finish(args, model, rank, full=args.method == "full")
 
 
 def cmd_inspect_data(args):
@@ -314,14 +384,10 @@ def _add_data_args(p):
     p.add_argument("--completion-template", help='labelled data: completion format, e.g. " {label}"')
 
 
-def _add_train_sft(sub):
+def _add_method_args(p, default_lr: float):
     from .train import METHODS
 
-    p = sub.add_parser("sft", help="supervised fine-tuning")
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--eval-data", help="held-out JSONL file: eval loss, perplexity and exact match")
-    p.add_argument("--method", choices=sorted(METHODS), default="lora")
+    p.add_argument("--method", choices=sorted(METHODS), default=None, help="the method to attach (default: lora)")
     p.add_argument("--out", required=True, help="output folder: adapter (or checkpoint), metrics, checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--r", type=int, default=8)
@@ -340,27 +406,64 @@ def _add_train_sft(sub):
     g.add_argument("--placement", choices=["houlsby", "pfeiffer", "parallel"], default="houlsby")
     g.add_argument("--adapter-len", type=int, default=10, help="llama-adapter: prompt vectors per layer")
     g.add_argument("--adapter-layers", type=int, default=8, help="llama-adapter: adapted layers, from the top")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=default_lr)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--lora-plus-ratio", type=float)
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (per process)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate")
-    p.add_argument("--no-packing", action="store_true")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
+
+
+def _add_train_sft(sub):
+    p = sub.add_parser("sft", help="supervised fine-tuning")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--eval-data", help="held-out JSONL file: eval loss, perplexity and exact match")
+    _add_method_args(p, default_lr=2e-4)
+    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (per process)")
+    p.add_argument("--no-packing", action="store_true")
     p.add_argument("--exact-match", type=int, default=32, help="eval examples to answer for exact match")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.set_defaults(func=cmd_train_sft)
+    p.set_defaults(func=cmd_train_sft, method="lora")
+
+
+def _add_train_dpo(sub):
+    from .losses import LOSS_TYPES
+
+    p = sub.add_parser("dpo", help="preference optimization: DPO and its family")
+    _add_model_args(p)
+    p.set_defaults(adapter=None)
+    p.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected as strings or "
+                   "message lists, or chosen/rejected conversations (implicit prompt)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render string prompt/chosen/rejected through the tokenizer's chat template")
+    p.add_argument("--eval-data", help="held-out pairs: eval loss, rewards and preference accuracy")
+    p.add_argument("--reference", help="the reference policy: base (adapters disabled; the default for a new "
+                   "adapter), adapter-snapshot (the starting adapter, frozen), a checkpoint folder, or precomputed "
+                   "(the starting policy's log-probs, cached). Required with --adapter or --method full")
+    p.add_argument("--reference-cache", help="folder of precomputed reference log-probs (default: "
+                   "$MINICUSTOM_CACHE/reference-logps or ~/.cache/minicustom/reference-logps)")
+    p.add_argument("--loss", default="sigmoid", help=f"loss type, or several separated by commas: "
+                   f"{', '.join(LOSS_TYPES)}")
+    p.add_argument("--loss-weights", help="weights of the losses, separated by commas (default: 1 each)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO, robust, exo_pair, aot, simpo")
+    p.add_argument("--rpo-alpha", type=float, help="RPO: add this times the chosen completion's NLL")
+    p.add_argument("--simpo-gamma", type=float, default=0.5)
+    p.add_argument("--discopop-tau", type=float, default=0.05)
+    _add_method_args(p, default_lr=5e-5)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (per process)")
+    p.set_defaults(func=cmd_train_dpo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,8 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("train", help="fine-tune: train sft ...")
-    _add_train_sft(p.add_subparsers(dest="kind", required=True))
+    p = sub.add_parser("train", help="fine-tune: train sft | train dpo")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    _add_train_sft(kinds)
+    _add_train_dpo(kinds)
     p = sub.add_parser("inspect-data", help="show which tokens of a dataset are trained")
     p.add_argument("--model", help="checkpoint folder whose tokenizer to use (default: the demo model)")
     _add_data_args(p)

@@ -1,4 +1,4 @@
-"""Losses: chunked cross-entropy for SFT, computed only where labels are trained.
+"""Losses: chunked cross-entropy for SFT, sequence log-probabilities, and the preference losses of DPO.
 
 Next-token loss over a batch: position t predicts labels[t + 1], and only positions whose target is not
 -100 count. Instead of the (B, T, V) logits of the usual `lm_head(h)` + `cross_entropy` (for
@@ -15,9 +15,16 @@ The gradients are built in the forward pass and scaled by the incoming gradient 
 with the number of trained tokens; the trainer divides by the total over all accumulation
 micro-batches and processes, so every trained token weighs the same however the batch is split.
 Left out: label smoothing and z-loss.
+
+DPO needs log p(completion | prompt) per sequence rather than one sum (`sequence_logps`), and then one
+of the preference losses below, each a function of four (B,) log-probs and two (B,) lengths, all behind
+`preference_loss`.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,3 +102,265 @@ def sft_loss(hidden, labels, lm_head: nn.Module, chunk: int = 512):
 
 def _chunk_loss(lm_head, h, y):
     return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+
+
+def sequence_logps(hidden, labels, lm_head: nn.Module, chunk: int = 512):
+    """(log p(completion | prompt) per sequence (B,), trained tokens per sequence (B,)).
+
+    The sum over the trained positions of row b of log softmax(h_t W^T)[labels[t + 1]]: the completion's
+    log-probability, the prompt and padding (label -100) left out. The logits are made N_c positions at a
+    time under activation checkpointing, so a chunk's (N_c, V) logits are recomputed in backward rather
+    than kept; the fused path of sft_loss cannot serve here, since each row's gradient is scaled by its own
+    incoming gradient (the preference loss's d loss / d logp_b), known only in backward."""
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    h, y = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
+    row = keep.nonzero()[:, 0]  # (N,) the sequence of each trained position
+    parts = [torch.utils.checkpoint.checkpoint(_chunk_logps, lm_head, h[i:i + chunk], y[i:i + chunk],
+                                               use_reentrant=False) for i in range(0, y.numel(), chunk)]
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32).index_add(0, row, token_logps)
+    return sums, keep.sum(1)
+
+
+def _chunk_logps(lm_head, h, y):
+    return -F.cross_entropy(lm_head(h).float(), y, reduction="none")  # (N_c,) log p(y)
+
+
+# -- preference losses --------------------------------------------------------------------------------
+# For each of B pairs (prompt x, chosen y_w, rejected y_l), from sequence log-probs and completion lengths:
+#   c = log π(y_w) − log π_ref(y_w),  r = log π(y_l) − log π_ref(y_l)   chosen, rejected log-ratios
+#   h = c − r                                                          the DPO margin
+#   h_avg = c/|y_w| − r/|y_l|,  a_w = log π(y_w)/|y_w|,  a_l = log π(y_l)/|y_l|
+# β is the inverse temperature (IPO's τ, ORPO's λ), ε the label smoothing (noise rate). The formulas are
+# TRL 1.16's (DPOTrainer._compute_loss, CPOTrainer.cpo_loss, ORPOTrainer.odds_ratio_loss), checked against
+# them in tests/test_preference_losses.py. Left out of TRL's DPO: f-divergence scores, LD-DPO's
+# down-weighted tails, WPO weights, AlphaPO rewards; every loss here is a function of four (B,) log-probs
+# and two (B,) lengths.
+
+
+@dataclass
+class PreferenceLosses:
+    losses: torch.Tensor  # (B,) Σ_k w_k loss_k per pair; the trainer reduces it
+    chosen_rewards: torch.Tensor  # (B,) β c, or β a_w for SimPO / ORPO; detached
+    rejected_rewards: torch.Tensor  # (B,) β r, or β a_l
+
+
+@dataclass
+class Pairs:
+    """A batch of pairs in float32 and the hyperparameters: what each loss below is a function of."""
+    logp_w: torch.Tensor  # (B,) log π(y_w)
+    logp_l: torch.Tensor  # (B,) log π(y_l)
+    ref_w: torch.Tensor  # (B,) log π_ref(y_w); zeros when reference-free
+    ref_l: torch.Tensor  # (B,) log π_ref(y_l)
+    n_w: torch.Tensor | None  # (B,) |y_w| clamped at 1, as TRL; None when not given
+    n_l: torch.Tensor | None  # (B,) |y_l|
+    beta: float
+    eps: float
+    tau: float
+    gamma: float
+
+    @property
+    def c(self):
+        return self.logp_w - self.ref_w
+
+    @property
+    def r(self):
+        return self.logp_l - self.ref_l
+
+    @property
+    def h(self):
+        return self.c - self.r
+
+    @property
+    def h_avg(self):
+        return self.c / self.n_w - self.r / self.n_l
+
+    @property
+    def a_w(self):
+        return self.logp_w / self.n_w
+
+    @property
+    def a_l(self):
+        return self.logp_l / self.n_l
+
+
+def _logistic(z, eps):
+    """−(1 − ε) log σ(z) − ε log σ(−z): the logistic loss of a margin z whose label flips with chance ε."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def dpo(p: Pairs):
+    """DPO (Rafailov et al. 2023, Eq. 7): −log σ(βh). With ε > 0 it is conservative DPO (cDPO, Mitchell 2023),
+    −(1 − ε) log σ(βh) − ε log σ(−βh), the expected loss under labels flipped with probability ε (as TRL's
+    CPOTrainer; TRL 1.16's DPOTrainer ignores ε here)."""
+    return _logistic(p.beta * p.h, p.eps)
+
+
+def robust_dpo(p: Pairs):
+    """Robust DPO (Chowdhury et al. 2024): ((1 − ε) ℓ(βh) − ε ℓ(−βh)) / (1 − 2ε) with ℓ(z) = −log σ(z), an
+    unbiased estimate of the clean-label loss when labels flip with probability ε < 1/2."""
+    z = p.beta * p.h
+    return (-(1 - p.eps) * F.logsigmoid(z) + p.eps * F.logsigmoid(-z)) / (1 - 2 * p.eps)
+
+
+def hinge(p: Pairs):
+    """SLiC's hinge (Zhao et al. 2023) on the normalised margin of RSO (Liu et al. 2023): max(0, 1 − βh)."""
+    return torch.relu(1 - p.beta * p.h)
+
+
+def ipo(p: Pairs):
+    """IPO (Azar et al. 2023, Eq. 17, β is the paper's τ): (h_avg − 1/(2β))², a regression of the margin onto
+    1/(2β) instead of a push to infinity. Per-token log-ratios, as TRL (agreed with the IPO authors): the
+    summed margin would make the square grow with the completion length."""
+    return (p.h_avg - 1 / (2 * p.beta)) ** 2
+
+
+def exo_pair(p: Pairs):
+    """EXO (Ji et al. 2024, Eq. 16): KL(q ‖ p_ε) between the model's choice q = (σ(βh), σ(−βh)) and the
+    smoothed label p_ε = (1 − ε, ε): σ(βh)(log σ(βh) − log(1 − ε)) + σ(−βh)(log σ(−βh) − log ε), ε > 0."""
+    z = p.beta * p.h
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-p.eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(p.eps)))
+
+
+def nca_pair(p: Pairs):
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment"): −log σ(βc) − ½ log σ(−βc) − ½ log σ(−βr). Each
+    log-ratio is scored on its own, so lowering y_l cannot pay for lowering y_w too."""
+    return -F.logsigmoid(p.beta * p.c) - 0.5 * F.logsigmoid(-p.beta * p.c) - 0.5 * F.logsigmoid(-p.beta * p.r)
+
+
+def bco_pair(p: Pairs):
+    """BCO (Jung et al. 2024): y_w classed as 1 and y_l as 0 by the rewards βc, βr, −log σ(βc) − log σ(−βr).
+    The paper's reward shift δ (a running mean of the rewards) is left out, as in TRL's DPO."""
+    return -F.logsigmoid(p.beta * p.c) - F.logsigmoid(-p.beta * p.r)
+
+
+def sppo_hard(p: Pairs):
+    """SPPO (Wu et al. 2024, Eq. 4.7) with hard win probabilities P(y_w ≻ y_l) = 1, P(y_l ≻ y_w) = 0:
+    (c − 1/(2β))² + (r + 1/(2β))², each log-ratio regressed onto ±1/(2β)."""
+    return (p.c - 0.5 / p.beta) ** 2 + (p.r + 0.5 / p.beta) ** 2
+
+
+def aot(p: Pairs):
+    """AOT (Melnyk et al. 2024), paired: stochastic dominance of the policy's margins over the reference's, by
+    1-D optimal transport, i.e. sorting over the batch: δ = sort(log π(y_w) − log π(y_l)) −
+    sort(log π_ref(y_w) − log π_ref(y_l)), loss −(1 − ε) log σ(βδ) − ε log σ(−βδ). Entry i of the result
+    belongs to the i-th quantile, not to pair i."""
+    delta = torch.sort(p.logp_w - p.logp_l).values - torch.sort(p.ref_w - p.ref_l).values
+    return _logistic(p.beta * delta, p.eps)
+
+
+def aot_unpaired(p: Pairs):
+    """AOT unpaired (Melnyk et al. 2024): chosen log-ratios dominate rejected ones as distributions,
+    δ = sort(c) − sort(r), loss −(1 − ε) log σ(βδ) − ε log σ(−βδ)."""
+    delta = torch.sort(p.c).values - torch.sort(p.r).values
+    return _logistic(p.beta * delta, p.eps)
+
+
+def apo_zero(p: Pairs):
+    """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): (1 − σ(βc)) + σ(βr), raising y_w and lowering y_l; for
+    chosen answers better than the model's own."""
+    return 1 - torch.sigmoid(p.beta * p.c) + torch.sigmoid(p.beta * p.r)
+
+
+def apo_down(p: Pairs):
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8): σ(βc) + (1 − σ(βh)), lowering both, y_l the more; for
+    chosen answers worse than the model's own."""
+    return torch.sigmoid(p.beta * p.c) + 1 - torch.sigmoid(p.beta * p.h)
+
+
+def discopop(p: Pairs):
+    """DiscoPOP (Lu et al. 2024, Eq. 5), found by LLM-driven search: with z = βh and m = σ(z/τ),
+    (1 − m)(−log σ(z)) + m e^{−z}, logistic for z ≪ 0 and exponential for z ≫ 0. m e^{−z} is formed as
+    exp(log σ(z/τ) − z): TRL's product is ∞ · 0 = NaN once z < −88 (e^{−z} overflows fp32 where m is 0)."""
+    z = p.beta * p.h
+    return -F.logsigmoid(z) * torch.sigmoid(-z / p.tau) + torch.exp(F.logsigmoid(z / p.tau) - z)
+
+
+def sigmoid_norm(p: Pairs):
+    """Length-normalised DPO (as in Tülu 3, Lambert et al. 2024): −log σ(β h_avg)."""
+    return -F.logsigmoid(p.beta * p.h_avg)
+
+
+def chosen_nll(p: Pairs):
+    """−log π(y_w)/|y_w|, the chosen completion's NLL per token, RPO's added term (Pang et al. 2024). TRL's
+    `sft` averages over all chosen tokens of the batch instead; the two agree when the |y_w| are equal."""
+    return -p.logp_w / p.n_w
+
+
+def simpo(p: Pairs):
+    """SimPO (Meng et al. 2024, Eq. 6), reference-free: the average log-prob is the reward, γ a target margin,
+    −(1 − ε) log σ(β(a_w − a_l) − γ) − ε log σ(−β(a_w − a_l) + γ)."""
+    return _logistic(p.beta * (p.a_w - p.a_l) - p.gamma, p.eps)
+
+
+def orpo(p: Pairs):
+    """ORPO (Hong et al. 2024, Eqs. 6-7), reference-free, β is the paper's λ: the chosen NLL plus an odds
+    ratio penalty, −a_w − β log σ(log odds(y_w) − log odds(y_l)) where odds(y) = P/(1 − P) of P = e^a, so
+    log odds(y_w) − log odds(y_l) = (a_w − a_l) − (log(1 − e^{a_w}) − log(1 − e^{a_l}))."""
+    a_w, a_l = p.a_w, p.a_l
+    # log(1 − e^a) as log(−expm1(a)): exact as a → 0 (P → 1), where log1p(−e^a) cancels; for a ≪ 0 its
+    # absolute error is below e^a, nothing next to the O(1) log-odds
+    log_odds = (a_w - a_l) - (torch.log(-torch.expm1(a_w)) - torch.log(-torch.expm1(a_l)))
+    return -a_w - p.beta * F.logsigmoid(log_odds)
+
+
+_LOSSES = {"sigmoid": dpo, "robust": robust_dpo, "hinge": hinge, "ipo": ipo, "exo_pair": exo_pair,
+           "nca_pair": nca_pair, "bco_pair": bco_pair, "sppo_hard": sppo_hard, "aot": aot,
+           "aot_unpaired": aot_unpaired, "apo_zero": apo_zero, "apo_down": apo_down, "discopop": discopop,
+           "sigmoid_norm": sigmoid_norm, "sft": chosen_nll, "simpo": simpo, "orpo": orpo}
+LOSS_TYPES = tuple(_LOSSES)
+_NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"}
+_REFERENCE_FREE = {"sft", "simpo", "orpo"}
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
+                    ref_rejected_logps=None, loss_type="sigmoid", beta=0.1, label_smoothing=0.0,
+                    chosen_lengths=None, rejected_lengths=None, *, loss_weights=None, reference_free=False,
+                    rpo_alpha=None, simpo_gamma=0.5, discopop_tau=0.05) -> PreferenceLosses:
+    """Per-pair Σ_k w_k loss_k over loss_type (a name of LOSS_TYPES or a list of them, weights loss_weights,
+    default 1), plus rpo_alpha · (−log π(y_w)/|y_w|) when rpo_alpha is set (RPO, Pang et al. 2024).
+
+    The log-probs are (B,) sums over completion tokens (`sequence_logps`), the lengths (B,) completion token
+    counts. reference_free=True takes log π_ref = 0. Rewards are β c, β r, or β a_w, β a_l when the first
+    loss type is simpo or orpo."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    if not types or any(t not in _LOSSES for t in types):
+        raise ValueError(f"loss_type {loss_type!r}: expected one or more of {', '.join(LOSS_TYPES)}")
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for the {len(types)} loss_type {types}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if "robust" in types and not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing ('robust' flip rate) must be in [0, 0.5): {label_smoothing}")
+    if "exo_pair" in types and not 0 < label_smoothing < 1:
+        raise ValueError(f"label_smoothing ('exo_pair' ε, e.g. 1e-3) must be in (0, 1): {label_smoothing}")
+    no_ref = ref_chosen_logps is None or ref_rejected_logps is None
+    if no_ref and not reference_free and (need := [t for t in types if t not in _REFERENCE_FREE]):
+        raise ValueError(f"loss_type {need} needs ref_chosen_logps and ref_rejected_logps, or reference_free")
+    need = [t for t in types if t in _NEEDS_LENGTHS] + (["rpo_alpha"] if rpo_alpha is not None else [])
+    if need and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"{need} needs chosen_lengths and rejected_lengths (completion token counts)")
+    shape = tuple(policy_chosen_logps.shape)
+    for name, x in [("policy_chosen_logps", policy_chosen_logps),
+                    ("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
+                    ("ref_rejected_logps", ref_rejected_logps), ("chosen_lengths", chosen_lengths),
+                    ("rejected_lengths", rejected_lengths)]:
+        if x is not None and (x.dim() != 1 or tuple(x.shape) != shape):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {shape}, one entry per pair")
+
+    logp_w, logp_l = policy_chosen_logps.float(), policy_rejected_logps.float()
+    ref_w, ref_l = ((torch.zeros_like(logp_w),) * 2 if reference_free or no_ref
+                    else (ref_chosen_logps.float(), ref_rejected_logps.float()))
+    n_w, n_l = (None if n is None else n.float().clamp(min=1) for n in (chosen_lengths, rejected_lengths))
+    p = Pairs(logp_w, logp_l, ref_w, ref_l, n_w, n_l, beta, label_smoothing, discopop_tau, simpo_gamma)
+    losses = sum(w * _LOSSES[t](p) for t, w in zip(types, weights))
+    if rpo_alpha is not None:
+        losses = losses + rpo_alpha * chosen_nll(p)
+    if types[0] in ("simpo", "orpo"):
+        chosen_rewards, rejected_rewards = beta * p.a_w, beta * p.a_l
+    else:
+        chosen_rewards, rejected_rewards = beta * p.c, beta * p.r
+    return PreferenceLosses(losses, chosen_rewards.detach(), rejected_rewards.detach())
