@@ -110,6 +110,11 @@ class SnapshotReference:
     name = "snapshot"
 
     def __init__(self, model: nn.Module):
+        import torch.distributed as dist
+
+        if dist.is_initialized() and all(p.requires_grad for p in model.parameters()):
+            raise ValueError("reference 'snapshot' swaps whole tensors, which FSDP2 shards under full fine-tuning: "
+                             "name the starting model's folder, or 'precomputed'")
         self.tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @contextlib.contextmanager

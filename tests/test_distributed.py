@@ -61,3 +61,28 @@ def test_fsdp_resume_replays_the_curve(setup, tmp_path):
     (tmp_path / "b" / "checkpoints" / "latest").write_text("checkpoint-000002\n")
     launch(args(setup, tmp_path / "b", 1, "full") + ["--resume"], 2)
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_two_processes_match_one(setup, tmp_path, method):
+    """DPO on the same loop: pairs split over two processes give the one-process curve. LoRA against the
+    base (adapters disabled inside DDP's forward); full fine-tuning (FSDP2) against the model folder."""
+    from test_dpo import pair_records
+
+    root, path = setup
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_records()))
+
+    def dpo(out, batch_size):
+        return ["train", "dpo", "--model", str(path), "--data", str(tmp_path / "prefs.jsonl"), "--eval-data",
+                str(tmp_path / "prefs.jsonl"), "--out", str(out), "--batch-size", str(batch_size), "--grad-accum",
+                "2", "--max-steps", "3", "--eval-every", "3", "--method", method, "--lr", "1e-3",
+                "--reference", "base" if method == "lora" else str(path)]
+    launch(dpo(tmp_path / "one", 2), 1)
+    launch(dpo(tmp_path / "two", 1), 2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r.get("pairs") for r in one] == [r.get("pairs") for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm", "eval_loss", "rewards/margins", "eval_policy_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+    assert abs(one[0]["eval_loss"] - 0.6931471805599453) < 1e-6 and one[-1]["eval_loss"] != one[0]["eval_loss"]

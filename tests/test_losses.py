@@ -78,3 +78,28 @@ def test_half_precision_keeps_fp32_logits():
     ours = LinearCrossEntropy.apply(h, W, y, 4)
     theirs = F.cross_entropy((h @ W.T).float(), y, reduction="sum")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,C,V,chunk", [(4, 17, 24, 331, 5), (3, 9, 40, 1000, 256), (2, 41, 8, 97, 7)])
+def test_sequence_logps_match_full_logits(B, T, C, V, chunk):
+    """Per-row sums of log p(y_{t+1}) over the trained targets, forward and backward (hidden and head),
+    against log_softmax of the full logits; row 1 has no trained token and sums to exactly 0."""
+    from minicustom.losses import sequence_logps
+
+    g = torch.Generator().manual_seed(T)
+    head = nn.Linear(C, V, bias=False)
+    hidden = torch.randn(B, T, C, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.4] = IGNORE
+    labels[1] = IGNORE
+    ours, n = sequence_logps(hidden, labels, head, chunk=chunk)
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(head(hidden)[:, :-1].float(), -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    theirs = (logp * (targets != IGNORE)).sum(1)
+    assert n.tolist() == (targets != IGNORE).sum(1).tolist() and ours[1] == 0
+    weights = torch.randn(B, generator=g)  # each row's own incoming gradient, as a preference loss gives
+    ours_grads = torch.autograd.grad((ours * weights).sum(), [hidden, head.weight])
+    theirs_grads = torch.autograd.grad((theirs * weights).sum(), [hidden, head.weight])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

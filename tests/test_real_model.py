@@ -154,3 +154,27 @@ def test_nf4_model_matches_transformers_bitsandbytes_and_still_answers(path, tok
     answer = tok.decode(ours.generate(ids, max_new_tokens=32, stop=[tok.eos_token_id])[0, ids.shape[1]:],
                         skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_short_dpo_run_raises_held_out_preference_accuracy(path, tmp_path):
+    """10 LoRA DPO steps on the shipped preference task (examples/data/city_prefs_*): on 24 held-out pairs
+    of cities never seen in training, the share where the policy gives the chosen answer the higher
+    log-probability rises well above its starting value (0.4 on the whole eval file), and every implicit
+    reward margin starts at 0 (reference = the base with the new adapter disabled)."""
+    import json
+    from pathlib import Path
+
+    from minicustom.cli import main
+
+    data = Path(__file__).parents[1] / "examples" / "data"
+    held_out = (data / "city_prefs_eval.jsonl").read_text().splitlines()[:24]
+    (tmp_path / "eval.jsonl").write_text("\n".join(held_out) + "\n")
+    main(["train", "dpo", "--model", str(path), "--data", str(data / "city_prefs_train.jsonl"), "--eval-data",
+          str(tmp_path / "eval.jsonl"), "--out", str(tmp_path / "run"), "--max-steps", "10", "--batch-size", "4",
+          "--lr", "5e-4", "--reference", "base"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before, after = rows[0], rows[-1]
+    assert before["step"] == 0 and after["step"] == 10
+    assert before["eval_rewards/margins"] == 0 and abs(before["eval_loss"] - 0.6931471805599453) < 1e-6
+    assert after["eval_policy_accuracy"] >= before["eval_policy_accuracy"] + 0.2, (before, after)
+    assert after["eval_rewards/accuracies"] > 0.8 and after["eval_loss"] < before["eval_loss"]
