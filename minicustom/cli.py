@@ -303,6 +303,17 @@ def cmd_train_dpo(args):
     _finish(args, model, rank, full=args.method == "full")
 
 
+def cmd_compare(args):
+    """Every method (or --methods) on one task: test accuracy against trainable parameters, time, memory."""
+    from .compare import METHODS, CompareConfig, compare
+
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    config = CompareConfig(examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
+                           shots=args.shots, test_limit=args.test_limit, seed=args.seed)
+    compare(_model_path(args), args.task, args.out, methods, config)
+    print((Path(args.out) / "comparison.md").read_text(), end="")
+
+
 def cmd_inspect_data(args):
     """Show which tokens are trained; exit 1 when an example has none."""
     from .data import IGNORE, DataError, make_example, read_jsonl
@@ -480,6 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="kind", required=True)
     _add_train_sft(kinds)
     _add_train_dpo(kinds)
+    p = sub.add_parser("compare", help="every method side by side on one task: accuracy against cost")
+    p.add_argument("--model", help="checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
+    p.add_argument("--task", required=True, help="task folder with task.json and train/test JSONL "
+                   "(e.g. examples/data/tasks/sentiment)")
+    p.add_argument("--out", required=True, help="output folder: a subfolder per method, comparison.{md,json,png}")
+    p.add_argument("--methods", help="methods separated by commas (default: all): zero-shot, few-shot, cot, prompt, "
+                   "ptuning, prefix, ia3, adapter, llama-adapter, lora, dora, qlora, full, dpo")
+    p.add_argument("--examples", type=int, default=64, help="training records per method (and few-shot pool)")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--shots", type=int, default=4, help="few-shot examples per question")
+    p.add_argument("--test-limit", type=int, help="evaluate on the first N test records only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("inspect-data", help="show which tokens of a dataset are trained")
     p.add_argument("--model", help="checkpoint folder whose tokenizer to use (default: the demo model)")
     _add_data_args(p)
@@ -512,12 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    from .compare import CompareError
     from .train import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError, NotImplementedError, TrainingError) as e:
+    except (ValueError, OSError, ImportError, NotImplementedError, TrainingError, CompareError) as e:
         raise SystemExit(f"minicustom {args.command}: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

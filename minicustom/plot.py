@@ -139,7 +139,7 @@ def _clean(label, points):
 
 
 def render(series: dict[str, list[tuple[float, float]]], title: str = "loss", width: int = 640,
-           height: int = 400) -> np.ndarray:
+           height: int = 400, xlabel: str = "step") -> np.ndarray:
     """The chart as a (height, width, 3) uint8 array."""
     for name, v, least in (("width", width, MIN_WIDTH), ("height", height, MIN_HEIGHT)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < least:
@@ -170,7 +170,7 @@ def render(series: dict[str, list[tuple[float, float]]], title: str = "loss", wi
         _put(img, np.full(bottom - top - 1, x), np.arange(top + 1, bottom), GRID)
         _put(img, np.full(4, x), np.arange(bottom + 1, bottom + 5), BLACK)
         _text(img, x - _text_width(label) // 2, bottom + 8, label, BLACK)
-    _text(img, (left + right - _text_width("step")) // 2, bottom + 22, "step", BLACK)
+    _text(img, (left + right - _text_width(xlabel)) // 2, bottom + 22, xlabel, BLACK)
     _text(img, (width - _text_width(title, 2)) // 2, 10, title, BLACK, scale=2)
     _line(img, [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)], BLACK)
 
@@ -217,7 +217,12 @@ def encode_png(img: np.ndarray) -> bytes:
 def write_loss_png(path, series: dict[str, list[tuple[float, float]]], title: str = "loss", width: int = 640,
                    height: int = 400) -> None:
     """Draw the series (label -> [(step, value), ...]) and write them to path as a PNG, atomically."""
-    png = encode_png(render(series, title, width, height))  # any bad input fails here, before a file exists
+    write_png(path, render(series, title, width, height))  # any bad input fails in render, before a file exists
+
+
+def write_png(path, img: np.ndarray) -> None:
+    """Write an image (H, W, 3) uint8 to path as a PNG, atomically."""
+    png = encode_png(img)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

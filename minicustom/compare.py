@@ -1,0 +1,239 @@
+"""The ladder side by side: every customization method on one model and one task, accuracy against cost.
+
+    minicustom compare --task examples/data/tasks/sentiment --out runs/compare [--methods lora,few-shot]
+
+Each method gets the same budget: the first `examples` training records, seen for `epochs` epochs by the
+trained methods and offered as the example pool of few-shot prompting; DPO (after a LoRA SFT on that
+budget) also gets the preference pairs of those records. Every method answers the same test split,
+greedily, scored by the task's scorer (exact match, label or number). Each method runs in a fresh
+process, so its peak memory (the process's maximum resident set, the model included) is its own; its
+result is written to OUT/<method>/result.json as soon as it is known, and a later run with the same
+OUT reuses it (a crash loses at most the method under way). The table (comparison.md, .json) gives test
+accuracy, trainable parameters, training time, peak memory, training tokens and prompt tokens per
+test question; comparison.png plots accuracy against trainable parameters and against training time.
+
+The learning rates are per method, the usual orders of magnitude for each (prompt learning and IA3 want
+far larger steps than LoRA, full fine-tuning far smaller), not tuned on the test split. Left out: tuning
+each method's hyperparameters on the validation split, repeated seeds and error bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROMPTING = ("zero-shot", "few-shot", "cot")
+TRAINED = ("prompt", "ptuning", "prefix", "ia3", "adapter", "llama-adapter", "lora", "dora", "qlora", "full")
+METHODS = PROMPTING + TRAINED + ("dpo",)
+LR = {"prompt": 3e-2, "ptuning": 1e-3, "prefix": 1e-2, "ia3": 1e-2, "adapter": 1e-3, "llama-adapter": 1e-2,
+      "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "full": 3e-5}
+DPO_LR = 2e-4
+
+
+class CompareError(RuntimeError):
+    """A method's worker process failed; the message names its log file."""
+
+
+@dataclass
+class CompareConfig:
+    examples: int = 64  # training records per method (and the few-shot pool)
+    epochs: float = 2.0
+    batch_size: int = 4
+    shots: int = 4  # few-shot examples per question (fewer when the context budget is short)
+    test_limit: int | None = None  # the first N test records (None: all)
+    max_length: int = 512
+    seed: int = 0
+    r: int = 8
+    alpha: float = 16.0
+    num_virtual_tokens: int = 20
+
+
+@dataclass
+class Task:
+    folder: Path
+    name: str
+    scorer: str
+    labels: list[str] | None
+    max_new_tokens: int
+    train: list[dict]
+    test: list[dict]
+    prefs: list[dict]
+
+    @property
+    def chain_of_thought_data(self) -> bool:
+        return any("rationale" in r for r in self.train)
+
+
+def load_task(folder) -> Task:
+    """A task folder: task.json (name, scorer, labels, max_new_tokens), train/test JSONL, prefs_train.jsonl."""
+    from .data import DataError, read_jsonl
+
+    folder = Path(folder)
+    if not (folder / "task.json").is_file():
+        raise DataError(f"{folder}: not a task folder (no task.json; see examples/data/tasks/)")
+    meta = json.loads((folder / "task.json").read_text())
+    if meta.get("scorer") not in ("exact", "label", "number"):
+        raise DataError(f"{folder / 'task.json'}: 'scorer' must be exact, label or number, got {meta.get('scorer')!r}")
+    prefs = folder / "prefs_train.jsonl"
+    return Task(folder, meta.get("name", folder.name), meta["scorer"], meta.get("labels"),
+                int(meta.get("max_new_tokens", 32)), [r for _, r in read_jsonl(folder / "train.jsonl")],
+                [r for _, r in read_jsonl(folder / "test.jsonl")],
+                [r for _, r in read_jsonl(prefs)] if prefs.is_file() else [])
+
+
+# -- one method, in its own process ---------------------------------------------------------------------
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _train_tokens(out: Path) -> int:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return sum(r.get("tokens", 0) for r in rows)
+
+
+def run_method(method: str, model_path, task: Task, config: CompareConfig, out) -> dict:
+    """Train (or not) and evaluate one method; returns its row of the table."""
+    import torch
+
+    from .adapters import count_parameters
+    from .checkpoint import load_model
+    from .data import PreferencePair, make_example, make_pair, pad_id_for
+    from .evaluate import evaluate_task
+    from .tokenizer import load_tokenizer
+    from .train import TrainConfig, apply_method, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model, tok = load_model(model_path), load_tokenizer(model_path)
+    budget = task.train[:config.examples]
+    test = task.test[:config.test_limit] if config.test_limit else task.test
+    stop = sorted({tok.eos_token_id, *([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
+                                       else model.config.eos_token_id or [])} - {None})
+    t0, tokens = time.perf_counter(), 0
+    if method in TRAINED or method == "dpo":
+        examples = [make_example(r, tok, f"{task.folder}/train.jsonl:{i + 1}") for i, r in enumerate(budget)]
+        sft = "lora" if method == "dpo" else method
+        apply_method(model, sft, r=config.r, alpha=config.alpha, num_virtual_tokens=config.num_virtual_tokens,
+                     tokenizer=tok, adapter_layers=min(8, model.config.num_hidden_layers))
+        steps = max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
+        train_config = TrainConfig(lr=LR[sft], max_steps=steps, batch_size=config.batch_size, packing=False,
+                                   max_length=config.max_length, seed=config.seed, exact_match=0, log_every=10)
+        train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop)
+        tokens += _train_tokens(out / "sft")
+        if method == "dpo":
+            from .dpo import DPOConfig, train_dpo
+
+            pairs: list[PreferencePair] = [make_pair(r, tok, f"{task.folder}/prefs_train.jsonl:{i + 1}")
+                                           for i, r in enumerate(task.prefs[:config.examples])]
+            if not pairs:
+                raise ValueError(f"{task.folder}: method 'dpo' needs prefs_train.jsonl")
+            dpo_steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
+            train_dpo(model, pairs, DPOConfig(lr=DPO_LR, max_steps=dpo_steps, batch_size=config.batch_size,
+                                              seed=config.seed, log_every=10), out / "dpo",
+                      reference="snapshot", pad_id=pad_id_for(tok))
+            tokens += _train_tokens(out / "dpo")
+    train_seconds = time.perf_counter() - t0
+    trainable = count_parameters(model)[0] if method not in PROMPTING else 0
+    t1 = time.perf_counter()
+    result = evaluate_task(model, tok, test, shots_pool=budget if method in ("few-shot", "cot") else None,
+                           k=config.shots if method == "few-shot" or (method == "cot" and task.chain_of_thought_data)
+                           else 0, strategy="similar", chain_of_thought=method == "cot", scorer=task.scorer,
+                           labels=task.labels, max_new_tokens=max(task.max_new_tokens, 96 if method == "cot" else 0),
+                           seed=config.seed, progress=False)
+    row = {"method": method, "accuracy": result.accuracy, "n_test": result.n, "trainable_params": trainable,
+           "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+           "peak_mb": round(_peak_mb()), "train_tokens": tokens,
+           "prompt_tokens": round(sum(r["prompt_tokens"] for r in result.records) / max(result.n, 1), 1)}
+    (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records))
+    return row
+
+
+# -- the harness ------------------------------------------------------------------------------------------
+
+def compare(model_path, task_folder, out, methods=METHODS, config: CompareConfig | None = None,
+            report=print) -> list[dict]:
+    """Run each method in a fresh process (results kept in OUT/<method>/result.json and reused), then write
+    comparison.json, comparison.md and comparison.png; returns the rows."""
+    from .checkpoint import atomic_write
+
+    config = config or CompareConfig()
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise ValueError(f"unknown method {unknown}; choose from {', '.join(METHODS)}")
+    task = load_task(task_folder)  # errors in the task come now, not from a worker
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, method in enumerate(methods):
+        path = out / method / "result.json"
+        if not path.is_file():
+            report(f"[{i + 1}/{len(methods)}] {method} ...")
+            cmd = [sys.executable, "-m", "minicustom.compare", "--worker", method, "--model", str(model_path),
+                   "--task", str(task.folder), "--out", str(out / method), "--config", json.dumps(asdict(config))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                (out / method).mkdir(parents=True, exist_ok=True)
+                (out / method / "error.txt").write_text(proc.stderr)
+                raise CompareError(f"method {method} failed (exit {proc.returncode}); its output is in "
+                                   f"{out / method / 'error.txt'}:\n{proc.stderr[-2000:]}")
+        else:
+            report(f"[{i + 1}/{len(methods)}] {method}: reusing {path}")
+        rows.append(json.loads(path.read_text()))
+        report(f"    accuracy {rows[-1]['accuracy']:.3f}, {rows[-1]['trainable_params']:,} trainable, "
+               f"{rows[-1]['train_seconds']:.0f} s training, peak {rows[-1]['peak_mb']:,} MB")
+    meta = {"model": str(model_path), "task": task.name, "config": asdict(config), "rows": rows}
+    atomic_write(out / "comparison.json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    atomic_write(out / "comparison.md", lambda p: p.write_text(markdown(rows, task.name, len(task.test))))
+    write_chart(out / "comparison.png", rows, task.name)
+    return rows
+
+
+def markdown(rows: list[dict], task: str, n_test: int) -> str:
+    lines = [f"Task `{task}`, test accuracy on {rows[0]['n_test'] if rows else n_test} questions.", "",
+             "| method | test accuracy | trainable params | training time (s) | peak memory (MB) | training tokens "
+             "| prompt tokens / question |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} "
+                     f"| {r['peak_mb']:,} | {r['train_tokens']:,} | {r['prompt_tokens']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(path, rows: list[dict], task: str):
+    """Two panels side by side: accuracy against log10(1 + trainable parameters), and against training
+    seconds; each method one marked point (the loss-curve renderer, one-point series)."""
+    import numpy as np
+
+    from .plot import render, write_png
+
+    params = {r["method"]: [(math.log10(1 + r["trainable_params"]), r["accuracy"])] for r in rows}
+    seconds = {r["method"]: [(r["train_seconds"], r["accuracy"])] for r in rows}
+    left = render(params, f"{task}: accuracy", 640, 420, xlabel="log10(1 + trainable parameters)")
+    right = render(seconds, f"{task}: accuracy", 640, 420, xlabel="training seconds")
+    write_png(path, np.concatenate([left, right], axis=1))
+
+
+def _worker(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minicustom.compare")
+    p.add_argument("--worker", required=True, choices=METHODS)
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", required=True)
+    args = p.parse_args(argv)
+    from .checkpoint import atomic_write
+
+    row = run_method(args.worker, args.model, load_task(args.task), CompareConfig(**json.loads(args.config)),
+                     args.out)
+    atomic_write(Path(args.out) / "result.json", lambda f: f.write_text(json.dumps(row, indent=1) + "\n"))
+
+
+if __name__ == "__main__":
+    _worker()
