@@ -5,6 +5,7 @@ from .adapter import BottleneckConfig, apply_adapters
 from .adapters_io import AdapterError, load_adapter, save_adapter
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
+from .evaluate import EvalResult, evaluate_generation, evaluate_task
 from .generate import generate
 from .ia3 import IA3Config, apply_ia3
 from .llama_adapter import LlamaAdapterConfig, apply_llama_adapter
@@ -25,6 +26,7 @@ from .lora import (
 from .model import KVCache, Transformer
 from .prefix import PrefixConfig, apply_prefix
 from .prompt import PromptTuningConfig, PTuningConfig, apply_p_tuning, apply_prompt_tuning
+from .prompting import Shot, build_messages, select_shots
 from .qlora import Linear4bit, apply_loftq, merge_4bit, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -73,4 +75,10 @@ __all__ = [
     "apply_loftq",
     "merge_4bit",
     "quantize_model",
+    "EvalResult",
+    "evaluate_generation",
+    "evaluate_task",
+    "Shot",
+    "build_messages",
+    "select_shots",
 ]

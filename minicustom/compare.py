@@ -208,15 +208,15 @@ def markdown(rows: list[dict], task: str, n_test: int) -> str:
 
 def write_chart(path, rows: list[dict], task: str):
     """Two panels side by side: accuracy against log10(1 + trainable parameters), and against training
-    seconds; each method one marked point (the loss-curve renderer, one-point series)."""
+    seconds; each method one point with its name beside it."""
     import numpy as np
 
     from .plot import render, write_png
 
     params = {r["method"]: [(math.log10(1 + r["trainable_params"]), r["accuracy"])] for r in rows}
     seconds = {r["method"]: [(r["train_seconds"], r["accuracy"])] for r in rows}
-    left = render(params, f"{task}: accuracy", 640, 420, xlabel="log10(1 + trainable parameters)")
-    right = render(seconds, f"{task}: accuracy", 640, 420, xlabel="training seconds")
+    left = render(params, f"{task}: accuracy", 640, 420, xlabel="log10(1 + trainable parameters)", scatter=True)
+    right = render(seconds, f"{task}: accuracy", 640, 420, xlabel="training seconds", scatter=True)
     write_png(path, np.concatenate([left, right], axis=1))
 
 

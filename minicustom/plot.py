@@ -139,8 +139,9 @@ def _clean(label, points):
 
 
 def render(series: dict[str, list[tuple[float, float]]], title: str = "loss", width: int = 640,
-           height: int = 400, xlabel: str = "step") -> np.ndarray:
-    """The chart as a (height, width, 3) uint8 array."""
+           height: int = 400, xlabel: str = "step", scatter: bool = False) -> np.ndarray:
+    """The chart as a (height, width, 3) uint8 array. scatter=True: every series is a point or points
+    named by a label beside it instead of a legend, and the x axis gets margins like the y axis."""
     for name, v, least in (("width", width, MIN_WIDTH), ("height", height, MIN_HEIGHT)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < least:
             raise ValueError(f"{name} must be an integer of at least {least} pixels, got {v!r}")
@@ -148,7 +149,7 @@ def render(series: dict[str, list[tuple[float, float]]], title: str = "loss", wi
     data = {str(label): _clean(label, pts) for label, pts in series.items()}
     xs = [s for pts in data.values() for s, _ in pts]
     ys = [v for pts in data.values() for _, v in pts]
-    (xlo, xhi), (ylo, yhi) = _span(xs, 0.0), _span(ys, 0.05)
+    (xlo, xhi), (ylo, yhi) = _span(xs, 0.05 if scatter else 0.0), _span(ys, 0.05)
     whole = all(s == round(s) for s in xs)  # integer steps get integer ticks
     xt, xstep = _ticks(xlo, xhi, max(2, min(7, (width - 80) // 80)), 1.0 if whole else 0.0)  # one per 80 px
     yt, ystep = _ticks(ylo, yhi, max(2, min(6, (height - 70) // 45)))
@@ -179,14 +180,19 @@ def render(series: dict[str, list[tuple[float, float]]], title: str = "loss", wi
     for label, pts in data.items():
         pix = [(px(s), py(v)) for s, v in pts]
         _line(img, pix, colors[label])
-        if len(pix) == 1:
-            _cross(img, *pix[0], colors[label])
+        if len(pix) == 1 or scatter:
+            for x, y in pix:
+                _cross(img, x, y, colors[label])
+        if scatter and pix:  # the name beside the last point, on the side with room
+            x, y = pix[-1]
+            tx = x + 7 if x + 7 + _text_width(label) < right - 2 else x - 7 - _text_width(label)
+            _text(img, round(tx), round(y) - 3, label, colors[label])
         if label == "eval":
             for x, y in pix:
                 _square(img, x + 0.5, y + 0.5, colors[label])
 
     shown = [label for label, pts in data.items() if pts]
-    if shown:  # legend in the top-right corner of the plot, on white so that curves do not cross the text
+    if shown and not scatter:  # legend in the top-right corner of the plot, on white so that curves do not cross the text
         w, h = max(_text_width(label) for label in shown) + 34, 12 * len(shown) + 6
         x0, y0 = max(right - w - 8, left + 4), top + 8
         img[y0:y0 + h, x0:x0 + w] = WHITE
