@@ -153,3 +153,19 @@ def setup(tmp_path_factory):
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
     return root, path
+
+
+@pytest.fixture(scope="module")
+def tok(setup):
+    """The tokenizer of the `setup` checkpoint."""
+    from minicustom import load_tokenizer
+
+    return load_tokenizer(setup[1])
+
+
+@pytest.fixture(scope="module")
+def model(setup):
+    """The `setup` checkpoint, loaded once per test module (tests must not train it)."""
+    from minicustom import load_model
+
+    return load_model(setup[1])

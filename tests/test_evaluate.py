@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import minicustom as mc
 from minicustom import evaluate, prompting
 from minicustom.evaluate import (
     EvalResult,
@@ -19,16 +18,6 @@ from minicustom.evaluate import (
 from minicustom.generate import left_pad
 
 LABELS = ["positive", "negative"]
-
-
-@pytest.fixture(scope="module")
-def tok(setup):
-    return mc.load_tokenizer(setup[1])
-
-
-@pytest.fixture(scope="module")
-def model(setup):
-    return mc.load_model(setup[1])
 
 
 @pytest.mark.parametrize("pred, ref, expected", [

@@ -25,16 +25,6 @@ ARITH = Shot("What is 7 + 5 - 3?", "9", "7 + 5 = 12. 12 - 3 = 9.")
 CITY = Shot("Which city is mentioned? I flew to Paris.", "Paris.")
 
 
-@pytest.fixture(scope="module")
-def tok(setup):
-    return mc.load_tokenizer(setup[1])
-
-
-@pytest.fixture(scope="module")
-def model(setup):
-    return mc.load_model(setup[1])
-
-
 def test_shots_from_records_and_file_errors(tmp_path):
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
                           {"role": "assistant", "content": "2 + 2 = 4. The answer is 4."}],
