@@ -1,13 +1,16 @@
-"""Loss curves as PNG files, drawn by hand: numpy for the pixels, zlib and struct for the file.
+"""Loss curves (and the comparison harness's labelled scatter plots) as PNG files, drawn by hand: numpy
+for the pixels, zlib and struct for the file.
 
 This replaces matplotlib for the one chart the trainer writes (out/loss.png): a white canvas, an axes
 box with light grid lines, ticks with numeric labels (steps on x, loss on y), one 2-pixel polyline per
 series (train blue, eval orange with a small square on every point, other labels from a short palette),
 a legend and a title, in a built-in 5x7 bitmap font. Non-finite points are skipped; a series with one
-point is drawn as a cross. The file is written to a temporary name beside the target and renamed.
+point is drawn as a cross. With scatter=True every point is a cross named by a label beside it, with
+no legend (minicustom compare). The file is written to a temporary name beside the target and renamed.
 
-Deliberately left out: anti-aliasing, log scales, rotated text (the y axis is named by the title),
-fonts beyond the 5x7 glyphs below (other characters print as a box), and every other kind of chart.
+Deliberately left out: anti-aliasing, log scales (compare plots log10 values instead), rotated text
+(the y axis is named by the title), fonts beyond the 5x7 glyphs below (other characters print as a
+box), and every other kind of chart.
 """
 
 from __future__ import annotations
