@@ -155,3 +155,20 @@ def test_tick_labels_are_round_and_distinct(lo, hi):
     assert len(set(labels)) == len(labels)
     assert all(abs(float(s) - t) <= 1e-9 * max(1.0, abs(t)) for s, t in zip(labels, ticks))
     assert all(len(s) <= 8 for s in labels)
+
+
+def test_scatter_names_each_point_in_its_colour_and_has_no_legend():
+    """scatter=True: one cross per point and the series' name beside it in the same colour (a longer name
+    paints more pixels), no legend box, and margins on x so that the rightmost cross is inside the axes."""
+    def colour_pixels(name):
+        img = plot.render({name: [(8.0, 0.5)], "other": [(0.0, 0.9)]}, "acc", 400, 300, xlabel="x", scatter=True)
+        return int(mask(img, plot.PALETTE[0]).sum()), img
+
+    short, img = colour_pixels("a")
+    long, _ = colour_pixels("aaaaaaaa")
+    assert long > short > 0
+    ys, xs = np.nonzero(mask(img, plot.PALETTE[0]))
+    right_border = max(np.nonzero((img == 0).all(axis=2))[1])  # the black axes box
+    assert xs.max() < right_border
+    legend = plot.render({"a": [(0, 0), (1, 1)]}, "acc", 400, 300)
+    assert not np.array_equal(legend, plot.render({"a": [(0, 0), (1, 1)]}, "acc", 400, 300, scatter=True))
