@@ -40,6 +40,7 @@ Dimensions: B batch, T tokens, C hidden, m bottleneck.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -82,13 +83,13 @@ class BottleneckConfig:
     def __post_init__(self):
         def number(field, ok, what):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
                 raise ValueError(f"{field} must be {what}, got {value!r}")
 
         number("reduction_factor", lambda v: v > 0, "a positive number")
-        number("scaling", lambda v: True, "a number")
+        number("scaling", lambda v: True, "a finite number")
         number("dropout", lambda v: 0 <= v < 1, "in [0, 1)")
-        number("init_scale", lambda v: v >= 0, "a number >= 0")
+        number("init_scale", lambda v: v >= 0, "a finite number >= 0")
         if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} is not supported; supported: {', '.join(PLACEMENTS)}")
         if not isinstance(self.nonlinearity, str) or self.nonlinearity not in NONLINEARITIES:

@@ -4,9 +4,10 @@ File keys are "base_model.model." + module name + the layer's own key ("lora_A.w
 "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", ...); the adapter's name never appears
 in the file, as in PEFT. `load_adapter` dispatches on the config's `peft_type`, so later methods plug
 in by adding a loader. Everything is checked before the model is touched: keys that match no module,
-ranks that disagree with the config, shapes that do not fit, a corrupt file, or an adapter recorded as
-trained on another base (the base's config fingerprint is kept in the safetensors metadata, which
-PEFT ignores) are errors, never a silent partial load.
+ranks that disagree with the config, shapes that do not fit, a corrupt file, NaN or Inf in a tensor, a
+config field of the wrong type or range (`check_fields`), a targeted module with no tensors, or an adapter
+recorded as trained on another base (the base's config fingerprint is kept in the safetensors metadata,
+which PEFT ignores) are errors, never a silent partial load.
 
 PiSSA and OLoRA change the base weights at init (W0 -> W0 - s B0 A0). Saving such an adapter writes
 PEFT's conversion instead, a plain LoRA of rank 2r that applies to the original base:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +36,7 @@ from .lora import (
     TrainableCopy,
     _replace,
     adapter_layers,
+    find_targets,
     set_adapter,
 )
 from .qlora import Linear4bit
@@ -49,6 +52,83 @@ _UNSUPPORTED = (("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False
 
 class AdapterError(ValueError):
     """An adapter folder that does not fit the model it is loaded into."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_regex(v) -> bool:
+    try:
+        re.compile(v)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+def _is_names(v) -> bool:
+    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# A field kind -> (test of a present, non-null value, what the message says it must be).
+KINDS = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "positive int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "number": (_is_number, "a finite number"),
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "names": (_is_names, "a module name regex (string) or a list of module names"),
+    "name list": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of module names"),
+    "layers": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
+               "a layer index or a list of layer indices"),
+    "ranks": (lambda v: isinstance(v, dict) and all(_is_regex(k) and _is_int(x) and x > 0 for k, x in v.items()),
+              "an object mapping module name regexes to positive integers"),
+    "numbers": (lambda v: isinstance(v, dict) and all(_is_regex(k) and _is_number(x) for k, x in v.items()),
+                "an object mapping module name regexes to finite numbers"),
+    "bool or str": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+# Fields every PEFT adapter_config.json may carry, whatever its peft_type.
+COMMON_FIELDS = {"peft_type": "str", "task_type": "str", "inference_mode": "bool", "base_model_name_or_path": "str",
+                 "revision": "str", "peft_version": "str", "auto_mapping": "object"}
+
+
+def check_fields(config: dict, file: Path, spec: dict[str, str]):
+    """Each field of `spec` that `config` holds (null counts as absent: PEFT's default) is of its kind;
+    an AdapterError naming the file and the field otherwise."""
+    for key, kind in spec.items():
+        value = config.get(key)
+        ok, expected = KINDS[kind]
+        if value is not None and not ok(value):
+            found = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise AdapterError(f"{file}: field {key!r} must be {expected}, found {found}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: Path):
+    """An AdapterError naming the first tensor of `file` that is not floating point or holds NaN or Inf."""
+    for key, t in sorted(tensors.items()):
+        if not t.is_floating_point():
+            raise AdapterError(f"{file}: tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; adapter "
+                               "tensors are floating point")
+        if not (finite := torch.isfinite(t.float())).all():
+            raise AdapterError(f"{file}: tensor {key} holds {int((~finite).sum())} NaN or Inf values "
+                               f"(of {t.numel()})")
+
+
+def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file, with an AdapterError for a corrupt file or a NaN/Inf."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise AdapterError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    check_finite(tensors, file)
+    return tensors, meta
 
 
 def _fingerprint_meta(model) -> dict[str, str]:
@@ -139,18 +219,19 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT adapter folder)")
     try:
-        config = json.loads(cfg_file.read_text())
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise AdapterError(f"{cfg_file}: invalid JSON (nested too deeply)") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_file}: expected a JSON object, found {type(config).__name__}")
     if not weights.exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}" + (
             " (adapter_model.bin is pickle and is not read)" if (path / "adapter_model.bin").exists() else ""))
-    try:
-        with safe_open(weights, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise AdapterError(f"{weights}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    tensors, meta = read_tensors(weights)
     return config, tensors, meta
 
 
@@ -158,9 +239,10 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
     """Attach the adapter saved at `path` (PEFT format) under `adapter_name` and activate it."""
     config, tensors, meta = read_adapter(path)
     peft_type = config.get("peft_type")
-    if _method(peft_type) is None:
-        raise NotImplementedError(f"{path}: peft_type {peft_type!r} is not supported; supported: "
-                                  f"{', '.join(SUPPORTED)}")
+    if not isinstance(peft_type, str) or _method(peft_type) is None:
+        raise NotImplementedError(f"{Path(path) / CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
+                                  f"supported: {', '.join(SUPPORTED)}")
+    check_fields(config, Path(path) / CONFIG_FILE, COMMON_FIELDS)
     if getattr(model, "adapter_configs", {}).get(adapter_name) is not None:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; load under another adapter_name")
     base = meta.get("minicustom_base_fingerprint")
@@ -175,15 +257,32 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
     return model
 
 
+# adapter_config.json fields a LoRA folder is read with, and their kinds (check_fields).
+_LORA_FIELDS = {"r": "positive int", "lora_alpha": "number", "lora_dropout": "dropout", "target_modules": "names",
+                "use_rslora": "bool", "use_dora": "bool", "fan_in_fan_out": "bool", "lora_bias": "bool",
+                "use_qalora": "bool", "layers_to_transform": "layers", "layers_pattern": "names",
+                "modules_to_save": "name list", "rank_pattern": "ranks", "alpha_pattern": "numbers",
+                "init_lora_weights": "bool or str", "bias": "str", "exclude_modules": "names"}
+# init_lora_weights values whose adapter only fits a base rewritten at init (PEFT redoes the rewrite on
+# load; minicustom does not): PEFT's conversion for the original base is a plain LoRA, saved with True.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def _lora_config_from_peft(config: dict, where: Path) -> LoraConfig:
+    file = where / CONFIG_FILE
+    check_fields(config, file, _LORA_FIELDS)
     for key, ok in _UNSUPPORTED:
         if config.get(key, ok) not in (ok, None, False, "none", [], {}):
-            raise AdapterError(f"{where / CONFIG_FILE}: {key}={config[key]!r} is not supported")
+            raise AdapterError(f"{file}: {key}={config[key]!r} is not supported")
     if not isinstance(config.get("r"), int) or config["r"] <= 0:
-        raise AdapterError(f"{where / CONFIG_FILE}: field 'r' must be a positive integer, found {config.get('r')!r}")
-    layers = config.get("layers_to_transform")
+        raise AdapterError(f"{file}: field 'r' must be a positive integer, found {config.get('r')!r}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise AdapterError(f"{file}: init_lora_weights={init!r} is not supported: such an adapter applies to a "
+                           "base rewritten at init; save it with PEFT's path_initial_model_for_weight_conversion")
+    layers, alpha = config.get("layers_to_transform"), config.get("lora_alpha")
     return LoraConfig(
-        r=config["r"], alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout") or 0.0),
+        r=config["r"], alpha=float(8 if alpha is None else alpha), dropout=float(config.get("lora_dropout") or 0.0),
         targets=config.get("target_modules") or [], use_rslora=bool(config.get("use_rslora")),
         use_dora=bool(config.get("use_dora")), init="default",
         layers=[layers] if isinstance(layers, int) else layers, modules_to_save=config.get("modules_to_save"),
@@ -206,6 +305,34 @@ def _base_module(module):
     return module.base() if isinstance(module, (LoRALinear, LoRAEmbedding, TrainableCopy)) else module
 
 
+def _coverage(model: nn.Module, config: LoraConfig, per_module: dict, copies: dict) -> list[str]:
+    """What the file lacks or holds beyond the config, as apply_lora would place this config: a LoRA for
+    every linear or embedding that target_modules selects (modules_to_save excepted), none elsewhere, and
+    every parameter of every modules_to_save copy. (No target_modules at all: the file's modules are taken.)"""
+    problems, saved = [], config.modules_to_save or []
+    if config.targets:
+        selected = [n for n in find_targets(model, config.targets, config.layers)
+                    if not any(n == s or n.endswith("." + s) for s in saved)]
+        for name in selected:
+            if name not in per_module and isinstance(_base_module(model.get_submodule(name)),
+                                                     (nn.Linear, Linear4bit, nn.Embedding)):
+                problems.append(f"{name}: selected by target_modules {config.targets!r} but {WEIGHTS_FILE} has no "
+                                "LoRA tensors for it")
+        problems += [f"{name}: {WEIGHTS_FILE} has LoRA tensors for it but target_modules {config.targets!r} does "
+                     "not select it" for name in sorted(set(per_module) - set(selected))]
+    for entry in saved:
+        hits = [n for n, _ in model.named_modules() if n == entry or n.endswith("." + entry)]
+        if not hits:
+            problems.append(f"modules_to_save: no module named {entry!r}")
+        for name in hits:
+            want = {k: tuple(p.shape) for k, p in _base_module(model.get_submodule(name)).named_parameters()}
+            found = {k: tuple(t.shape) for k, t in copies.get(name, {}).items()}
+            if found != want:
+                problems.append(f"{name} (modules_to_save): {WEIGHTS_FILE} holds {found or 'no tensors'}, "
+                                f"expected {want}")
+    return problems
+
+
 def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
     config = _lora_config_from_peft(peft, path)
     modules = dict(model.named_modules())
@@ -220,7 +347,8 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
             per_module.setdefault(name[: -len(lora_key) - 1], {})[lora_key] = t
             continue
         owner, _, param = name.rpartition(".")
-        if owner.endswith(".base_layer") and owner[: -len(".base_layer")] in modules:
+        if owner.endswith(".base_layer") and owner[: -len(".base_layer")] in modules and isinstance(
+                getattr(_base_module(modules[owner[: -len(".base_layer")]]), param, None), torch.Tensor):
             # PEFT stores the base embedding next to an embedding LoRA; it must be this model's.
             base = _base_module(modules[owner[: -len(".base_layer")]])
             if not torch.equal(getattr(base, param).detach().cpu().to(t.dtype), t):
@@ -235,6 +363,7 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
                            + ", ".join(sorted(unmatched)[:20]))
     if not per_module:
         raise AdapterError(f"{path / WEIGHTS_FILE}: no LoRA tensors found")
+    problems += _coverage(model, config, per_module, copies)
     plan = []
     for name, parts in sorted(per_module.items()):
         base = _base_module(modules[name])
@@ -243,9 +372,15 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
             problems.append(f"{name}: the file holds {kind.__name__} LoRA keys but the module is "
                             f"{type(base).__name__}")
             continue
+        if kind is nn.Embedding and config.use_dora:
+            problems.append(f"{name}: DoRA on an embedding is not supported")
+            continue
         first = "lora_A.weight" if kind is nn.Linear else "lora_embedding_A"
         if first not in parts:
             problems.append(f"{name}: {first} is missing")
+            continue
+        if parts[first].dim() != 2:
+            problems.append(f"{name}.{first}: shape {tuple(parts[first].shape)}, expected a matrix (r, ...)")
             continue
         r_file = parts[first].shape[0]
         r_cfg, alpha = config.rank_alpha(name)

@@ -60,6 +60,9 @@ class LabelTemplate:
         except KeyError as e:
             raise DataError(f"{where}: the template needs a field {e.args[0]!r}; the record has "
                             f"{sorted(record)}") from None
+        except (IndexError, AttributeError, ValueError) as e:  # "{0}", "{text.x}", "{text"
+            raise DataError(f"{where}: the template {self.prompt!r} / {self.completion!r} cannot be filled from "
+                            f"the record ({e})") from None
 
 
 @dataclass
@@ -78,25 +81,66 @@ class Example:
 
 
 def read_jsonl(path) -> list[tuple[str, dict]]:
-    """[(\"file:line\", record)] for the non-blank lines of a JSONL file; errors name file and line."""
+    """[(\"file:line\", record)] for the non-blank lines of a JSONL file; errors name file and line.
+
+    Lines must be UTF-8 (a byte-order mark at the start is skipped) and hold JSON objects whose strings are
+    valid Unicode: json accepts a lone surrogate escape ("\\ud800"), which tokenizers fail on later."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8")) + 1
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: not valid JSON (nested too deeply)") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            if "\\u" in line and (bad := _lone_surrogate(record)):
+                raise DataError(f"{path}:{n}: {bad[0]} holds a lone surrogate {bad[1]} (an unpaired \\ud800-\\udfff "
+                                "escape, which is not Unicode text)")
             records.append((f"{path}:{n}", record))
     if not records:
-        raise DataError(f"{path}: the dataset is empty")
+        raise DataError(f"{path}: the dataset is empty (no JSON line)")
     return records
+
+
+def _lone_surrogate(record: dict) -> tuple[str, str] | None:
+    """(where, escape) of the first string of the record, key or value, holding an unpaired UTF-16 surrogate
+    (UTF-8 cannot encode it, so only a JSON escape puts one there); None when there is none."""
+    stack = [("", record)]
+    while stack:
+        at, value = stack.pop()
+        if isinstance(value, dict):
+            for key in value:
+                if (bad := _surrogate(key)) is not None:
+                    return (f"a key of field {at}" if at else "a key"), bad
+            stack += reversed([(f"{at}.{k}" if at else k, v) for k, v in value.items()])
+        elif isinstance(value, list):
+            stack += reversed([(f"{at}[{i}]", v) for i, v in enumerate(value)])
+        elif isinstance(value, str) and (bad := _surrogate(value)) is not None:
+            return f"field {at}", bad
+    return None
+
+
+def _surrogate(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(text[e.start]):04x}"
+    return None
 
 
 # -- records -> segments ------------------------------------------------------------------------------
@@ -106,6 +150,8 @@ def _messages(record: dict, where: str) -> list[dict]:
         messages = record["messages"]
     else:
         messages = []
+        if not isinstance(record["conversations"], list) or not record["conversations"]:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list")
         for turn in record["conversations"]:
             role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):
@@ -157,6 +203,9 @@ def record_segments(record: dict, tokenizer, where: str, template: LabelTemplate
     if "messages" in record or "conversations" in record:
         return chat_segments(_messages(record, where), tokenizer, where), True
     if "instruction" in record and "output" in record:
+        for key in ("instruction", "output", "input"):
+            if not isinstance(record.get(key, ""), (str, type(None)) if key == "input" else str):
+                raise DataError(f"{where}: Alpaca field {key!r} must be a string, got {type(record[key]).__name__}")
         inp = record.get("input") or ""
         if chat:
             prompt = record["instruction"] + (f"\n\n{inp}" if inp else "")

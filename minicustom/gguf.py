@@ -12,17 +12,28 @@ byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`). Left out, each r
 SentencePiece vocabularies (`llama` tokenizer model), Llama 3.1 frequency scaling (stored as a
 `rope_freqs` tensor without the factors that produced it), YaRN, MoE and every other architecture.
 Weights are dequantized, never kept quantized (transformers' GGUF loader does the same).
+
+A corrupt file is one `GGUFError` naming the file and the key or tensor: the header, every key/value and
+every tensor info are walked with bounds checks first (llama.cpp's gguf_init_from_file checks), so a cut
+file or a huge count never reaches the gguf package's reader, which would answer with numpy errors or
+allocate what the count asks for; then the metadata's types and the tensors' shapes are checked against
+each other. The folder is written beside `out_dir` and moved into place at the end, so a failure leaves
+`out_dir` absent or as it was.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import mmap
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +75,175 @@ def _require_gguf():
     return gguf
 
 
-def _read(path: Path):
-    """(reader, metadata dict) after checking the file is there and starts with the GGUF magic."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
+class GGUFError(ValueError):
+    """A GGUF file that is corrupt or truncated, or whose metadata and tensors do not fit together."""
+
+
+# GGUFValueType -> bytes of one value (8 is a string: u64 length + UTF-8 bytes; 9 an array: u32 item type,
+# u64 count, items). The smallest key/value and tensor info on disk bound what the counts can claim.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MIN_KV, _MIN_TENSOR_INFO = 12, 24  # u64 name length + u32 type (+ a value); + u32 n_dims + u32 type + u64 offset
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# What the gguf package's reader raises on a file it cannot parse (numpy's errors are among these).
+_READER_ERRORS = (ValueError, IndexError, KeyError, struct.error, OverflowError, MemoryError, TypeError,
+                  UnicodeDecodeError)
+
+
+class _Walk:
+    """A bounds-checked cursor over the file's bytes; every error names what was being read."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def fail(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.path}: not a valid GGUF file ({what})")
+
+    def take(self, n: int, what: str) -> int:
+        if n > len(self.buf) - self.pos:
+            raise self.fail(f"{what} runs past the end of the file: {n} bytes at byte {self.pos}, file size "
+                            f"{len(self.buf)}; truncated?")
+        self.pos += n
+        return self.pos - n
+
+    def number(self, fmt: str, what: str) -> int:
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.number("<Q", f"the length of {what}")
+        at = self.take(n, what)
+        try:
+            return bytes(self.buf[at:at + n]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not UTF-8 (byte {e.start} of {n})") from None
+
+    def value(self, vtype: int, key: str):
+        what = f"the value of key {key!r}"
+        if vtype in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[vtype], what)
+        elif vtype == _STRING:
+            self.string(what)
+        elif vtype != _ARRAY:
+            raise self.fail(f"key {key!r}: unknown value type {vtype}")
+        else:
+            itype = self.number("<I", f"the item type of key {key!r}")
+            n = self.number("<Q", f"the length of key {key!r}")
+            if itype not in _SCALAR_BYTES and itype != _STRING:
+                raise self.fail(f"key {key!r}: unknown array item type {itype}"
+                                + (" (nested arrays are not supported)" if itype == _ARRAY else ""))
+            # n items of at least their size (a string: its u64 length) must fit before any is read
+            self.take(n * _SCALAR_BYTES.get(itype, 8), f"the array of key {key!r} ({n} items)")
+            if itype == _STRING:
+                self.pos -= n * 8
+                for i in range(n):
+                    self.string(f"item {i} of key {key!r}")
+
+
+def _check_layout(path: Path, gguf) -> None:
+    """Walk the header, key/values and tensor infos; every offset, count, type and tensor extent is checked
+    against the file before any of it is used."""
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    reader = _require_gguf().GGUFReader(path)
-    return reader, {key: field.contents() for key, field in reader.fields.items()}
+        if magic != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _walk(_Walk(buf, path), gguf)
+
+
+def _walk(w: _Walk, gguf) -> None:
+    w.pos, size = 4, len(w.buf)
+    version = w.number("<I", "the version")
+    if version not in (2, 3) and version and version & 0xFFFF == 0:  # 3 written big-endian reads as 3 << 24
+        raise w.fail("a big-endian GGUF file; only little-endian files are supported")
+    if version not in (2, 3):
+        raise w.fail(f"version {version} is not supported; supported: 2, 3")
+    n_tensors, n_kv = w.number("<Q", "tensor_count"), w.number("<Q", "kv_count")
+    if n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > size - w.pos:
+        raise w.fail(f"tensor_count={n_tensors} and kv_count={n_kv} cannot fit in the {size - w.pos} bytes "
+                     "after the header")
+    keys, alignment = set(), 32  # GGUF_DEFAULT_ALIGNMENT
+    for i in range(n_kv):
+        key = w.string(f"the name of key {i}")
+        if key in keys:
+            raise w.fail(f"key {key!r} appears twice")
+        keys.add(key)
+        vtype = w.number("<I", f"the type of key {key!r}")
+        if key == "general.alignment":
+            alignment = w.number("<I", "the value of key 'general.alignment'") if vtype == _UINT32 else 0
+            if alignment <= 0 or alignment & (alignment - 1):
+                raise w.fail(f"general.alignment must be a power of two stored as uint32 (type {vtype}, "
+                             f"value {alignment})")
+        else:
+            w.value(vtype, key)
+    infos, names = [], set()
+    for i in range(n_tensors):
+        name = w.string(f"the name of tensor {i}")
+        if name in names:
+            raise w.fail(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = w.number("<I", f"tensor {name!r}: n_dims")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise w.fail(f"tensor {name!r}: n_dims={n_dims}, expected 1 to {_MAX_DIMS}")
+        shape = [w.number("<Q", f"tensor {name!r}: dimension {d}") for d in range(n_dims)]
+        infos.append((name, shape, w.number("<I", f"tensor {name!r}: ggml type"),
+                      w.number("<Q", f"tensor {name!r}: data offset")))
+    start = w.pos + -w.pos % alignment  # tensor data begins aligned after the infos
+    for name, shape, ggml_type, offset in infos:
+        if min(shape) < 1:
+            raise w.fail(f"tensor {name!r}: shape {shape} has an empty dimension")
+        try:
+            qtype = gguf.GGMLQuantizationType(ggml_type)
+        except ValueError:
+            raise w.fail(f"tensor {name!r}: unknown ggml type {ggml_type}") from None
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if shape[0] % block:
+            raise w.fail(f"tensor {name!r}: rows of {shape[0]} values are not a multiple of {qtype.name}'s "
+                         f"block of {block}")
+        if offset % alignment:
+            raise w.fail(f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {alignment}")
+        nbytes = math.prod(shape) // block * type_size
+        if start + offset + nbytes > size:
+            raise w.fail(f"tensor {name!r}: its data runs past the end of the file: {nbytes} bytes at byte "
+                         f"{start + offset}, file size {size}; truncated?")
+
+
+def _read(path: Path):
+    """(reader, metadata dict) of a GGUF file whose layout has been checked byte by byte."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    gguf = _require_gguf()
+    _check_layout(path, gguf)
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {key: field.contents() for key, field in reader.fields.items()}
+        for t in reader.tensors:  # one row through the dequantizer: a type it lacks fails here, not midway
+            try:
+                gguf.quants.dequantize(t.data.reshape(-1, t.data.shape[-1])[:1], t.tensor_type)
+            except NotImplementedError:
+                raise GGUFError(f"{path}: tensor {t.name!r}: ggml type {t.tensor_type.name} cannot be "
+                                f"dequantized by the installed gguf package") from None
+    except GGUFError:
+        raise
+    except _READER_ERRORS as e:
+        raise GGUFError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+    return reader, meta
+
+
+_MISSING = object()
+
+
+def _get(meta: dict, key: str, where: Path, kind: str, default=_MISSING):
+    """meta[key] checked to be of `kind`: "count" (int > 0), "number" (finite > 0), "str", "bool"."""
+    value = meta.get(key, default)
+    if value is _MISSING:
+        raise GGUFError(f"{where}: metadata key {key} is missing")
+    ok = {"count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+          "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool)}[kind]
+    if value is not None and not ok(value):
+        what = {"count": "a positive integer", "number": "a number > 0", "str": "a string", "bool": "true or false"}
+        raise GGUFError(f"{where}: metadata key {key} must be {what[kind]}, found {value!r}")
+    return value
 
 
 def _f32(x) -> float:
@@ -90,27 +260,24 @@ def _hf_name(name: str, where: Path) -> str:
     if name == "rope_freqs.weight":
         raise NotImplementedError(f"{where}: tensor rope_freqs.weight (Llama 3.1-style RoPE frequency "
                                   "scaling) is not supported yet")
-    raise ValueError(f"{where}: tensor {name!r} has no Hugging Face Llama/Qwen2 equivalent")
+    raise GGUFError(f"{where}: tensor {name!r} has no Hugging Face Llama/Qwen2 equivalent")
 
 
 def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path) -> dict:
-    def get(key, default=None):
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ValueError(f"{where}: metadata key {arch}.{key} is missing")
-        return value
+    def get(key, default=_MISSING, kind="count"):
+        return _get(meta, f"{arch}.{key}", where, kind, default)
 
+    if isinstance(meta.get(f"{arch}.attention.head_count"), list):
+        raise GGUFError(f"{where}: per-layer head counts ({arch}.attention.head_count) are not supported")
     n_head, hidden = get("attention.head_count"), get("embedding_length")
-    if not isinstance(n_head, int):
-        raise ValueError(f"{where}: per-layer head counts ({arch}.attention.head_count) are not supported")
     head_dim = get("attention.key_length", hidden // n_head)
     if get("rope.dimension_count", head_dim) != head_dim:
         raise NotImplementedError(f"{where}: partial rotary ({arch}.rope.dimension_count="
                                   f"{get('rope.dimension_count')}, head_dim={head_dim}) is not supported")
     rope_scaling = None
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    kind = get("rope.scaling.type", "none", "str")
     if kind == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": _f32(get("rope.scaling.factor", kind="number"))}
     elif kind != "none":
         raise NotImplementedError(f"{where}: {arch}.rope.scaling.type={kind!r} is not supported "
                                   "(supported: none, linear)")
@@ -128,8 +295,8 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
         "num_key_value_heads": get("attention.head_count_kv", n_head),
         "head_dim": head_dim,
         "max_position_embeddings": get("context_length"),
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", kind="number")),
+        "rope_theta": _f32(get("rope.freq_base", 10000.0, "number")),
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": "output.weight" not in names,
         **ids,
@@ -142,6 +309,69 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
     return config
 
 
+def _check_vocabulary(meta: dict, vocab_size: int, where: Path) -> None:
+    """The tokenizer's metadata: types, lengths that agree with each other and with token_embd, ids in range."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFError(f"{where}: metadata key tokenizer.ggml.tokens is missing")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{where}: metadata key tokenizer.ggml.tokens must be a list of strings")
+    if len(tokens) != vocab_size:
+        raise GGUFError(f"{where}: {len(tokens)} tokens in tokenizer.ggml.tokens but token_embd.weight has "
+                        f"{vocab_size} rows")
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None and (not isinstance(types, list) or len(types) != len(tokens)
+                              or not all(isinstance(t, int) for t in types)):
+        n = len(types) if isinstance(types, list) else type(types).__name__
+        raise GGUFError(f"{where}: tokenizer.ggml.token_type has {n} entries, tokenizer.ggml.tokens "
+                        f"{len(tokens)}; expected one integer per token")
+    merges = meta.get("tokenizer.ggml.merges", [])
+    for i, m in enumerate(merges if isinstance(merges, list) else [merges]):
+        if not isinstance(m, str) or len(m.split(" ")) != 2 or "" in m.split(" "):
+            raise GGUFError(f"{where}: tokenizer.ggml.merges: item {i} ({m!r}) is not two tokens joined by a space")
+    for key in ("bos", "eos", "padding", "unknown"):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens)):
+            raise GGUFError(f"{where}: tokenizer.ggml.{key}_token_id={i!r} is not a token id "
+                            f"(0..{len(tokens) - 1})")
+    for key in ("bos", "eos"):
+        if _get(meta, f"tokenizer.ggml.add_{key}_token", where, "bool", None) and (
+                meta.get(f"tokenizer.ggml.{key}_token_id") is None):
+            raise GGUFError(f"{where}: tokenizer.ggml.add_{key}_token is set but tokenizer.ggml.{key}_token_id "
+                            "is missing")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        _get(meta, key, where, "str", None)
+
+
+def _check_shapes(tensors: list, config: dict, where: Path) -> None:
+    """Every tensor has the shape the config gives its HF name, every layer index exists, and every
+    weight the model needs is there (so nothing fails midway through writing, or later in load_model)."""
+    C, F, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    nh, nkv, hs, V = (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
+                      config["vocab_size"])
+    if hs % 2:
+        raise GGUFError(f"{where}: head_dim {hs} is odd; rotary embeddings need an even head size")
+    shapes = {"self_attn.q_proj": (nh * hs, C), "self_attn.k_proj": (nkv * hs, C), "self_attn.v_proj": (nkv * hs, C),
+              "self_attn.o_proj": (C, nh * hs), "mlp.gate_proj": (F, C), "mlp.up_proj": (F, C),
+              "mlp.down_proj": (C, F), "input_layernorm": (C,), "post_attention_layernorm": (C,),
+              "model.embed_tokens": (V, C), "model.norm": (C,), "lm_head": (V, C)}
+    wanted = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{m}.weight" for i in range(L) for m in list(shapes)[:9]}
+    for name, t in tensors:
+        module, _, kind = name.rpartition(".")
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+        if m and int(m[1]) >= L:
+            raise GGUFError(f"{where}: tensor for {name}: layer {m[1]} but {config['model_type']}.block_count is {L}")
+        shape = shapes[m[2] if m else module]
+        expected = shape if kind == "weight" else shape[:1]
+        found = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions fastest-first
+        if found != expected:
+            raise GGUFError(f"{where}: tensor {t.name!r} ({name}) has shape {found}, expected {expected} "
+                            "from the metadata")
+    if missing := sorted(wanted - {n for n, _ in tensors}):
+        raise GGUFError(f"{where}: {len(missing)} tensors are missing, e.g. {', '.join(missing[:3])}")
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation: each head's rows are stored as interleaved (even, odd)
     rotary pairs for its GPT-J-style RoPE; HF's rotate_half wants the two halves one after the other."""
@@ -150,7 +380,8 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dtype, progress: bool) -> None:
+def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dtype, progress: bool,
+                       where: Path) -> None:
     """Stream tensors into safetensors' layout (u64 header size, JSON header, raw data) one at a time,
     so peak memory is one dequantized tensor (and its temporaries), not the whole model."""
     from gguf.quants import dequantize
@@ -170,7 +401,10 @@ def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dty
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for i, (name, t) in enumerate(tensors):
-                array = dequantize(t.data, t.tensor_type).reshape(header[name]["shape"])  # fp32
+                try:
+                    array = dequantize(t.data, t.tensor_type).reshape(header[name]["shape"])  # fp32
+                except _READER_ERRORS as e:  # the checks above make this a file changed while we read it
+                    raise GGUFError(f"{where}: tensor {t.name!r} cannot be read ({type(e).__name__}: {e})") from None
                 w = torch.from_numpy(array if array.flags.writeable else array.copy())
                 if config["model_type"] == "llama" and ".self_attn.q_proj." in name:
                     w = _unpermute(w, config["num_attention_heads"])
@@ -238,6 +472,8 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, not {dtype}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a folder")
     reader, meta = _read(gguf_path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -245,34 +481,53 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
                                   f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
     tensors = sorted(((_hf_name(t.name, gguf_path), t) for t in reader.tensors), key=lambda p: p[0])
-    if "token_embd.weight" not in names:
-        raise ValueError(f"{gguf_path}: no token_embd.weight tensor")
-    vocab_size = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None or len(embedding.shape) != 2:
+        raise GGUFError(f"{gguf_path}: no token_embd.weight tensor of two dimensions")
+    vocab_size = int(embedding.shape[1])
+    _check_vocabulary(meta, vocab_size, gguf_path)
     config = _config(meta, arch, names, vocab_size, gguf_path)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _check_shapes(tensors, config, gguf_path)
     tokenizer = _tokenizer(meta, gguf_path)  # fail on an unsupported vocabulary before the long part
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
-    _write_safetensors(out_dir / "model.safetensors", tensors, config, dtype, progress)
-    atomic_write(out_dir / "tokenizer.json", lambda tmp: tmp.write_text(tokenizer.to_str(pretty=True)))
-    tokens = meta["tokenizer.ggml.tokens"]
-    special = {name: tokens[i] if (i := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None else None
-               for name, key in (("bos_token", "bos"), ("eos_token", "eos"),
-                                 ("pad_token", "padding"), ("unk_token", "unknown"))}
-    write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json is the whole truth; no slow class
-        **special,
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-        "chat_template": meta.get("tokenizer.chat_template"),
-    })
-    write_json(out_dir / "generation_config.json",
-                {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    write_json(out_dir / "config.json", config)
+    # Checked: now write, into a folder beside out_dir that becomes out_dir at the end.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        _write_safetensors(work / "model.safetensors", tensors, config, dtype, progress, gguf_path)
+        atomic_write(work / "tokenizer.json", lambda tmp: tmp.write_text(tokenizer.to_str(pretty=True)))
+        tokens = meta["tokenizer.ggml.tokens"]
+        special = {name: tokens[i] if (i := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None else None
+                   for name, key in (("bos_token", "bos"), ("eos_token", "eos"),
+                                     ("pad_token", "padding"), ("unk_token", "unknown"))}
+        write_json(work / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json is the whole truth; no slow class
+            **special,
+            "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": config["max_position_embeddings"],
+            "chat_template": meta.get("tokenizer.chat_template"),
+        })
+        write_json(work / "generation_config.json",
+                   {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        write_json(work / "config.json", config)
+        _move_into(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _move_into(work: Path, out_dir: Path) -> None:
+    """Make `work`'s files out_dir's: a rename when out_dir is new; into an existing folder, file by file
+    with config.json (the mark of a complete folder) removed first and put back last."""
+    if not out_dir.exists():
+        os.replace(work, out_dir)
+        return
+    (out_dir / "config.json").unlink(missing_ok=True)
+    for f in sorted(work.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(f, out_dir / f.name)
 
 
 def demo_model_gguf() -> Path:

@@ -45,7 +45,7 @@ from .adapters import (
     replace,
     set_adapter,
 )
-from .adapters_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError
+from .adapters_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
 from .qlora import Linear4bit
 
 __all__ = ["IA3Config", "IA3Linear", "apply_ia3", "to_peft", "load_peft"]
@@ -234,6 +234,9 @@ def apply_ia3(model: nn.Module, targets=None, feedforward=None, layers=None, ada
 
 # PEFT options minicustom does not implement: (field, the value that means "off").
 _UNSUPPORTED = (("fan_in_fan_out", False), ("exclude_modules", None), ("modules_to_save", None))
+# adapter_config.json fields an IA3 folder is read with, and their kinds (adapters_io.check_fields).
+_FIELDS = {"target_modules": "names", "feedforward_modules": "names", "fan_in_fan_out": "bool",
+           "init_ia3_weights": "bool", "exclude_modules": "names", "modules_to_save": "name list"}
 
 
 def to_peft(model: nn.Module, adapter_name: str):
@@ -262,6 +265,7 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     key must belong to a targeted module; all of it is checked before the model changes. (init_ia3_weights
     does not matter: every vector comes from the file.)"""
     where = path / CONFIG_FILE
+    check_fields(peft, where, _FIELDS)
     for key, off in _UNSUPPORTED:
         if peft.get(key, off) not in (off, None, False, [], {}):
             raise AdapterError(f"{where}: {key}={peft[key]!r} is not supported")

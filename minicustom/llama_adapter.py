@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
-from .adapters_io import PREFIX, AdapterError
+from .adapters_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
 from .model import Prefix
 
 
@@ -131,12 +131,14 @@ def to_peft(model: nn.Module, adapter_name: str):
 
 
 def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
-    where, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    where, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    check_fields(peft, where, {"adapter_len": "positive int", "adapter_layers": "positive int",
+                               "target_modules": "str"})
     n, L = peft.get("adapter_len"), peft.get("adapter_layers")
     for field, value in (("adapter_len", n), ("adapter_layers", L)):
-        if not isinstance(value, int) or value <= 0:
-            raise AdapterError(f"{where}: {field} must be a positive integer, found {value!r}")
-    if peft.get("target_modules", "self_attn") != "self_attn":
+        if value is None:
+            raise AdapterError(f"{where}: field {field!r} is missing")
+    if peft.get("target_modules") not in (None, "self_attn"):
         raise AdapterError(f"{where}: target_modules={peft['target_modules']!r} is not supported (self_attn)")
     layers, C = model.config.num_hidden_layers, model.config.hidden_size
     if L > layers:

@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
-from .adapters_io import AdapterError
+from .adapters_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_fields, read_tensors
 from .model import Prefix
 
 ENCODER_FILE = "prefix_encoder.safetensors"
@@ -138,30 +137,39 @@ def to_peft(model: nn.Module, adapter_name: str):
         return peft, {"prompt_embeddings": encoder()}, extra
 
 
+# adapter_config.json fields a PREFIX_TUNING folder is read with, and their kinds (adapters_io.check_fields).
+_FIELDS = {"num_virtual_tokens": "positive int", "token_dim": "positive int", "num_layers": "positive int",
+           "num_attention_heads": "positive int", "num_transformer_submodules": "positive int",
+           "encoder_hidden_size": "positive int", "prefix_projection": "bool", "modules_to_save": "name list"}
+
+
 def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
     c = model.config
     D, L = c.num_key_value_heads * c.head_dim, c.num_hidden_layers
-    where = path / "adapter_config.json"
+    where = path / CONFIG_FILE
+    check_fields(peft, where, _FIELDS)
     P = peft.get("num_virtual_tokens")
-    if not isinstance(P, int) or P <= 0:
-        raise AdapterError(f"{where}: num_virtual_tokens must be a positive integer, found {P!r}")
+    if P is None:
+        raise AdapterError(f"{where}: field 'num_virtual_tokens' is missing")
+    if peft.get("modules_to_save"):
+        raise AdapterError(f"{where}: modules_to_save={peft['modules_to_save']!r} is not supported")
     expected = {"num_transformer_submodules": 1, "num_layers": L, "token_dim": D}
     for key, value in expected.items():
         if peft.get(key, value) not in (value, None):
             raise AdapterError(f"{where}: {key}={peft[key]!r}, but this model needs {value} "
                                f"({L} layers, {c.num_key_value_heads} key/value heads of {c.head_dim})")
     if set(tensors) != {"prompt_embeddings"}:
-        raise AdapterError(f"{path / 'adapter_model.safetensors'}: expected one tensor, prompt_embeddings; found "
+        raise AdapterError(f"{path / WEIGHTS_FILE}: expected one tensor, prompt_embeddings; found "
                            f"{sorted(tensors)}")
     E = tensors["prompt_embeddings"]
     if tuple(E.shape) != (P, 2 * L * D):
-        raise AdapterError(f"{path / 'adapter_model.safetensors'}: prompt_embeddings has shape {tuple(E.shape)}, "
+        raise AdapterError(f"{path / WEIGHTS_FILE}: prompt_embeddings has shape {tuple(E.shape)}, "
                            f"expected ({P}, {2 * L * D}) = (num_virtual_tokens, 2 · layers · token_dim)")
     projection = bool(peft.get("prefix_projection")) and (path / ENCODER_FILE).exists()
     config = PrefixConfig(P, projection, peft.get("encoder_hidden_size") if projection else None)
     state = {"embedding.weight": E}
     if projection:
-        state = load_file(path / ENCODER_FILE)
+        state, _ = read_tensors(path / ENCODER_FILE)
         with torch.device("meta"):
             wanted = PrefixEncoder(P, L, D, True, config.encoder_hidden_size or D, "random").state_dict()
         bad = {k: tuple(v.shape) for k, v in state.items() if k not in wanted or v.shape != wanted[k].shape}

@@ -40,12 +40,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
-from .adapters_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from .adapters_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_fields, read_tensors
 from .model import Prefix
 
 ENCODER_FILE = "prompt_encoder.safetensors"
@@ -246,14 +244,24 @@ def to_peft(model: nn.Module, adapter_name: str):
     return peft, {"prompt_embeddings": E}, ({ENCODER_FILE: dict(encoder.named_parameters())} if heads else {})
 
 
+# adapter_config.json fields a PROMPT_TUNING or P_TUNING folder is read with, and their kinds
+# (adapters_io.check_fields).
+_FIELDS = {"num_virtual_tokens": "positive int", "token_dim": "positive int", "num_layers": "positive int",
+           "num_attention_heads": "positive int", "num_transformer_submodules": "positive int",
+           "modules_to_save": "name list", "prompt_tuning_init": "str", "prompt_tuning_init_text": "str",
+           "tokenizer_name_or_path": "str", "tokenizer_kwargs": "object", "encoder_reparameterization_type": "str",
+           "encoder_hidden_size": "positive int", "encoder_num_layers": "positive int", "encoder_dropout": "dropout"}
+
+
 def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
     """Read a PROMPT_TUNING or P_TUNING folder. P-tuning resumes from prompt_encoder.safetensors when the
     folder has it (minicustom's); otherwise (PEFT's) the exported E is loaded as an embedding-only adapter,
     trainable as E itself, since an encoder cannot be recovered from its output."""
     c, where, weights = model.config, path / CONFIG_FILE, path / WEIGHTS_FILE
+    check_fields(peft, where, _FIELDS)
     P = peft.get("num_virtual_tokens")
-    if not isinstance(P, int) or P <= 0:
-        raise AdapterError(f"{where}: num_virtual_tokens must be a positive integer, found {P!r}")
+    if P is None:
+        raise AdapterError(f"{where}: field 'num_virtual_tokens' is missing")
     expected = {"num_transformer_submodules": 1, "token_dim": c.hidden_size, "num_layers": c.num_hidden_layers,
                 "num_attention_heads": c.num_attention_heads, "task_type": "CAUSAL_LM"}
     for key, value in expected.items():
@@ -280,21 +288,16 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
             raise AdapterError(f"{where}: encoder_reparameterization_type="
                                f"{peft['encoder_reparameterization_type']!r} is not one of MLP, LSTM")
         h, layers = peft.get("encoder_hidden_size") or c.hidden_size, peft.get("encoder_num_layers") or 2
-        for key, value in (("encoder_hidden_size", h), ("encoder_num_layers", layers)):
-            if not isinstance(value, int) or value <= 0:
-                raise AdapterError(f"{where}: {key} must be a positive integer, found {value!r}")
         resume = (path / ENCODER_FILE).exists()
         config = PTuningConfig(P, kind, h, layers if kind == "lstm" else 2,  # PEFT's MLP ignores the field
                                float(peft.get("encoder_dropout") or 0.0), embedding_only=not resume)
         if resume:
-            try:
-                state = load_file(path / ENCODER_FILE)
-            except (SafetensorError, OSError) as e:
-                raise AdapterError(f"{path / ENCODER_FILE}: cannot be read (truncated or corrupt?): {e}") from None
-    encoder = _encoder(model, config)
-    wanted = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+            state, _ = read_tensors(path / ENCODER_FILE)
+    with torch.device("meta"):  # the shapes only: a config's sizes allocate nothing before they are checked
+        wanted = {k: tuple(v.shape) for k, v in _encoder(model, config).state_dict().items()}
     if (found := {k: tuple(v.shape) for k, v in state.items()}) != wanted:
         raise AdapterError(f"{path / ENCODER_FILE}: expected tensors {wanted}, found {found}")
+    encoder = _encoder(model, config)
     with torch.no_grad():
         for k, p in encoder.named_parameters():
             p.copy_(state[k])
