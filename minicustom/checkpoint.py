@@ -5,24 +5,33 @@ the memory-mapped safetensors files, casts them and assigns them in place of the
 the weights exist once in memory. Every key is accounted for: missing, unexpected and mis-shaped
 tensors are all listed in one error instead of leaving random weights behind. Pickle checkpoints
 (`pytorch_model.bin`) can run code when loaded, so they are refused unless the caller opts in, and
-are then read with `torch.load(weights_only=True)`.
+are then read with `torch.load(weights_only=True)`. A sharded folder's index is trusted only as far as
+it is consistent: each shard a .safetensors file inside the folder, each tensor read from the one shard
+the index names for it and from no other. Weights holding NaN or Inf are refused by name.
 
-Saving writes the same format back (sharded above `max_shard_size`), each file to a temporary name
-first and renamed when complete, with config.json written last.
+Saving writes the same format back (sharded above `max_shard_size`): every file to a temporary name
+beside it first, and only when all of them are complete are they renamed into place, config.json last;
+a failure (a full disk, say) leaves the folder as it was. Temp files are created under the umask, like
+any other file, and a later write into the folder removes those an interrupted run left behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json
 from .model import Transformer
 
 
@@ -34,21 +43,56 @@ class CheckpointError(ValueError):
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
-    """The weight files of a checkpoint folder, checking that every listed shard exists."""
-    index = path / "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the names save_model gives shards
+
+
+def _shard_file(index: Path, folder: Path, shard: str) -> Path:
+    """The file an index entry names: a .safetensors file inside the folder, so an index cannot make us
+    read (or unpickle) a file elsewhere. A symlink may point outside only in the Hugging Face hub cache
+    layout, where snapshots/<revision>/<file> links to ../../blobs/<hash>."""
+    if not shard.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: shard {shard!r} is not a .safetensors file")
+    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+        raise CheckpointError(f"{index}: shard {shard!r} must be a file name inside {folder}")
+    file = folder / shard
+    root = folder.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if file.exists() and not any(file.resolve().is_relative_to(a) for a in allowed):
+        raise CheckpointError(f"{index}: shard {shard!r} is a link to {file.resolve()}, outside {folder}")
+    return file
+
+
+def _read_index(index: Path, folder: Path) -> dict[str, Path]:
+    """tensor name -> the shard file the index names for it, every shard checked to exist."""
+    data = read_json(index, CheckpointError)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index}: not a safetensors index: expected a JSON object, found "
+                              f"{type(data).__name__}")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a safetensors index: 'weight_map' must be an object mapping tensor "
+                              f"names to shard files, found {type(weight_map).__name__}")
+    files = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name, found {shard!r}")
+        if shard not in files:
+            files[shard] = _shard_file(index, folder, shard)
+    missing = sorted(s for s, f in files.items() if not f.is_file())
+    if missing:
+        raise CheckpointError(f"{index} lists shards that are not in {folder}: {', '.join(missing)}")
+    return {name: files[shard] for name, shard in weight_map.items()}
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weight files of a checkpoint folder, and the index's tensor -> shard map when it has one."""
+    index = path / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (path / s).exists()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that are not in {path}: {', '.join(missing)}")
-        return [path / s for s in shards]
+        weight_map = _read_index(index, path)
+        return sorted(set(weight_map.values())), weight_map
     if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
+        return [path / "model.safetensors"], None
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles:
         if not allow_pickle:
@@ -56,7 +100,7 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
                 f"{path} holds only pickle weights ({pickles[0].name}); pickle can run arbitrary code. "
                 "Convert them to safetensors, or pass allow_pickle=True to read them with weights_only=True."
             )
-        return pickles
+        return pickles, None
     raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -74,6 +118,30 @@ def _read_tensors(file: Path):
         raise CheckpointError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _read_all(files: list[Path], weight_map: dict[str, Path] | None, index: Path):
+    """Every tensor of the folder and the file it came from: each stored once, and, with an index, in the
+    shard the index names for it (a later copy used to win silently)."""
+    tensors, where = {}, {}
+    for file in files:
+        for name, tensor in _read_tensors(file):
+            if name in where:
+                raise CheckpointError(f"{file}: tensor {name} is also in {where[name]}; each tensor must be "
+                                      "stored once")
+            if weight_map is not None and not name.endswith(_IGNORED_SUFFIXES):
+                named = weight_map.get(name)
+                if named is None:
+                    raise CheckpointError(f"{file}: holds tensor {name}, which {index.name} does not list")
+                if named != file:
+                    raise CheckpointError(f"{file}: holds tensor {name}, which {index.name} places in {named.name}")
+            tensors[name] = tensor
+            where[name] = str(file)
+    absent = [f"{n} (in {f.name})" for n, f in (weight_map or {}).items() if n not in tensors]
+    if absent:
+        shown = absent[:5] + ([f"... and {len(absent) - 5} more"] if len(absent) > 5 else [])
+        raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) that no shard holds: {'; '.join(shown)}")
+    return tensors, where
+
+
 def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) -> set[str]:
     """Swap in a Linear4bit for every weight stored in bitsandbytes' 4-bit serialization (a checkpoint that
     transformers+bitsandbytes saved, or `minicustom quantize` wrote); returns the keys it consumed."""
@@ -89,15 +157,47 @@ def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) ->
             linear = model.get_submodule(module_name)
         except AttributeError:
             raise CheckpointError(f"{where[key]}: {key} names no module of this model") from None
+        if not prefix.endswith(".weight") or not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{where[key]}: {key}: {module_name} is not a linear layer of this model; only "
+                                  "linear weights can be stored 4-bit")
         state = nf4.from_state_dict(tensors, prefix, where=where[key])
         if tuple(state.shape) != (linear.out_features, linear.in_features):
             raise CheckpointError(f"{where[key]}: {prefix} has shape {list(state.shape)}, the model expects "
                                   f"{[linear.out_features, linear.in_features]}")
-        bias = tensors.get(module_name + ".bias")
+        bias_key = module_name + ".bias"
+        bias = tensors.get(bias_key)
+        if bias is not None:  # a missing bias is listed with the other missing tensors
+            if linear.bias is None:
+                raise CheckpointError(f"{where[bias_key]}: {bias_key} is stored, but the {model.config.model_type} "
+                                      f"config gives {module_name} no bias")
+            _check_weight(bias_key, bias, bias.to(dtype), (linear.out_features,), where[bias_key])
         _replace(model, module_name,
                  Linear4bit(state.to(device), None if bias is None else bias.to(device), compute_dtype=dtype))
-        used |= {prefix, key, module_name + ".bias", *(f"{prefix}.{s}" for s in nf4.STATE_SUFFIXES)} & tensors.keys()
+        used |= {prefix, key, bias_key, *(f"{prefix}.{s}" for s in nf4.STATE_SUFFIXES)} & tensors.keys()
     return used
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. A sum is NaN or Inf when any term is, and reads t once without allocating (5-10x
+    faster than isfinite(t).all() here); only a sum that overflowed needs the exact check."""
+    try:
+        total = t.sum(dtype=torch.float32 if t.element_size() < 4 else None)
+    except RuntimeError:  # a dtype without sum (float8)
+        total = torch.tensor(float("nan"))
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t.float() if t.element_size() < 2 else t).all())
+
+
+def _check_weight(name: str, stored: torch.Tensor, converted: torch.Tensor, shape, file):
+    """A floating-point tensor of `shape`, finite as stored and after the cast (fp32 -> fp16 can overflow)."""
+    if tuple(stored.shape) != tuple(shape):
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(stored.shape)}, the model expects "
+                              f"{tuple(shape)}")
+    if not stored.is_floating_point():
+        raise CheckpointError(f"{file}: tensor {name} is {stored.dtype}; the model expects floating-point weights")
+    if not _all_finite(converted):
+        why = ("holds NaN or Inf" if not _all_finite(stored) else
+               f"has values beyond the range of {converted.dtype} (Inf once cast)")
+        raise CheckpointError(f"{file}: tensor {name} {why}")
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False,
@@ -110,14 +210,10 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
     config = ModelConfig.from_file(path)
-    files = _weight_files(path, allow_pickle)
+    files, weight_map = _weight_files(path, allow_pickle)
     with torch.device("meta"):
         model = Transformer(config)
-    tensors, where = {}, {}
-    for file in files:
-        for name, tensor in _read_tensors(file):
-            tensors[name] = tensor
-            where[name] = str(file)
+    tensors, where = _read_all(files, weight_map, path / INDEX)
     used = _load_4bit(model, tensors, where, dtype, device)
     expected = {k: v for k, v in model.state_dict().items() if k not in used}
     if config.tie_word_embeddings:
@@ -137,6 +233,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
                                f" (in {file.name})")
         else:
             state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+            _check_weight(name, tensor, state[name], expected[name].shape, file)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected or wrong_shape:
         lines = [f"{path}: the checkpoint does not match the {config.model_type} config"]
@@ -164,20 +261,117 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     return model.eval()
 
 
-def atomic_write(path: Path, write):
-    """Run write(tmp_path) on a temporary file beside path, fsync it, and rename it to path: path is
-    never seen half-written, and a crash leaves at most a stray .tmp file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# Temp files are named .<target>.mc-<host>-<pid>.<random>.tmp, so a later write can tell an abandoned one
+# (its process is gone) from one a live process is still writing (two DPO ranks share a reference cache).
+_TEMP = re.compile(r"\.(?P<target>.+)\.mc-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+_OLD_TEMP = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's, before the pid was kept
+_ABANDONED_AFTER = 24 * 3600  # seconds: another machine's temp file this old is abandoned
+
+
+def host_tag() -> str:
+    """This machine's name as temp file names carry it: letters, digits and _, at most 32 characters."""
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # Windows' os.kill(pid, 0) sends CTRL_C_EVENT: there, only the age rule applies
+        return True
     try:
-        write(Path(tmp))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _remove_abandoned_temps(folder: Path, targets: set[str]):
+    """Remove the temp files of interrupted writes into `folder`: ours whose process is gone (or, from
+    another machine, a day old), and the older unmarked kind for the names about to be written."""
+    host, now = host_tag(), time.time()
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for entry in entries:
+        if m := _TEMP.fullmatch(entry.name):
+            pid = int(m["pid"])
+            try:
+                old = now - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED_AFTER
+            except OSError:
+                continue
+            gone = m["host"] == host and pid not in (0, os.getpid()) and not _alive(pid)
+            abandoned = old or gone
+        else:
+            abandoned = bool((m := _OLD_TEMP.fullmatch(entry.name)) and m["target"] in targets)
+        if abandoned and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def _os_error(e: Exception, path: Path) -> OSError | None:
+    """An I/O failure while writing, as an OSError naming the file written (not its temp name), or None.
+    safetensors reports a full disk as SafetensorError("... (os error 28)")."""
+    code = e.errno if isinstance(e, OSError) else None
+    if isinstance(e, SafetensorError) and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m[1])
+    if code is None:
+        return OSError(f"cannot write {path}: {e}") if isinstance(e, OSError) else None
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _write_temp(path: Path, write: Callable[[Path], object]) -> Path:
+    """write(tmp) on a new temp file beside path, fsynced; the temp file is removed if anything fails."""
+    tmp = path.parent / f".{path.name}.mc-{host_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        # mode 0o666 under the umask, as open() creates any file (tempfile.mkstemp would give 0o600)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp.stat().st_mode & 0o777
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that recreated the file
+            os.chmod(tmp, mode)
+        return tmp
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if (error := _os_error(e, path)) is not None:
+            raise error from None
         raise
+
+
+def atomic_write_all(writes: list[tuple[Path, Callable[[Path], object]]]):
+    """All or nothing: run each write(tmp) on a temp file beside its path and fsync it; only when every one
+    succeeded are they renamed into place, in order. A failure leaves no temp file and no target changed."""
+    writes = [(Path(p), w) for p, w in writes]
+    for folder in {p.parent for p, _ in writes}:
+        _remove_abandoned_temps(folder, {p.name for p, _ in writes if p.parent == folder})
+    temps = []
+    try:
+        for path, write in writes:
+            temps.append(_write_temp(path, write))
+        for (path, _), tmp in zip(writes, temps):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in {p.parent for p, _ in writes}:  # make the renames themselves durable
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # not every file system can fsync a directory
+
+
+def atomic_write(path: Path, write):
+    """Run write(tmp) on a temporary file beside path, fsync it, and rename it to path: path is
+    never seen half-written, and a crash leaves at most a stray .tmp file (removed by a later write)."""
+    atomic_write_all([(path, write)])
 
 
 def write_json(path: Path, obj):
@@ -205,23 +399,30 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
         shards[-1][name] = t
         size += nbytes
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        atomic_write(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
-        (path / "model.safetensors.index.json").unlink(missing_ok=True)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        write_json(path / "model.safetensors.index.json", index)
-        (path / "model.safetensors").unlink(missing_ok=True)
     config = model.config.to_dict()
     first = next(v for k, v in state.items() if v.is_floating_point() and not is_quant_key(k))
     config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
     if quant := quantization_config(model):
         config["quantization_config"] = quant
-    write_json(path / "config.json", config)
+    if len(shards) == 1:
+        writes = [(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))]
+        names = {"model.safetensors"}
+    else:
+        writes, weight_map = [], {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            writes.append((path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta)))
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        writes.append((path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n")))
+        names = set(weight_map.values()) | {INDEX}
+    writes.append((path / "config.json",
+                   lambda tmp: tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")))
+    atomic_write_all(writes)  # config.json last: a folder with a new config.json holds its weights
+    # weights of the checkpoint this one replaced: the other layout, or shards of another count
+    stale = [f for f in path.iterdir() if f.name not in names and
+             (f.name in ("model.safetensors", INDEX) or _SHARD_NAME.fullmatch(f.name))]
+    for f in stale:
+        f.unlink(missing_ok=True)
     return path

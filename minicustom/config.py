@@ -3,7 +3,9 @@
 One dataclass covers Llama 2/3, Mistral, Qwen2/2.5, Qwen3 and SmolLM/SmolLM2: they differ only in
 q/k/v(/o) biases, per-head q/k RMSNorm (Qwen3), RoPE frequency scaling (Llama 3) and sliding-window
 attention (Mistral v0.1, some Qwen2 configs). Any field that would change the math in a way the model
-does not implement is refused here with an error naming the field, instead of giving wrong logits.
+does not implement is refused here with an error naming the field, instead of giving wrong logits,
+and so is every field read that has the wrong type or range: a quoted number, a NaN, a zero epsilon,
+or the string "false" where a boolean belongs (bool("false") is True: it once silently tied lm_head).
 """
 
 from __future__ import annotations
@@ -66,78 +68,81 @@ class ModelConfig:
     # -- reading and writing config.json -------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        """Check every field read (type, range, finiteness; booleans strictly), then build the config.
+        A null is the field's default, as in transformers; a string where a number belongs is refused,
+        not converted (a hand edit that quoted a number may have meant something else)."""
         def fail(msg):
             raise ConfigError(f"{source}: {msg}")
 
+        if not isinstance(d, dict):
+            fail(f"expected a JSON object, found {_json_type(d)}")
+        field_ = _Fields(d, fail)
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             fail(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(d.get(key), int) or d[key] <= 0:
-                fail(f"field {key!r} must be a positive integer, found {d.get(key)!r}")
+        sizes = {k: field_.positive_int(k) for k in
+                 ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
         act = d.get("hidden_act", "silu")
         if act != "silu":
             fail(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU MLP)")
-        n_heads = d["num_attention_heads"]
-        n_kv = d.get("num_key_value_heads") or n_heads
-        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+        n_layers, n_heads = sizes["num_hidden_layers"], sizes["num_attention_heads"]
+        n_kv = field_.positive_int("num_key_value_heads", n_heads)
+        head_dim = field_.positive_int("head_dim", sizes["hidden_size"] // n_heads)
+        if head_dim % 2:
+            fail(f"field 'head_dim' (default hidden_size / num_attention_heads) must be even: RoPE rotates "
+                 f"pairs of dimensions; found {head_dim}")
 
         # RoPE: transformers >= 5 writes `rope_parameters`, older files `rope_theta` + `rope_scaling`.
-        rope = dict(d.get("rope_parameters") or {})
-        rope_theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
-        scaling = rope or d.get("rope_scaling") or None
+        params = field_.optional("rope_parameters", dict) or {}
+        theta_from = _Fields(params, fail, "rope_parameters.") if "rope_theta" in params else field_
+        rope_theta = theta_from.positive_float("rope_theta", 10000.0)
+        rope = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling_field = "rope_parameters" if rope else "rope_scaling"
+        scaling = rope or field_.optional("rope_scaling", dict) or None
         if scaling is not None:
-            scaling = dict(scaling)
-            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                fail(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-            if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-                fail("partial_rotary_factor != 1 is not supported")
-            scaling["rope_type"] = rope_type
-            scaling.pop("type", None)
-            scaling = None if rope_type == "default" else scaling
+            scaling = _rope_scaling(dict(scaling), scaling_field, fail)
 
-        sliding_window = d.get("sliding_window")
-        layer_types = list(d.get("layer_types") or [])
+        sliding_window = field_.positive_int("sliding_window", None)
+        use_sliding = field_.boolean("use_sliding_window", False)
+        layer_types = field_.optional("layer_types", list) or []
+        if not all(isinstance(t, str) for t in layer_types):
+            fail(f"field 'layer_types' must be a list of strings, found {layer_types!r}")
         if model_type in ("qwen2", "qwen3") and not layer_types:
             # transformers' rule: layers from max_window_layers on slide, if use_sliding_window is set.
-            first = d.get("max_window_layers", d["num_hidden_layers"])
-            use = d.get("use_sliding_window", False) and sliding_window
-            layer_types = [
-                "sliding_attention" if use and i >= first else "full_attention"
-                for i in range(d["num_hidden_layers"])
-            ]
+            first = field_.non_negative_int("max_window_layers", n_layers)
+            use = use_sliding and sliding_window
+            layer_types = ["sliding_attention" if use and i >= first else "full_attention" for i in range(n_layers)]
         if model_type in ("qwen2", "qwen3") and "sliding_attention" not in layer_types:
             sliding_window = None
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             fail(f"layer_types contains {sorted(unknown)}; supported: full_attention, sliding_attention")
 
-        attention_bias = bool(d.get("attention_bias", False))
-        return cls(
+        attention_bias = field_.boolean("attention_bias", False)
+        values = dict(
             model_type=model_type,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=n_heads,
+            **sizes,
             num_key_value_heads=n_kv,
             head_dim=head_dim,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=field_.positive_int("max_position_embeddings", 2048),
+            rms_norm_eps=field_.positive_float("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=field_.boolean("tie_word_embeddings", False),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
-            mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
+            mlp_bias=field_.boolean("mlp_bias", False) and model_type == "llama",
             qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
             layer_types=layer_types,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
+            bos_token_id=field_.token_ids("bos_token_id"),
+            eos_token_id=field_.token_ids("eos_token_id"),
+            pad_token_id=field_.token_ids("pad_token_id"),
         )
+        try:
+            return cls(**values)
+        except ConfigError as e:  # __post_init__'s checks, which know no file
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -146,11 +151,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The Hugging Face config.json for this model (what transformers writes, in the older schema)."""
@@ -197,3 +198,126 @@ class ModelConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_ctx / hi) & ~(wavelen > old_ctx / lo)
         return torch.where(medium, smoothed, scaled)
+
+
+def read_json(path: Path, error: type[ValueError] = ConfigError):
+    """The JSON in `path`, or `error` naming the file: not UTF-8, not JSON (with the line), or an object
+    that repeats a key (json.loads would keep the last copy silently)."""
+    def unique(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise error(f"{path}: key {key!r} appears twice in one object")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"), object_pairs_hook=unique)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def _json_type(value) -> str:
+    """A value's type in JSON's words, for messages about a file the user wrote."""
+    for kind, name in ((bool, "a boolean"), (int, "a number"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return f"{name} ({value!r})" if kind in (int, float, str, bool) else name
+    return type(value).__name__
+
+
+_REQUIRED = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is no number
+
+
+def _is_number(v) -> bool:
+    """A finite JSON number (json.loads accepts NaN and Infinity, and integers beyond any float)."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+class _Fields:
+    """Typed reads of a config dict's fields, named `prefix + key` in messages. A missing field or a null
+    gives the default; without a default the field is required."""
+
+    def __init__(self, d: dict, fail, prefix: str = ""):
+        self.d, self.fail, self.prefix = d, fail, prefix
+
+    def _get(self, key, default):
+        """(absent, value): absent means the default stands."""
+        value = self.d.get(key)
+        if value is None and default is _REQUIRED:
+            self.fail(f"field '{self.prefix}{key}' is missing")
+        return (True, default) if value is None else (False, value)
+
+    def _bad(self, key, expected, value):
+        self.fail(f"field '{self.prefix}{key}' must be {expected}, found {_json_type(value)}")
+
+    def positive_int(self, key, default=_REQUIRED):
+        absent, v = self._get(key, default)
+        if not absent and (not _is_int(v) or v <= 0):
+            self._bad(key, "a positive integer", v)
+        return v
+
+    def non_negative_int(self, key, default=_REQUIRED):
+        absent, v = self._get(key, default)
+        if not absent and (not _is_int(v) or v < 0):
+            self._bad(key, "a non-negative integer", v)
+        return v
+
+    def positive_float(self, key, default=_REQUIRED):
+        absent, v = self._get(key, default)
+        if not absent and (not _is_number(v) or v <= 0):
+            self._bad(key, "a positive finite number", v)
+        return float(v)
+
+    def boolean(self, key, default: bool) -> bool:
+        absent, v = self._get(key, default)
+        if not isinstance(v, bool):  # "false" is a non-empty string: bool() would read it as True
+            self._bad(key, "a boolean (true or false)", v)
+        return v
+
+    def optional(self, key, kind):
+        absent, v = self._get(key, None)
+        if not absent and not isinstance(v, kind):
+            self._bad(key, {dict: "an object", list: "a list (JSON array)"}[kind] + " or null", v)
+        return v
+
+    def token_ids(self, key):
+        absent, v = self._get(key, None)
+        if not absent and not (_is_int(v) or (isinstance(v, list) and v and all(_is_int(i) for i in v))):
+            self._bad(key, "an integer token id or a list of them", v)
+        return v
+
+
+def _rope_scaling(scaling: dict, where: str, fail) -> dict | None:
+    """The checked RoPE scaling (None for plain RoPE); `where` names the field in messages."""
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(rope_type, str):
+        fail(f"field '{where}.rope_type' must be a string, found {_json_type(rope_type)}")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        fail(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        fail("partial_rotary_factor != 1 is not supported")
+    scaling["rope_type"] = rope_type
+    scaling.pop("type", None)
+    if rope_type == "default":
+        return None
+    fields = _Fields(scaling, lambda msg: fail(f"{msg} ({rope_type} RoPE scaling)"), where + ".")
+    scaling["factor"] = fields.positive_float("factor")
+    if rope_type == "llama3":
+        scaling.update(low_freq_factor=fields.positive_float("low_freq_factor"),
+                       high_freq_factor=fields.positive_float("high_freq_factor"),
+                       original_max_position_embeddings=fields.positive_int("original_max_position_embeddings"))
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        # inv_freq interpolates over 1 / (high - low): equal factors divide by zero
+        fail(f"field '{where}.high_freq_factor' ({scaling['high_freq_factor']}) must be greater than "
+             f"low_freq_factor ({scaling['low_freq_factor']})")
+    return scaling

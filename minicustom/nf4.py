@@ -38,6 +38,7 @@ the farther code; we do the same, so the bytes are identical.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -284,9 +285,47 @@ def quant_state_key(tensors, prefix: str) -> str | None:
     return found[0] if found else None
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is no number
+
+
+def _is_finite_number(v) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _read_meta(blob: torch.Tensor, bad) -> dict:
+    """The JSON object bitsandbytes stores, as uint8 bytes, in the quant_state tensor."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise bad(f"must be a 1-D uint8 tensor of JSON bytes, found {blob.dtype} of shape {tuple(blob.shape)}")
+    try:
+        meta = json.loads(bytes(blob.cpu().numpy()).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise bad(f"is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise bad("is not a JSON object")
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+    if missing:
+        raise bad(f"lacks {', '.join(missing)}")
+    if not _is_int(meta["blocksize"]) or meta["blocksize"] not in BLOCKSIZES:
+        raise bad(f"blocksize {meta['blocksize']!r} is not one of {BLOCKSIZES}")
+    if not isinstance(meta["dtype"], str) or getattr(torch, meta["dtype"], None) not in FLOAT_DTYPES:
+        raise bad(f"dtype {meta['dtype']!r} is not float32/float16/bfloat16")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d > 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a non-empty list of positive integers")
+    return meta
+
+
 def from_state_dict(tensors, prefix: str, where: str = "checkpoint") -> QuantState:
     """Rebuild a QuantState from the bitsandbytes keys under ``prefix``; every inconsistency is an error
-    naming the tensor and ``where`` (the file)."""
+    naming ``where`` (the file) and the tensor: the JSON's fields, each tensor's dtype and length against
+    the shape and block sizes, the code tables, and NaN or Inf in any scale, table or offset (a NaN in an
+    unused code gives finite but wrong weights, so finiteness is checked, not inferred from the output)."""
     key = quant_state_key(tensors, prefix)
     if key is None:
         raise QuantError(f"{where}: {prefix} has no quant_state.bitsandbytes__nf4/fp4 entry")
@@ -294,55 +333,66 @@ def from_state_dict(tensors, prefix: str, where: str = "checkpoint") -> QuantSta
     def bad(msg):
         return QuantError(f"{where}: {key}: {msg}")
 
-    try:
-        meta = json.loads(bytes(tensors[key].to(torch.uint8).cpu().numpy()).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise bad("is not a JSON object")
-    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
-    if missing:
-        raise bad(f"lacks {', '.join(missing)}")
+    def bad_tensor(suffix, msg):
+        return QuantError(f"{where}: {prefix}{suffix and '.' + suffix} {msg}")
+
+    others = [k for k in tensors if k.startswith(f"{prefix}.quant_state.") and k != key]
+    if others:
+        raise bad(f"{prefix} has a second quant_state entry, {others[0]}")
+    meta = _read_meta(tensors[key], bad)
     quant_type = meta["quant_type"]
     if quant_type not in QUANT_TYPES or key.rsplit("__", 1)[1] != quant_type:
         raise bad(f"quant_type {quant_type!r} (expected nf4 or fp4, matching the key)")
-    if meta["blocksize"] not in BLOCKSIZES:
-        raise bad(f"blocksize {meta['blocksize']} is not one of {BLOCKSIZES}")
-    dtype = getattr(torch, str(meta["dtype"]), None)
-    if dtype not in FLOAT_DTYPES:
-        raise bad(f"dtype {meta['dtype']!r} is not float32/float16/bfloat16")
-    if not isinstance(meta["shape"], list) or not all(isinstance(d, int) and d > 0 for d in meta["shape"]):
-        raise bad(f"shape {meta['shape']!r} is not a list of positive integers")
-    shape = torch.Size(meta["shape"])
-    n, blocksize = shape.numel(), meta["blocksize"]
+    shape, blocksize, dtype = torch.Size(meta["shape"]), meta["blocksize"], getattr(torch, meta["dtype"])
+    n = shape.numel()
+    blocks = -(-n // blocksize)
     for suffix in ("absmax", "quant_map"):
         if f"{prefix}.{suffix}" not in tensors:
-            raise QuantError(f"{where}: {prefix}.{suffix} is missing")
+            raise bad_tensor(suffix, "is missing")
     packed, absmax, code = tensors[prefix], tensors[f"{prefix}.absmax"], tensors[f"{prefix}.quant_map"]
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
-        raise QuantError(f"{where}: {prefix} holds {packed.numel()} {packed.dtype} values; shape {list(shape)} "
-                         f"packs into {(n + 1) // 2} uint8 bytes")
-    if code.shape != (16,):
-        raise QuantError(f"{where}: {prefix}.quant_map has shape {tuple(code.shape)}, expected (16,)")
-    blocks = -(-n // blocksize)
-    if absmax.numel() != blocks:
-        raise QuantError(f"{where}: {prefix}.absmax has {absmax.numel()} values; {n} weights in blocks of "
-                         f"{blocksize} need {blocks}")
-    state = QuantState(packed=packed.reshape(-1, 1), absmax=absmax, code=code.float(), blocksize=blocksize,
-                       quant_type=quant_type, shape=shape, dtype=dtype)
-    if f"{prefix}.nested_absmax" in tensors:
-        nested = tensors[f"{prefix}.nested_absmax"]
-        nested_code = tensors.get(f"{prefix}.nested_quant_map")
-        nested_bs = meta.get("nested_blocksize")
-        if "nested_offset" not in meta or not isinstance(nested_bs, int) or nested_bs <= 0:
-            raise bad("a double-quantized state needs nested_offset and a positive nested_blocksize")
-        if nested_code is None or nested_code.shape != (256,):
-            raise QuantError(f"{where}: {prefix}.nested_quant_map is missing or not 256 values")
-        if absmax.dtype != torch.uint8 or nested.numel() != -(-blocks // nested_bs):
-            raise QuantError(f"{where}: {prefix}.absmax / nested_absmax do not fit a double-quantized state of "
-                             f"{blocks} blocks (nested blocksize {nested_bs})")
-        state = replace(state, offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32),
-                        nested_absmax=nested.float(), nested_code=nested_code.float(), nested_blocksize=nested_bs)
-    elif absmax.dtype != torch.float32:
-        raise QuantError(f"{where}: {prefix}.absmax is {absmax.dtype} without nested_absmax (expected float32)")
-    return state
+        raise bad_tensor("", f"holds {packed.numel()} {packed.dtype} values; shape {list(shape)} packs into "
+                             f"{(n + 1) // 2} uint8 bytes")
+    if code.shape != (16,) or not code.is_floating_point():
+        raise bad_tensor("quant_map", f"is {code.dtype} of shape {tuple(code.shape)}; expected 16 floating-point "
+                                      "values")
+    if not bool(torch.isfinite(code).all()):
+        raise bad_tensor("quant_map", "holds NaN or Inf")
+    if not torch.equal(code.cpu(), code_for(quant_type).to(code.dtype)):
+        # bitsandbytes' GPU kernels use the fixed table of quant_type whatever is stored: another map would
+        # give other weights there than here
+        raise bad_tensor("quant_map", f"does not hold the {quant_type} code values")
+    nested_key = f"{prefix}.nested_absmax"
+    double = nested_key in tensors
+    if absmax.numel() != blocks or absmax.dtype != (torch.uint8 if double else torch.float32):
+        raise bad_tensor("absmax", f"has {absmax.numel()} values ({absmax.dtype}); {n} weights in blocks of "
+                                   f"{blocksize} need {blocks} "
+                                   + ("uint8 codes (double-quantized, with nested_absmax)" if double else
+                                      "float32 scales (without nested_absmax)"))
+    if not double:
+        if not bool(torch.isfinite(absmax).all()):
+            raise bad_tensor("absmax", "holds NaN or Inf")
+        return QuantState(packed=packed.reshape(-1, 1), absmax=absmax, code=code.float(), blocksize=blocksize,
+                          quant_type=quant_type, shape=shape, dtype=dtype)
+
+    nested, nested_code = tensors[nested_key], tensors.get(f"{prefix}.nested_quant_map")
+    nested_bs, offset = meta.get("nested_blocksize"), meta.get("nested_offset")
+    if not _is_int(nested_bs) or nested_bs <= 0:
+        raise bad(f"nested_blocksize {nested_bs!r} must be a positive integer (a double-quantized state)")
+    if not _is_finite_number(offset):
+        raise bad(f"nested_offset {offset!r} must be a finite number (a double-quantized state)")
+    if meta.get("nested_dtype", "float32") != "float32":
+        raise bad(f"nested_dtype {meta['nested_dtype']!r} is not float32, the only one bitsandbytes writes")
+    if nested_code is None or nested_code.shape != (256,) or not nested_code.is_floating_point():
+        raise bad_tensor("nested_quant_map", "is missing or not 256 floating-point values")
+    if not bool(torch.isfinite(nested_code).all()):
+        raise bad_tensor("nested_quant_map", "holds NaN or Inf")
+    if nested.dtype != torch.float32 or nested.numel() != -(-blocks // nested_bs):
+        raise bad_tensor("nested_absmax", f"is {nested.numel()} {nested.dtype} values; {blocks} block scales in "
+                                          f"nested blocks of {nested_bs} need {-(-blocks // nested_bs)} float32")
+    if not bool(torch.isfinite(nested).all()):
+        raise bad_tensor("nested_absmax", "holds NaN or Inf")
+    return QuantState(packed=packed.reshape(-1, 1), absmax=absmax, code=code.float(), blocksize=blocksize,
+                      quant_type=quant_type, shape=shape, dtype=dtype,
+                      offset=torch.tensor(float(offset), dtype=torch.float32), nested_absmax=nested.float(),
+                      nested_code=nested_code.float(), nested_blocksize=nested_bs)
