@@ -1,10 +1,13 @@
-"""NF4/FP4 reference vs bitsandbytes (test-only oracle, its CPU backend): identical bytes, scales and output."""
+"""NF4/FP4 reference vs bitsandbytes (test-only oracle, its CPU backend): identical bytes and scales, and the
+same weights as the format's formula applied to bitsandbytes' bytes (tests/nf4_oracle.py says why the formula
+and not bitsandbytes' own dequantization)."""
 
 import json
 
 import bitsandbytes.functional as bnb_f  # the test-only oracle (dev extra); its CPU backend runs here
 import pytest
 import torch
+from nf4_oracle import decode_bnb_state
 
 from minicustom import nf4
 
@@ -26,7 +29,7 @@ def test_nf4_values_are_the_normal_quantiles():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_identical_to_bitsandbytes(quant_type, blocksize, double_quant):
+def test_bytes_identical_to_bitsandbytes_and_weights_to_the_formula(quant_type, blocksize, double_quant):
     for i, shape in enumerate(SHAPES):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             g = torch.Generator().manual_seed(i)
@@ -44,7 +47,43 @@ def test_identical_to_bitsandbytes(quant_type, blocksize, double_quant):
                 assert torch.equal(q.nested_code, state.state2.code), where
             out = nf4.dequantize(q)
             assert out.dtype == dtype and out.shape == w.shape
-            assert torch.equal(out, bnb_f.dequantize_4bit(packed, state)), where
+            assert torch.equal(out, decode_bnb_state(packed, state)), where
+
+
+def test_documents_bitsandbytes_dequantize_on_this_cpu(record_property):
+    """bitsandbytes' own `dequantize_4bit` depends on the CPU (on AVX-512, 0.50.2 decodes block sizes other
+    than 64 wrongly), so no test compares with it. This one records, per case, how far it lands from the
+    formula on this machine (pytest's junit properties and a warning), and asserts only what holds on every
+    machine: wherever the two disagree, minicustom is the one within NF4's error bound of the input,
+    |w - w'| <= absmax * (widest gap between neighbouring codes) / 2 per block."""
+    import warnings
+
+    off = []
+    for quant_type in ("nf4", "fp4"):
+        gap = (nf4.code_for(quant_type).sort().values.diff().max() / 2).item()
+        for blocksize in (64, 128, 256, 1024):
+            for double_quant in (False, True):
+                w = torch.randn(64, 512, generator=torch.Generator().manual_seed(blocksize)) * 0.05
+                packed, state = bnb_quantize(w, blocksize, double_quant, quant_type)
+                q = nf4.quantize(w, blocksize, double_quant, quant_type)
+                ours = nf4.dequantize(q)
+                assert torch.equal(ours, decode_bnb_state(packed, state))
+                theirs = bnb_f.dequantize_4bit(packed, state)
+                if torch.equal(theirs, ours):
+                    continue
+                # |code*a' - w| <= |code*a - w| + |code|*|a' - a| <= a*gap + |a' - a|, a' the stored scale
+                a = w.view(-1, blocksize).abs().amax(1)
+                bound = a * gap * (1 + 1e-6) + (q.block_absmax() - a).abs()
+                assert ((ours - w).view(-1, blocksize).abs() <= bound[:, None]).all()
+                worst = (theirs - w).abs().max().item()
+                off.append(f"{quant_type} blocksize={blocksize} double_quant={double_quant}: max |bnb - w| "
+                           f"{worst:.3g}, max |minicustom - w| {(ours - w).abs().max().item():.3g}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    record_property("cpu_capability", capability)
+    record_property("bitsandbytes_dequantize_wrong", off)
+    if off:
+        warnings.warn(f"bitsandbytes' dequantize_4bit differs from the NF4/FP4 formula on this CPU "
+                      f"({capability}) in {len(off)} of 16 cases: " + "; ".join(off), stacklevel=1)
 
 
 def test_double_quant_search_matches_bitsandbytes_near_midpoints():
@@ -96,10 +135,13 @@ def test_serialization_round_trip_and_json():
     assert meta["shape"] == [40, 24] and meta["dtype"] == "bfloat16" and meta["nested_blocksize"] == 256
     back = nf4.from_state_dict(sd, "layer.weight")
     assert torch.equal(nf4.dequantize(back), nf4.dequantize(q))
-    # bitsandbytes reads our dict too
+    # bitsandbytes reads our dict too, into the same state
     state = bnb_f.QuantState.from_dict({k.removeprefix("layer.weight."): v for k, v in sd.items()
                                         if k != "layer.weight"}, device="cpu")
-    assert torch.equal(bnb_f.dequantize_4bit(sd["layer.weight"], state), nf4.dequantize(q))
+    assert (state.blocksize, tuple(state.shape), state.dtype, state.quant_type) == (64, (40, 24), torch.bfloat16,
+                                                                                   "nf4")
+    assert torch.equal(state.absmax, q.absmax) and torch.equal(state.state2.absmax, q.nested_absmax)
+    assert torch.equal(decode_bnb_state(sd["layer.weight"], state), nf4.dequantize(q))
 
 
 @pytest.mark.parametrize("blocksize", [0, 16, 48, 8192])

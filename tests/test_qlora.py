@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import make_checkpoint
+from nf4_oracle import fp32_transformers_model
 from torch import nn
 
 from minicustom import lora, nf4, qlora
@@ -100,17 +101,23 @@ def hf_4bit(path, quant_type="nf4", double_quant=True):
 @pytest.mark.parametrize("family, quant_type, double_quant", [
     ("llama-bias", "nf4", True), ("qwen3", "nf4", True), ("smollm", "fp4", False)])
 def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path, family, quant_type, double_quant):
+    """transformers+bitsandbytes quantize and save (bitsandbytes' bytes are the same on every CPU); the oracle
+    for the logits is an fp32 transformers model holding those bytes decoded by the formula, not bitsandbytes'
+    4-bit forward, which is wrong on AVX-512 CPUs (tests/nf4_oracle.py)."""
     make_checkpoint(tmp_path / "fp", family)
-    hf = hf_4bit(tmp_path / "fp", quant_type, double_quant)
-    hf.save_pretrained(tmp_path / "q")
+    hf_4bit(tmp_path / "fp", quant_type, double_quant).save_pretrained(tmp_path / "q")
     model = load_model(tmp_path / "q")
     assert sum(isinstance(m, qlora.Linear4bit) for m in model.modules()) == 7 * model.config.num_hidden_layers
+    assert {m.state.quant_type for m in model.modules() if isinstance(m, qlora.Linear4bit)} == {quant_type}
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids), fp32_transformers_model(tmp_path / "q")(ids).logits,
+                                   rtol=0, atol=1e-5)
 
 
 def test_minicustom_quantized_checkpoint_loads_in_transformers(tmp_path):
+    """transformers+bitsandbytes read our 4-bit folder into the same bytes and scales we wrote; the logits are
+    checked against an fp32 transformers model of the decoded bytes (see the test above for why)."""
     make_checkpoint(tmp_path / "fp", "llama-bias")
     model = load_model(tmp_path / "fp", quantize="nf4")
     save_model(model, tmp_path / "q")
@@ -119,12 +126,21 @@ def test_minicustom_quantized_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.float32)
+    ours = {n: m.state for n, m in model.named_modules() if isinstance(m, qlora.Linear4bit)}
+    theirs = {n: m.weight for n, m in hf.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert ours.keys() == theirs.keys() and len(ours) == 7 * model.config.num_hidden_layers
+    for name, state in ours.items():
+        w = theirs[name]
+        assert torch.equal(w.data.view(torch.uint8).reshape(-1), state.packed.reshape(-1)), name
+        assert torch.equal(w.quant_state.absmax, state.absmax), name
+        assert torch.equal(w.quant_state.state2.absmax, state.nested_absmax), name
+        assert w.quant_state.offset.item() == state.offset.item(), name
     again = load_model(tmp_path / "q")
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     with torch.no_grad():
-        ours = model(ids)
-        torch.testing.assert_close(hf(ids).logits, ours, rtol=0, atol=1e-5)
-        assert torch.equal(again(ids), ours)
+        out = model(ids)
+        torch.testing.assert_close(fp32_transformers_model(tmp_path / "q")(ids).logits, out, rtol=0, atol=1e-5)
+        assert torch.equal(again(ids), out)
 
 
 def test_corrupt_quant_state_in_a_checkpoint_names_the_file(tmp_path):

@@ -134,10 +134,12 @@ def test_twenty_step_lora_sft_lowers_held_out_loss(path, tmp_path):
     mc.load_adapter(model, tmp_path)
 
 
-def test_nf4_model_matches_transformers_bitsandbytes_and_still_answers(path, tokenizers, tmp_path):
+def test_nf4_model_matches_its_decoded_weights_in_transformers_and_still_answers(path, tokenizers, tmp_path):
     """SmolLM2 quantized by minicustom (NF4, double quantization): 4.127 bits per quantized weight, the same
-    logits as transformers+bitsandbytes loading our 4-bit folder, and still the right answer."""
-    import transformers
+    logits as an fp32 transformers model holding our 4-bit folder's bytes decoded by the formula (not
+    transformers+bitsandbytes' 4-bit forward, which is wrong on AVX-512 CPUs: tests/nf4_oracle.py), and
+    still the right answer."""
+    from nf4_oracle import fp32_transformers_model
 
     ours = mc.load_model(path, quantize="nf4")
     layers = [m for m in ours.modules() if isinstance(m, mc.Linear4bit)]
@@ -145,8 +147,7 @@ def test_nf4_model_matches_transformers_bitsandbytes_and_still_answers(path, tok
     bits = 8 * sum(m.state.nbytes() for m in layers) / sum(m.state.numel for m in layers)
     assert bits == pytest.approx(4.127, abs=1e-3)
     mc.save_model(ours, tmp_path / "q")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32,
-                                                               device_map="cpu").eval()
+    theirs = fp32_transformers_model(tmp_path / "q")
     tok = tokenizers[0]
     ids = torch.tensor([tok.apply_chat_template(CHATS[0], add_generation_prompt=True)])
     with torch.no_grad():
