@@ -1,4 +1,4 @@
-"""LoRA / QLoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (CPU, fp32).
+"""LoRA / QLoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (fp32, CPU or CUDA).
 
 The step: LoRA r=8, alpha=16 on all 7 linear projections of every layer, a batch of 4 x 256 tokens,
 forward, backward, AdamW. Two workloads over the same ids and labels for both libraries:
@@ -17,10 +17,20 @@ a warm-up step; the median step time gives tokens/s, and the ratio is the median
 neighbouring runs' ratio. "train mem" is the peak RSS minus the RSS after
 loading the model and attaching LoRA: what the training step itself adds.
 
-    python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR] [--rounds 2] [--steps 3] [--threads 2]
+On CUDA (`--device cuda`, run by scripts/gpu_check.sh) the Linear4bit layers run minicustom's Triton kernels,
+times are taken after torch.cuda.synchronize(), and the memory columns are torch.cuda.max_memory_allocated
+(peak) and that peak minus what was allocated after loading ("train mem"). Where the demo model is not
+installed (a GPU machine cannot fetch it) `--model random` is taken: SmolLM2-135M's architecture with random
+weights and random token rows, the "chat" workload then training the last quarter of each row; the step
+costs the same, only the first loss is meaningless. A peer that cannot be imported (bitsandbytes for
+QLoRA) is reported as such and minicustom is measured alone.
+
+    python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR|random] [--device cpu|cuda]
+                                   [--rounds 2] [--steps 3] [--threads 2]
 """
 
 import argparse
+import importlib.util
 import json
 import platform
 import resource
@@ -39,10 +49,43 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def batch(path, workload):
-    """(input_ids, labels), each (B, T): multi-turn chats of the city task cut to T tokens."""
+# SmolLM2-135M-Instruct's config.json (the fields that shape the step), for --model random
+SMOLLM2 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
+               intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+               head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+               tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def random_checkpoint(folder: Path) -> str:
+    """SmolLM2-135M's architecture with random weights (std 0.02), written as a checkpoint folder."""
     import torch
 
+    import minicustom as mc
+
+    torch.manual_seed(0)
+    model = mc.Transformer(mc.ModelConfig.from_dict(SMOLLM2, source="SmolLM2-135M (random weights)"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.02)
+            else:  # RMSNorm weights
+                p.fill_(1.0)
+    mc.save_model(model, folder)
+    return str(folder)
+
+
+def batch(path, workload):
+    """(input_ids, labels), each (B, T): multi-turn chats of the city task cut to T tokens (random rows for a
+    random model)."""
+    import torch
+
+    if (Path(path) / "RANDOM").exists():
+        ids = torch.randint(3, SMOLLM2["vocab_size"], (B, T), generator=torch.Generator().manual_seed(0))
+        labels = ids.clone()
+        if workload == "chat":
+            labels[:, : 3 * T // 4] = -100
+        labels[:, 0] = -100
+        return ids, labels
     import minicustom as mc
     from minicustom.data import IGNORE, make_example, read_jsonl
 
@@ -64,29 +107,34 @@ def batch(path, workload):
     return ids, labels
 
 
-def worker(library, workload, path, model_path, steps, threads):
+def worker(library, workload, path, model_path, steps, threads, device):
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    ids, labels = batch(path, workload)
+    ids, labels = (t.to(device) for t in batch(path, workload))
+    cuda = device.startswith("cuda")
+
+    def used_mb() -> float:
+        return torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
+
     if library == "minicustom":
         import minicustom as mc
         from minicustom.train import SFTLoss, accumulate_gradients
 
-        model = mc.load_model(model_path)
+        model = mc.load_model(model_path, device=device)
         mc.apply_lora(model, r=8, alpha=16, targets=TARGETS, verbose=False)
         model.train()
         wrapper = SFTLoss(model, chunk=512)
 
         def loss_backward():
-            return accumulate_gradients(wrapper, [{"input_ids": ids, "labels": labels}], "cpu")[0]
+            return accumulate_gradients(wrapper, [{"input_ids": ids, "labels": labels}], device)[0]
     else:
         import peft
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                                  device_map="cpu")
+                                                                  device_map=device)
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
         model.train()
 
@@ -102,41 +150,60 @@ def worker(library, workload, path, model_path, steps, threads):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    base = rss_mb()
+    base = used_mb()
     first_loss = step()  # warm-up; also the loss of the untouched model, the same for both libraries
     times = []
     for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"median_s": statistics.median(times), "peak_mb": peak, "train_mb": peak - base,
                       "first_loss": first_loss, "trained": int((labels[:, 1:] != -100).sum())}))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint folder (default: the demo model)")
+    parser.add_argument("--model", help="checkpoint folder, or 'random' (default: the demo model if installed, "
+                                        "else random)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from minicustom.gguf import fetch_demo_model
-
-    path = args.model or str(fetch_demo_model())
     if args.worker:
-        return worker(*args.worker[:2], path, args.worker[2], args.steps, args.threads)
+        return worker(*args.worker[:2], args.model, args.worker[2], args.steps, args.threads, args.device)
+
+    import tempfile
 
     import peft
     import torch
     import transformers
 
+    from minicustom.gguf import fetch_demo_model
+
+    path = args.model
+    if path is None:
+        try:
+            path = str(fetch_demo_model(install=False))
+        except FileNotFoundError:
+            path = "random"
+    if path == "random":
+        path = random_checkpoint(Path(tempfile.mkdtemp(prefix="bench-random-")))
+        (Path(path) / "RANDOM").touch()
+    peers = ["transformers"]
+    if args.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        print("# bitsandbytes is not importable: transformers+peft QLoRA is not measured, minicustom alone")
+        peers = []
     model_path = path
     if args.method == "qlora":
-        import tempfile
-
         import minicustom as mc
 
         model_path = tempfile.mkdtemp(prefix="bench-qlora-")
@@ -145,21 +212,30 @@ def main():
         print(f"# {mc.qlora.memory_report(model)}")
         del model
 
-    print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+             f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+             f"{args.threads} threads")
+    print(f"# {path}{' (random weights)' if (Path(path) / 'RANDOM').exists() else ''}\n# {where}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, fp32, "
           f"{args.method} r=8 on 7 projections, batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
     print("| workload | trained tokens | minicustom tokens/s | transformers+peft tokens/s | ratio | "
           "minicustom peak / train mem (MB) | transformers+peft peak / train mem (MB) |")
     print("|---|---|---|---|---|---|---|")
     for workload in ("chat", "all"):
-        runs = {"minicustom": [], "transformers": []}
+        runs = {library: [] for library in ["minicustom", *peers]}
         for _ in range(args.rounds):
             for library in runs:
                 cmd = [sys.executable, __file__, "--worker", library, workload, model_path, "--model", path,
-                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                       "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[library].append(json.loads(out.strip().splitlines()[-1]))
-        ours, theirs = runs["minicustom"], runs["transformers"]
+        ours = runs["minicustom"]
+        if not peers:
+            a = B * T / statistics.median(r["median_s"] for r in ours)
+            print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | not measured | - | "
+                  f"{max(r['peak_mb'] for r in ours):,.0f} / {max(r['train_mb'] for r in ours):,.0f} | - |")
+            continue
+        theirs = runs["transformers"]
         if abs(ours[0]["first_loss"] - theirs[0]["first_loss"]) > 1e-3 * abs(theirs[0]["first_loss"]):
             raise SystemExit(f"the two libraries disagree on the loss: {ours[0]['first_loss']} vs "
                              f"{theirs[0]['first_loss']}")
@@ -175,6 +251,10 @@ def main():
         import shutil
 
         shutil.rmtree(model_path)
+    if (Path(path) / "RANDOM").exists():
+        import shutil
+
+        shutil.rmtree(path)
 
 
 if __name__ == "__main__":
