@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write, write_json
+from .checkpoint import atomic_write_all
 from .lora import (
     LoraConfig,
     LoRAEmbedding,
@@ -194,7 +194,8 @@ def _method(peft_type: str):
 
 
 def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_model_name_or_path: str | None = None):
-    """Write one adapter as a PEFT folder (weights first, then adapter_config.json, each atomically)."""
+    """Write one adapter as a PEFT folder, all or nothing: every file goes to a temp file first and they are
+    renamed into place only when all are written, adapter_config.json last."""
     configs = getattr(model, "adapter_configs", {})
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
@@ -203,10 +204,12 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_mod
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **_fingerprint_meta(model)}
+    writes = []
     for file, tensors in {**extra, WEIGHTS_FILE: state}.items():
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        atomic_write(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata=meta))
-    write_json(path / CONFIG_FILE, peft)
+        writes.append((path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata=meta)))
+    text = json.dumps(peft, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_all([*writes, (path / CONFIG_FILE, lambda tmp: tmp.write_text(text))])
     return path
 
 

@@ -16,13 +16,13 @@ box), and every other kind of chart.
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .checkpoint import atomic_write
 
 # Each glyph is 7 rows of 5 bits, top row first, most significant bit on the left, written in hex.
 _GLYPHS = """
@@ -232,14 +232,4 @@ def write_loss_png(path, series: dict[str, list[tuple[float, float]]], title: st
 def write_png(path, img: np.ndarray) -> None:
     """Write an image (H, W, 3) uint8 to path as a PNG, atomically."""
     png = encode_png(img)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(png))  # the user's umask, stale temps removed

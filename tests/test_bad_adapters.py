@@ -334,3 +334,25 @@ def test_every_saved_folder_loads(folders, method):
     """The folders the bad cases start from load (so each refusal above comes from its one change)."""
     model = mc.load_adapter(mc.load_model(folders[0]), folders[1][method])
     assert list(model.adapter_configs) == ["default"]
+
+
+def test_save_adapter_is_all_or_nothing(folders, tmp_path, monkeypatch):
+    """A disk that fills while the config is written (the weights already written to their temp file) leaves
+    the folder's previous adapter exactly as it was, and no temp file."""
+    import errno
+    from pathlib import Path
+
+    folder = _copy(folders, "PREFIX_TUNING", tmp_path)  # two files: the weights and the prefix encoder
+    model = METHODS["PREFIX_TUNING"](mc.load_model(folders[0]))
+    before = _snapshot(folder)
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(f".{CONFIG}"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / CONFIG))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        mc.save_adapter(model, folder)
+    assert _snapshot(folder) == before

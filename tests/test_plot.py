@@ -1,6 +1,7 @@
 """The hand-written PNG loss chart: read back with a small independent decoder (zlib only)."""
 
 import math
+import os
 import struct
 import zlib
 
@@ -132,7 +133,7 @@ def test_failed_rename_removes_the_temporary_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(plot.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # the atomic write renames with os.replace
     with pytest.raises(OSError, match="disk on fire"):
         write_loss_png(path, {"train": TRAIN})
     assert list(tmp_path.iterdir()) == []
