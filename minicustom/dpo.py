@@ -41,6 +41,7 @@ from .adapters import adapter_layers, disable_adapters
 from .checkpoint import atomic_write
 from .data import PreferencePair, collate
 from .losses import LOSS_TYPES, REFERENCE_FREE, preference_loss, sequence_logps
+from .run_state import examples_digest
 from .train import Progress, TrainConfig, run
 
 
@@ -64,9 +65,13 @@ class DPOConfig(TrainConfig):
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if unknown := [t for t in types if t not in LOSS_TYPES]:
             raise ValueError(f"unknown loss type {unknown}; choose from {', '.join(LOSS_TYPES)}")
+        if not 0 <= self.label_smoothing < 0.5:  # cDPO's flip rate: 0.5 makes chosen and rejected alike
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         self.loss_options = dict(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
                                  loss_weights=self.loss_weights, rpo_alpha=self.rpo_alpha,
                                  simpo_gamma=self.simpo_gamma, discopop_tau=self.discopop_tau)
+        x = torch.full((1,), -1.0)  # one made-up pair: the loss's own checks (beta, weights, ...) now, not at step 1
+        preference_loss(x, x, x, x, chosen_lengths=-x, rejected_lengths=-x, **self.loss_options)
 
     @property
     def reference_free(self) -> bool:
@@ -293,6 +298,9 @@ class DPOTask:
     def loss_module(self, model: nn.Module) -> nn.Module:
         return DPOLoss(model, self.reference, self.config)
 
+    def data_digest(self) -> str:
+        return examples_digest(e for p in self.pairs for e in (p.chosen, p.rejected))
+
     def eval_metrics(self, loss_sum: float, weight: int, stats: dict) -> dict:
         n = max(weight, 1)
         return {"eval_loss": loss_sum / n, **{f"eval_{k}": v / n for k, v in stats.items()}}
@@ -320,12 +328,13 @@ def make_reference(model: nn.Module, reference, dtype=None, device=None):
 
 def train_dpo(model: nn.Module, pairs: list[PreferencePair], config: DPOConfig, out, *, reference=None,
               eval_pairs: list[PreferencePair] | None = None, pad_id: int = 0, resume: bool = False,
-              reference_cache=None, on_step=None, report=print) -> list[dict]:
+              reference_cache=None, on_step=None, report=print, data_files=None, options=None) -> list[dict]:
     """Train the parameters of `model` that require grad on preference pairs; returns the logged metrics.
 
     `reference` must be named: 'base', 'snapshot', 'precomputed', a checkpoint folder or a model (see the
     module docstring); only reference-free losses (simpo, orpo) go without. 'precomputed' caches under
-    reference_cache (default out/reference-logps). Outputs, checkpoints and resume are those of train.train."""
+    reference_cache (default out/reference-logps). Outputs, checkpoints, resume (and data_files and
+    options) are those of train.train."""
     if config.reference_free:
         live, ref, eval_ref = None, None, None
     elif reference is None:
@@ -344,4 +353,4 @@ def train_dpo(model: nn.Module, pairs: list[PreferencePair], config: DPOConfig, 
         eval_ref = reference_table(lambda *batch: live(model, *batch, config.loss_chunk), model, eval_pairs,
                                    config.batch_size, pad_id) if eval_pairs else None
     task = DPOTask(pairs, config, live, pad_id, eval_pairs, ref, eval_ref)
-    return run(task, model, out, resume=resume, on_step=on_step)
+    return run(task, model, out, resume=resume, on_step=on_step, data_files=data_files, options=options)

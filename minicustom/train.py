@@ -8,10 +8,12 @@ into micro-batches and processes (averaging per micro-batch would weigh a token 
 than one of a long one). The method is applied to the model before `train` is called (see METHODS);
 the loop only sees parameters that require grad.
 
-Data order is a function of (seed, epoch) and a checkpoint holds the trainable tensors, the optimizer
-state, the RNG state and the step, written to a temporary folder that is renamed when complete, so a
-killed run resumes onto the same loss curve. Several processes: DDP for adapters (only the trainable
-tensors are all-reduced), FSDP2 (`fully_shard` per block) for full fine-tuning; gloo on CPU, nccl on CUDA.
+Data order is a function of (seed, epoch) and a checkpoint (run_state.py) holds the trainable tensors,
+the optimizer state, the RNG state, the step and a record of the run (options, base model, data), written
+to a temporary folder that is renamed when complete, by default every tenth of the run and at the end; a
+killed or Ctrl-C'd run resumes onto the same loss curve, and a resume with another model or other data is
+refused. Several processes: DDP for adapters (only the trainable tensors are all-reduced), FSDP2
+(`fully_shard` per block) for full fine-tuning; gloo on CPU, nccl on CUDA.
 Left out: mixed-precision autocast, tensor/pipeline parallelism, sequence parallelism.
 """
 
@@ -20,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -30,17 +30,28 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_write
 from .data import IGNORE, Example, collate, pack
 from .losses import sft_loss
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not match the run)."""
+from .run_state import (  # noqa: F401  (Interrupted, Progress, TrainingError: train's names too)
+    Interrupted,
+    Progress,
+    StopRequest,
+    TrainingError,
+    compare_runs,
+    default_save_every,
+    examples_digest,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_metrics,
+    read_state,
+    remove_partial_saves,
+    run_record,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -62,7 +73,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int | None = None  # and at the end, when eval data is given
-    save_every: int | None = None
+    save_every: int | None = None  # None: run_state.default_save_every (a tenth of the run); 0: at the end only
     keep_checkpoints: int = 2
     exact_match: int = 32  # eval examples to answer greedily for exact match (0: none)
     max_new_tokens: int = 64
@@ -71,9 +82,27 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "max_length", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+        checks = {  # name -> (holds, what it must be)
+            "lr": (finite(self.lr) and self.lr > 0, "> 0 and finite"),
+            "weight_decay": (finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            "max_grad_norm": (self.max_grad_norm is None or finite(self.max_grad_norm) and self.max_grad_norm > 0,
+                              "> 0, or None for no clipping"),
+            "lora_plus_ratio": (self.lora_plus_ratio is None or finite(self.lora_plus_ratio)
+                                and self.lora_plus_ratio > 0, "> 0, or None"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "epochs": (finite(self.epochs) and self.epochs > 0, "> 0"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, ">= 1, or None (epochs)"),
+            "eval_every": (self.eval_every is None or self.eval_every >= 1, ">= 1, or None"),
+            "save_every": (self.save_every is None or self.save_every >= 0, ">= 0, or None"),
+            "exact_match": (self.exact_match >= 0, ">= 0"),
+            "betas": (len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "two in [0, 1)"),
+            **{name: (getattr(self, name) >= 1, ">= 1") for name in ("batch_size", "grad_accum", "max_length",
+                                                                        "log_every", "max_new_tokens", "loss_chunk")},
+        }
+        for name, (holds, expected) in checks.items():
+            if not holds:
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
         self.betas = tuple(self.betas)
 
 
@@ -146,6 +175,9 @@ class SFTTask:
     def loss_module(self, model: nn.Module) -> nn.Module:
         return SFTLoss(model, self.config.loss_chunk)
 
+    def data_digest(self) -> str:
+        return examples_digest(self.examples)
+
     def eval_metrics(self, loss_sum: float, weight: int, stats: dict) -> dict:
         return _loss_metrics(loss_sum, weight)
 
@@ -187,143 +219,6 @@ def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: 
 def step_batches(task, step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[dict]:
     """The collated micro-batches of this process for one step (an empty share: a filler that counts nothing)."""
     return [task.batch(m or step_units[:1], filler=not m) for m in micro_batches(step_units, config, rank, world)]
-
-
-# -- checkpoints --------------------------------------------------------------------------------------
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for key, slots in state["state"].items():
-        for slot, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{key}\x1f{slot}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{key}\x1f{slot}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        key, slot = flat.split("\x1f")
-        state.setdefault(key, {})[slot] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank: int):
-    """Write checkpoint-{step}: trainable tensors, optimizer state, RNG and step, atomically."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-    trainable = _trainable_names(wrapper)
-    if _sharded(wrapper):  # FSDP2: gather the full tensors
-        model_state = get_model_state_dict(wrapper, options=options)
-    else:  # every process holds them whole; and 4-bit layers' bitsandbytes keys are not attribute paths
-        model_state = dict(getattr(wrapper, "module", wrapper).named_parameters())
-    optim_state = get_optimizer_state_dict(wrapper, optimizer, options=options)
-    if rank != 0:
-        return
-    final = folder / f"checkpoint-{step:06d}"
-    tmp = folder / f".checkpoint-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {n: t.detach().cpu().contiguous() for n, t in model_state.items() if n in trainable}
-    save_file(weights, tmp / "trainable.safetensors")
-    tensors, meta = _flatten_optimizer(optim_state)
-    tensors["\x1frng"] = torch.get_rng_state()
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write(folder / "latest", lambda p: p.write_text(final.name + "\n"))
-
-
-def _sharded(wrapper: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(wrapper, FSDPModule)
-
-
-def _trainable_names(wrapper: nn.Module) -> set[str]:
-    inner = getattr(wrapper, "module", wrapper)  # DDP keeps the module as .module; its names have no prefix
-    return {n for n, p in inner.named_parameters() if p.requires_grad}
-
-
-def prune_checkpoints(folder: Path, keep: int):
-    done = sorted(folder.glob("checkpoint-[0-9]*"))
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns its step."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    try:
-        state = json.loads((path / "state.json").read_text())
-        with safe_open(path / "trainable.safetensors", "pt") as f:
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-        with safe_open(path / "optimizer.safetensors", "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise TrainingError(f"{path}: cannot read the checkpoint ({e})") from None
-    trainable = _trainable_names(wrapper)
-    if set(weights) != trainable:
-        raise TrainingError(f"{path}: the checkpoint's trainable tensors do not match this run's "
-                            f"(missing {sorted(trainable - set(weights))[:3]}, "
-                            f"unexpected {sorted(set(weights) - trainable)[:3]}); same method and options?")
-    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=False)
-    if _sharded(wrapper):
-        set_model_state_dict(wrapper, weights, options=options)
-    else:
-        params = dict(getattr(wrapper, "module", wrapper).named_parameters())
-        with torch.no_grad():
-            for name, t in weights.items():
-                params[name].copy_(t)
-    torch.set_rng_state(tensors.pop("\x1frng"))
-    set_optimizer_state_dict(wrapper, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
-                             options=options)
-    return state["step"]
-
-
-# -- progress -----------------------------------------------------------------------------------------
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, a line per log step otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.start, self.enabled = total, start, enabled
-        self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
-
-    def update(self, step: int, text: str):
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(1, step - self.start) * (self.total - step)
-        line = f"step {step}/{self.total} [{100 * step / self.total:3.0f}%] {text} | {_clock(elapsed)} < {_clock(eta)}"
-        sys.stderr.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -445,18 +340,25 @@ def _wrap(model: nn.Module, wrapper: nn.Module, full: bool) -> nn.Module:
 
 def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: str | Path, *,
           eval_examples: list[Example] | None = None, tokenizer=None, pad_id: int = 0, resume: bool = False,
-          stop_ids=(), on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+          stop_ids=(), on_step: Callable[[int, dict], None] | None = None, data_files=None,
+          options: dict | None = None) -> list[dict]:
     """Train the parameters of `model` that require grad on `examples`; returns the logged metrics.
 
-    out/ receives metrics.jsonl, loss.png and checkpoints/ (every save_every steps and at the end).
-    resume=True continues from out/checkpoints/latest. A non-finite loss stops the run with a
-    TrainingError before the optimizer touches the weights; the last checkpoint stays as it was."""
+    out/ receives metrics.jsonl, loss.png and checkpoints/: every save_every steps (None: a tenth of the
+    run, at most 100 steps; 0: none) and at the end. Each records the run (see run_state): resume=True
+    continues from out/checkpoints/latest, refusing another base model, other examples or another method,
+    and applies and prints any changed TrainConfig field. data_files (the files the examples came from)
+    and options (the method and its options, say) are recorded too. Ctrl-C stops at the next step
+    boundary, saves a checkpoint and raises run_state.Interrupted (a KeyboardInterrupt). A non-finite loss
+    stops the run with a TrainingError before the optimizer touches the weights; the last checkpoint
+    stays as it was."""
     task = SFTTask(examples, config, pad_id, eval_examples, tokenizer, stop_ids)
-    return run(task, model, out, resume=resume, on_step=on_step)
+    return run(task, model, out, resume=resume, on_step=on_step, data_files=data_files, options=options)
 
 
 def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
-        on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+        on_step: Callable[[int, dict], None] | None = None, data_files=None, options: dict | None = None
+        ) -> list[dict]:
     """The loop, for any task (SFTTask here, DPOTask in dpo.py): see train()."""
     from .plot import write_loss_png
 
@@ -464,11 +366,22 @@ def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
     out = Path(out)
     rank, world = _world()
     folder = out / "checkpoints"
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("no parameter requires grad: apply a method (e.g. apply_lora) first")
     full = all(p.requires_grad for p in model.parameters())
+    per_epoch = len(epoch_steps(len(task.units), 0, config, world))
+    if per_epoch == 0:
+        raise TrainingError(f"{len(task.units)} rows cannot fill one step of {config.batch_size} rows x "
+                            f"{config.grad_accum} micro-batches x {world} processes")
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    latest = latest_checkpoint(out, resume)
+    identity = run_record(model, config, task.data_digest(), data_files, options)  # before FSDP shards it
+    say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)
+    saved = read_state(latest) if latest else {"step": 0}
+    changes = compare_runs(saved.get("run"), identity, latest) if latest else []
+    metrics_path = out / "metrics.jsonl"
+    history = read_metrics(metrics_path, saved["step"], say) if latest else []
+
     torch.manual_seed(config.seed)
     model.train()
     model.gradient_checkpointing = config.gradient_checkpointing
@@ -476,74 +389,79 @@ def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=config.betas)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
-
-    per_epoch = len(epoch_steps(len(task.units), 0, config, world))
-    if per_epoch == 0:
-        raise TrainingError(f"{len(task.units)} rows cannot fill one step of {config.batch_size} rows x "
-                            f"{config.grad_accum} micro-batches x {world} processes")
-    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-
-    step, metrics_path = 0, out / "metrics.jsonl"
-    history: list[dict] = []
-    if resume and (folder / "latest").exists():
-        latest = folder / (folder / "latest").read_text().strip()
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(folder, say)
+    step = 0
+    if latest:
         step = load_checkpoint(latest, wrapper, optimizer)
-        if metrics_path.exists():
-            history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= step]
-        if rank == 0:
-            print(f"resuming from {latest} (step {step} of {total})", file=sys.stderr)
-    elif (folder / "latest").exists():
-        raise TrainingError(f"{out} already holds checkpoints of a run: pass resume=True (--resume) to "
-                            "continue it, or choose another output folder")
+        for group, fresh in zip(optimizer.param_groups, param_groups(model, config)):  # this run's options
+            group.update(peak_lr=fresh.get("lr", config.lr), weight_decay=fresh["weight_decay"], betas=config.betas)
+        for change in changes:
+            say(f"resume: {change}")
+        say(f"resuming from {latest} (step {step} of {total})")
     if step == 0 and task.eval_items:  # the starting point, for comparison
         history = [{"step": 0, **evaluate_objective(task, model, wrapper, full)}]
     if rank == 0:
         atomic_write(metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in history)))
+
+    def save():
+        save_checkpoint(folder, wrapper, optimizer, step, rank, identity)
+        if rank == 0:
+            prune_checkpoints(folder, config.keep_checkpoints)
+            write_loss_png(out / "loss.png", {
+                "train": [(r["step"], r["loss"]) for r in history if "loss" in r],
+                "eval": [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]})
+
     device = next(p for p in model.parameters() if p.requires_grad).device
     progress = Progress(total, step, enabled=rank == 0)
+    every = default_save_every(total) if config.save_every is None else config.save_every
     plan_epoch, plan = -1, []
-    while step < total:
-        epoch, index = divmod(step, per_epoch)
-        if epoch != plan_epoch:
-            plan, plan_epoch = epoch_steps(len(task.units), epoch, config, world), epoch
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * lr_factor(step, total, config)
-        micros = step_batches(task, plan[index], config, rank, world)
-        loss, n_weight, n_tokens, stats = accumulate_gradients(wrapper, micros, device, world, task.weight)
-        grad_norm = _clip(model, config.max_grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            kept = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "none yet"
-            raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; the weights "
-                                f"were not updated. Last good checkpoint: {folder / kept}. Lower the "
-                                "learning rate, check the data, or train in float32.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": loss, **stats,
-                  "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, task.weight_name: n_weight,
-                  "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
-        last = step == total
-        if task.eval_items and ((config.eval_every and step % config.eval_every == 0) or last):
-            record.update(evaluate_objective(task, model, wrapper, full))
-        history.append(record)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % config.log_every == 0 or last or "eval_loss" in record:
-                extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
-                progress.update(step, f"loss {loss:.4f}{extra} lr {record['lr']:.2e} | "
-                                      f"{record['tokens_per_s']:,.0f} tok/s")
-        if (config.save_every and step % config.save_every == 0) or last:
-            save_checkpoint(folder, wrapper, optimizer, step, rank)
+    with StopRequest() as stop:
+        while step < total:
+            epoch, index = divmod(step, per_epoch)
+            if epoch != plan_epoch:
+                plan, plan_epoch = epoch_steps(len(task.units), epoch, config, world), epoch
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * lr_factor(step, total, config)
+            micros = step_batches(task, plan[index], config, rank, world)
+            loss, n_weight, n_tokens, stats = accumulate_gradients(wrapper, micros, device, world, task.weight)
+            grad_norm = _clip(model, config.max_grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "none yet"
+                raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; the "
+                                    f"weights were not updated. Last good checkpoint: {folder / kept}. Lower the "
+                                    "learning rate, check the data, or train in float32.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - t0
+            record = {"step": step, "epoch": round(step / per_epoch, 4), "loss": loss, **stats,
+                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, task.weight_name: n_weight,
+                      "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
+            last = step == total
+            if task.eval_items and ((config.eval_every and step % config.eval_every == 0) or last):
+                record.update(evaluate_objective(task, model, wrapper, full))
+            history.append(record)
             if rank == 0:
-                prune_checkpoints(folder, config.keep_checkpoints)
-                write_loss_png(out / "loss.png", {
-                    "train": [(r["step"], r["loss"]) for r in history if "loss" in r],
-                    "eval": [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]})
-        if on_step is not None:
-            on_step(step, record)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step % config.log_every == 0 or last or "eval_loss" in record:
+                    extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                    progress.update(step, f"loss {loss:.4f}{extra} lr {record['lr']:.2e} | "
+                                         f"{record['tokens_per_s']:,.0f} tok/s")
+            saved = (every and step % every == 0) or last
+            if saved:
+                save()
+            if on_step is not None:
+                on_step(step, record)
+            if not last and stop.agreed(world, device):  # after the step: its checkpoint is a regular one
+                if not saved:
+                    save()
+                progress.close()
+                raise Interrupted(f"interrupted at step {step} of {total}; the run is saved in "
+                                  f"{folder / f'checkpoint-{step:06d}'}")
     progress.close()
     return history
 

@@ -1,0 +1,6 @@
+"""`python -m minicustom ...` is the `minicustom` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()
