@@ -386,7 +386,7 @@ def cmd_convert_gguf(args):
 def cmd_fetch_demo_model(args):
     from .gguf import fetch_demo_model
 
-    print(fetch_demo_model(cache_dir=args.cache_dir))
+    print(fetch_demo_model(cache_dir=args.cache_dir, install=True))
 
 
 def _add_model_args(p):

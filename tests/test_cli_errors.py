@@ -160,6 +160,7 @@ def test_ctrl_c_outside_training_exits_130(setup, monkeypatch, capsys):
         "minicustom generate: interrupted"
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_python_m_minicustom_is_the_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "minicustom", "--help"], capture_output=True, text=True, env=env)
@@ -184,7 +185,7 @@ def test_no_command_installs_the_demo_model(tmp_path, monkeypatch, capsys):
     asked = []  # fetch-demo-model is the command that installs (gguf.fetch_demo_model, install=True)
     monkeypatch.setattr("minicustom.gguf.fetch_demo_model", lambda **k: asked.append(k) or tmp_path / "demo")
     main(["fetch-demo-model", "--cache-dir", str(tmp_path / "c")])
-    assert asked == [{"cache_dir": str(tmp_path / "c")}] and capsys.readouterr().out.strip() == str(tmp_path / "demo")
+    assert asked == [{"cache_dir": str(tmp_path / "c"), "install": True}] and capsys.readouterr().out.strip() == str(tmp_path / "demo")
 
 
 # -- --out never overwrites an input ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ def task(setup, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # a worker process per method
 def test_rows_files_and_reuse(setup, task, tmp_path):
     _, path = setup
     config = CompareConfig(examples=8, epochs=1, batch_size=4, shots=2, r=4)
@@ -81,6 +82,7 @@ def test_errors(setup, task, tmp_path):
     assert (tmp_path / "out" / "zero-shot" / "error.txt").read_text()
 
 
+@pytest.mark.slow  # a worker process per method
 def test_cli(setup, task, tmp_path, capsys):
     _, path = setup
     main(["compare", "--model", str(path), "--task", str(task), "--out", str(tmp_path), "--methods",

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_train import metrics
 
+pytestmark = pytest.mark.slow  # torchrun starts two processes per test
 ROOT = Path(__file__).parents[1]
 
 

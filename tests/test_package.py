@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ORACLES = ("transformers", "peft", "trl", "bitsandbytes", "accelerate")
 
@@ -42,6 +44,7 @@ def test_runtime_imports_no_oracle():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # builds a wheel
 def test_wheel_ships_kernels_inside_minicustom(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)

@@ -13,7 +13,7 @@ from conftest import MIXED
 import minicustom as mc
 from minicustom.gguf import fetch_demo_model
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -122,6 +122,7 @@ def metrics(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
+@pytest.mark.slow  # a killed subprocess, then a resume
 def test_resume_after_kill_reproduces_the_curve(setup, tmp_path):
     """SIGKILL after step 5 (checkpoint at step 3), resume: the same metrics, bit for bit, and weights."""
     extra = ["--dropout", "0.1", "--warmup-steps", "2"]  # dropout: the RNG state must come back too
