@@ -70,9 +70,10 @@ def _read_index(index: Path, folder: Path) -> dict[str, Path]:
         raise CheckpointError(f"{index}: not a safetensors index: expected a JSON object, found "
                               f"{type(data).__name__}")
     weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict):
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "an empty one" if weight_map == {} else type(weight_map).__name__
         raise CheckpointError(f"{index}: not a safetensors index: 'weight_map' must be an object mapping tensor "
-                              f"names to shard files, found {type(weight_map).__name__}")
+                              f"names to shard files, found {found}")
     files = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
@@ -200,6 +201,15 @@ def _check_weight(name: str, stored: torch.Tensor, converted: torch.Tensor, shap
         raise CheckpointError(f"{file}: tensor {name} {why}")
 
 
+def _check_layer_count(config: ModelConfig, tensors: dict, path: Path):
+    """The config's layer count against the layers the weights hold, before a model of that many layers is
+    built (a corrupted count would otherwise build it, then list every one of its tensors as missing)."""
+    held = {int(m.group(1)) for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if held and held != set(range(config.num_hidden_layers)):
+        raise CheckpointError(f"{path / 'config.json'}: field 'num_hidden_layers' is {config.num_hidden_layers}, "
+                              f"but the weights hold layers {min(held)} to {max(held)} ({len(held)} layers)")
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False,
                quantize: str | None = None) -> Transformer:
     """Load a Hugging Face checkpoint folder into a `Transformer`, weights cast to `dtype` on `device`.
@@ -211,9 +221,10 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
     config = ModelConfig.from_file(path)
     files, weight_map = _weight_files(path, allow_pickle)
+    tensors, where = _read_all(files, weight_map, path / INDEX)
+    _check_layer_count(config, tensors, path)
     with torch.device("meta"):
         model = Transformer(config)
-    tensors, where = _read_all(files, weight_map, path / INDEX)
     used = _load_4bit(model, tensors, where, dtype, device)
     expected = {k: v for k, v in model.state_dict().items() if k not in used}
     if config.tie_word_embeddings:

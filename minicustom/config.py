@@ -80,7 +80,7 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             fail(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        sizes = {k: field_.positive_int(k) for k in
+        sizes = {k: field_.positive_int(k, most=_MAX_LAYERS if k == "num_hidden_layers" else _MAX_SIZE) for k in
                  ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
         act = d.get("hidden_act", "silu")
         if act != "silu":
@@ -135,9 +135,9 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             sliding_window=sliding_window,
             layer_types=layer_types,
-            bos_token_id=field_.token_ids("bos_token_id"),
-            eos_token_id=field_.token_ids("eos_token_id"),
-            pad_token_id=field_.token_ids("pad_token_id"),
+            bos_token_id=field_.token_ids("bos_token_id", sizes["vocab_size"]),
+            eos_token_id=field_.token_ids("eos_token_id", sizes["vocab_size"]),
+            pad_token_id=field_.token_ids("pad_token_id", sizes["vocab_size"], lists=False, lowest=-1),  # -1: none
         )
         try:
             return cls(**values)
@@ -217,6 +217,8 @@ def read_json(path: Path, error: type[ValueError] = ConfigError):
         raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _json_type(value) -> str:
@@ -228,6 +230,10 @@ def _json_type(value) -> str:
     return type(value).__name__
 
 
+# Upper bounds that no real model reaches, so that a corrupted size fails here, naming its field, instead of
+# overflowing or allocating a 10^9-entry layer list while the model is built.
+_MAX_SIZE = 2**31 - 1
+_MAX_LAYERS = 2**16
 _REQUIRED = object()
 
 
@@ -260,16 +266,16 @@ class _Fields:
     def _bad(self, key, expected, value):
         self.fail(f"field '{self.prefix}{key}' must be {expected}, found {_json_type(value)}")
 
-    def positive_int(self, key, default=_REQUIRED):
+    def positive_int(self, key, default=_REQUIRED, most: int = _MAX_SIZE):
         absent, v = self._get(key, default)
-        if not absent and (not _is_int(v) or v <= 0):
-            self._bad(key, "a positive integer", v)
+        if not absent and (not _is_int(v) or not 0 < v <= most):
+            self._bad(key, f"a positive integer up to {most:,}", v)
         return v
 
     def non_negative_int(self, key, default=_REQUIRED):
         absent, v = self._get(key, default)
-        if not absent and (not _is_int(v) or v < 0):
-            self._bad(key, "a non-negative integer", v)
+        if not absent and (not _is_int(v) or not 0 <= v <= _MAX_SIZE):
+            self._bad(key, f"a non-negative integer up to {_MAX_SIZE:,}", v)
         return v
 
     def positive_float(self, key, default=_REQUIRED):
@@ -290,10 +296,13 @@ class _Fields:
             self._bad(key, {dict: "an object", list: "a list (JSON array)"}[kind] + " or null", v)
         return v
 
-    def token_ids(self, key):
+    def token_ids(self, key, vocab_size: int, lists: bool = True, lowest: int = 0):
+        """A token id in [lowest, vocab_size), or a non-empty list of them when `lists`: an EOS id the
+        model can never produce would make generation run to its limit every time."""
         absent, v = self._get(key, None)
-        if not absent and not (_is_int(v) or (isinstance(v, list) and v and all(_is_int(i) for i in v))):
-            self._bad(key, "an integer token id or a list of them", v)
+        ids = v if lists and isinstance(v, list) and v else [v]
+        if not absent and not all(_is_int(i) and lowest <= i < vocab_size for i in ids):
+            self._bad(key, f"an integer token id in [{lowest}, {vocab_size})" + (" or a list of them" if lists else ""), v)
         return v
 
 
@@ -303,7 +312,8 @@ def _rope_scaling(scaling: dict, where: str, fail) -> dict | None:
     if not isinstance(rope_type, str):
         fail(f"field '{where}.rope_type' must be a string, found {_json_type(rope_type)}")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        fail(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        fail(f"field '{where}.rope_type': rope type {rope_type!r} is not supported; supported: "
+             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     if scaling.get("partial_rotary_factor", 1.0) != 1.0:
         fail("partial_rotary_factor != 1 is not supported")
     scaling["rope_type"] = rope_type

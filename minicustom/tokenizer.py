@@ -22,7 +22,13 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _RustTokenizer
 
+from .config import read_json
+
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder minicustom cannot use as it is: the message names the file and the field."""
 
 
 def _token_str(value):
@@ -39,8 +45,9 @@ def _clean_up_spaces(text: str) -> str:
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: _RustTokenizer, config: dict | None = None, chat_template: str | None = None):
-        self.backend = tokenizer
+    def __init__(self, tokenizer: _RustTokenizer, config: dict | None = None, chat_template: str | None = None,
+                 source: str = "the tokenizer"):
+        self.backend, self.source = tokenizer, source  # source: the folder, named in errors
         config = config or {}
         for name in _SPECIAL_NAMES:
             setattr(self, name, _token_str(config.get(name)))
@@ -99,15 +106,18 @@ class Tokenizer:
                             tokenize: bool = True, **kwargs):
         """Render messages with the checkpoint's template; token ids (no special tokens added) or the text."""
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
-                             "or chat_template.jinja)")
+            raise ValueError(f"{self.source}: no chat template (tokenizer_config.json 'chat_template' or "
+                             "chat_template.jinja)")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
         specials = {name: getattr(self, name) for name in _SPECIAL_NAMES if getattr(self, name) is not None}
-        text = _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs
-        )
+        try:
+            text = _compile(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs
+            )
+        except jinja2.TemplateError as e:  # raise_exception() in the template, or an undefined value it reads
+            raise ValueError(f"{self.source}: the chat template refused these messages: {e}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
@@ -141,6 +151,36 @@ def _compile(source: str) -> jinja2.Template:
     return _TEMPLATES[source]
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{file}: not UTF-8 text (byte {e.start})") from None
+
+
+def _checked_config(config, file: Path) -> dict:
+    """tokenizer_config.json's fields that minicustom reads, type-checked (a special token is a string or
+    {"content": string}; the chat template a string or a list of {"name", "template"})."""
+    def fail(field, expected):
+        raise TokenizerError(f"{file}: field '{field}' must be {expected}, found {config[field]!r}"[:400])
+
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{file}: expected a JSON object, found {type(config).__name__}")
+    for name in _SPECIAL_NAMES:
+        value = config.get(name)
+        if not (value is None or isinstance(value, str)
+                or (isinstance(value, dict) and isinstance(value.get("content"), str))):
+            fail(name, 'a string or {"content": string}')
+    template = config.get("chat_template")
+    if not (template is None or isinstance(template, str) or (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template))):
+        fail("chat_template", 'a string or a list of {"name": ..., "template": ...}')
+    if not isinstance(config.get("clean_up_tokenization_spaces", False), bool):
+        fail("clean_up_tokenization_spaces", "true or false")
+    return config
+
+
 def load_tokenizer(path) -> Tokenizer:
     """Tokenizer of a Hugging Face folder (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
     path = Path(path)
@@ -151,15 +191,19 @@ def load_tokenizer(path) -> Tokenizer:
         backend = _RustTokenizer.from_file(str(file))
     except Exception as e:
         raise ValueError(f"{file}: cannot be read as a tokenizers file: {e}") from None
-    config = {}
-    if (path / "tokenizer_config.json").exists():
-        try:
-            config = json.loads((path / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'tokenizer_config.json'}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    config, where = {}, path / "tokenizer_config.json"
+    if where.exists():
+        config = _checked_config(read_json(where, TokenizerError), where)
     template = config.get("chat_template")
     if (path / "chat_template.jinja").exists():
-        template = (path / "chat_template.jinja").read_text()
+        where = path / "chat_template.jinja"
+        template = _read_text(where)
     if isinstance(template, list):  # several named templates: take the default one
         template = {t["name"]: t["template"] for t in template}.get("default")
-    return Tokenizer(backend, config, template)
+    if template:
+        try:  # compiled now, so that a syntax error names its file and line before any work
+            _compile(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise TokenizerError(f"{where}: the chat template does not parse (template line {e.lineno}: "
+                                 f"{e.message})") from None
+    return Tokenizer(backend, config, template, source=str(path))

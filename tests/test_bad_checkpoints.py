@@ -149,6 +149,19 @@ BAD_CONFIGS = [
     ("qwen2", {"layer_types": DELETE, "max_window_layers": -1}, ["'max_window_layers'"]),
     ("llama3", {"model_type": ["llama"]}, ["model_type"]),
     ("llama3", {"hidden_act": None}, ["hidden_act"]),
+    # sizes no model has: a corrupted number would overflow or build a 10^9-entry layer list
+    ("llama3", {"vocab_size": 10**30}, ["'vocab_size'", "up to 2,147,483,647"]),
+    ("llama3", {"hidden_size": 10**30}, ["'hidden_size'"]),
+    ("llama3", {"intermediate_size": 2**31}, ["'intermediate_size'"]),
+    ("llama3", {"num_hidden_layers": 10**9}, ["'num_hidden_layers'", "up to 65,536"]),
+    # token ids the model cannot produce or embed
+    ("llama3", {"eos_token_id": -1}, ["'eos_token_id'", "[0, 131)"]),
+    ("llama3", {"eos_token_id": 10**9}, ["'eos_token_id'", "[0, 131)"]),
+    ("llama3", {"eos_token_id": [2, 131]}, ["'eos_token_id'"]),
+    ("llama3", {"bos_token_id": 131}, ["'bos_token_id'"]),
+    ("llama3", {"pad_token_id": [1, 2]}, ["'pad_token_id'", "[-1, 131)"]),
+    ("llama3", {"pad_token_id": -2}, ["'pad_token_id'"]),
+    ("llama3", {"rope_parameters": _rope(rope_type="yarn")}, ["'rope_parameters.rope_type'", "'yarn'"]),
 ]
 
 
@@ -167,6 +180,7 @@ def test_bad_config_fields_are_refused_naming_file_and_field(templates, tmp_path
     ('{"model_type": "llama", "model_type": "mistral"}', ["'model_type'", "twice"]),
     (b'{"model_type": "llama\xff"}', ["UTF-8"]),
     ("", ["not valid JSON"]),
+    ("[" * 100000 + "]" * 100000, ["not valid JSON", "nested too deeply"]),
 ])
 def test_config_json_that_is_not_an_object(templates, tmp_path, text, words):
     path = _copy(templates, "llama3", tmp_path)
@@ -221,11 +235,20 @@ def _shards(path):
     ({"weight_map": ["model-00001-of-00002.safetensors"]}, ["'weight_map'", "object"]),
     ({"weight_map": {"lm_head.weight": 3}}, ["lm_head.weight", "3"]),
     ({"weight_map": {"lm_head.weight": ""}}, ["lm_head.weight"]),
+    ({"weight_map": {}}, ["'weight_map'", "empty"]),
 ])
 def test_malformed_index(templates, tmp_path, index, words):
     path = _copy(templates, "sharded", tmp_path)
     _write_index(path, index)
     _refused(path, CheckpointError, path / "model.safetensors.index.json", *words)
+
+
+@pytest.mark.parametrize("layers", [1, 3, 65536])
+def test_layer_count_that_the_weights_do_not_hold(templates, tmp_path, layers):
+    """Checked against the tensor names before a model of that many layers is built."""
+    path = _copy(templates, "llama3", tmp_path)
+    _edit_config(path, {"num_hidden_layers": layers})
+    _refused(path, CheckpointError, path / "config.json", f"'num_hidden_layers' is {layers}", "layers 0 to 1")
 
 
 def test_duplicate_key_in_index(templates, tmp_path):
