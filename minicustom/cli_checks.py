@@ -34,9 +34,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def checked(kind, holds, expected: str):
-    """An argparse type: kind(text), finite and satisfying holds; argparse turns the ArgumentTypeError
-    into "argument --OPTION: message" and exit code 2."""
+def checked(kind, holds, expected: str, most: int = 2**31 - 1):
+    """An argparse type: kind(text), finite, satisfying holds and at most `most` (a count past 2^31 is a
+    typo, and would overflow a tensor's size); argparse turns the ArgumentTypeError into
+    "argument --OPTION: message" and exit code 2."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -45,12 +46,15 @@ def checked(kind, holds, expected: str):
                                              f"{expected}, got {text!r}") from None
         if not (math.isfinite(value) and holds(value)):
             raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        if kind is int and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {text}")
         return value
     return parse
 
 
 COUNT = checked(int, lambda v: v >= 1, ">= 1")
 COUNT0 = checked(int, lambda v: v >= 0, ">= 0")
+SEED = checked(int, lambda v: v >= 0, ">= 0", most=2**63 - 1)  # torch.manual_seed's range
 POSITIVE = checked(float, lambda v: v > 0, "> 0")
 NONNEGATIVE = checked(float, lambda v: v >= 0, ">= 0")
 FINITE = checked(float, lambda v: True, "finite")
@@ -107,6 +111,8 @@ def check_run_folder(out, resume: bool, **inputs):
     """Before a training run loads anything: --out is no input folder, --resume has a run to continue,
     and a new run does not land on an old one's checkpoints."""
     check_out(out, **inputs)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     latest_checkpoint(Path(out), resume)
 
 

@@ -73,17 +73,26 @@ class Task:
 
 def load_task(folder) -> Task:
     """A task folder: task.json (name, scorer, labels, max_new_tokens), train/test JSONL, prefs_train.jsonl."""
+    from .config import read_json
     from .data import DataError, read_jsonl
 
     folder = Path(folder)
     if not (folder / "task.json").is_file():
         raise DataError(f"{folder}: not a task folder (no task.json; see examples/data/tasks/)")
-    meta = json.loads((folder / "task.json").read_text())
+    file = folder / "task.json"
+    meta = read_json(file, DataError)
+    if not isinstance(meta, dict):
+        raise DataError(f"{file}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("scorer") not in ("exact", "label", "number"):
-        raise DataError(f"{folder / 'task.json'}: 'scorer' must be exact, label or number, got {meta.get('scorer')!r}")
+        raise DataError(f"{file}: 'scorer' must be exact, label or number, got {meta.get('scorer')!r}")
+    labels, max_new = meta.get("labels"), meta.get("max_new_tokens", 32)
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise DataError(f"{file}: 'labels' must be a list of strings, got {labels!r}")
+    if not (isinstance(max_new, int) and not isinstance(max_new, bool) and max_new >= 1):
+        raise DataError(f"{file}: 'max_new_tokens' must be a positive integer, got {max_new!r}")
     prefs = folder / "prefs_train.jsonl"
-    return Task(folder, meta.get("name", folder.name), meta["scorer"], meta.get("labels"),
-                int(meta.get("max_new_tokens", 32)), [r for _, r in read_jsonl(folder / "train.jsonl")],
+    return Task(folder, meta.get("name", folder.name), meta["scorer"], labels,
+                max_new, [r for _, r in read_jsonl(folder / "train.jsonl")],
                 [r for _, r in read_jsonl(folder / "test.jsonl")],
                 [r for _, r in read_jsonl(prefs)] if prefs.is_file() else [])
 

@@ -74,6 +74,12 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, temperature: float =
         raise ValueError("empty prompt: input_ids has no tokens")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = model.config.max_position_embeddings
+    if T + max_new_tokens > context:  # the KV cache holds every position; past the context RoPE extrapolates
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context, max_position_embeddings = {context}")
     device = model.model.embed_tokens.weight.device
     input_ids = input_ids.to(device)
     stops = _stop_sequences(stop)

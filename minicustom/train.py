@@ -429,9 +429,10 @@ def run(task, model: nn.Module, out: str | Path, *, resume: bool = False,
             loss, n_weight, n_tokens, stats = accumulate_gradients(wrapper, micros, device, world, task.weight)
             grad_norm = _clip(model, config.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                kept = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "none yet"
+                kept = (folder / (folder / "latest").read_text().strip() if (folder / "latest").exists()
+                        else "none yet")
                 raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; the "
-                                    f"weights were not updated. Last good checkpoint: {folder / kept}. Lower the "
+                                    f"weights were not updated. Last good checkpoint: {kept}. Lower the "
                                     "learning rate, check the data, or train in float32.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -522,11 +523,12 @@ def _adapter(model, reduction_factor=16, placement="houlsby", dropout=0.0, **_):
     return apply_adapters(model, reduction_factor=reduction_factor, placement=placement, dropout=dropout)
 
 
-def _llama_adapter(model, adapter_len=10, adapter_layers=8, **_):
+def _llama_adapter(model, adapter_len=10, adapter_layers=None, **_):
     from .llama_adapter import apply_llama_adapter
 
-    return apply_llama_adapter(model, adapter_len=adapter_len,
-                               adapter_layers=min(adapter_layers, model.config.num_hidden_layers))
+    if adapter_layers is None:  # the paper's top 8 layers, or every layer of a smaller model
+        adapter_layers = min(8, model.config.num_hidden_layers)
+    return apply_llama_adapter(model, adapter_len=adapter_len, adapter_layers=adapter_layers)
 
 
 def _prefix(model, num_virtual_tokens=20, prefix_projection=False, **_):

@@ -72,6 +72,9 @@ BAD_TRAIN_OPTIONS = [  # (option, value, what the error says)
     ("--num-virtual-tokens", "0", "must be >= 1"), ("--max-new-tokens", "0", "must be >= 1"),
     ("--exact-match", "-1", "must be >= 0"), ("--device", "tpu", "not a device"),
     ("--device", "cuda:99", "CUDA"),
+    # sizes past 2^31 are typos, and overflowed a tensor's size (a TypeError traceback before)
+    ("--r", "1" + "0" * 30, "must be at most 2,147,483,647"), ("--max-steps", "1" + "0" * 30, "at most"),
+    ("--seed", "1" + "0" * 30, "must be at most 9,223,372,036,854,775,807"), ("--seed", "-1", "must be >= 0"),
 ]
 
 
@@ -258,3 +261,61 @@ def test_resume_without_a_checkpoint_is_refused(setup, tmp_path, capsys):
     before = snapshot(tmp_path / "other")
     assert "no checkpoint to resume from" in fails(sft(setup, tmp_path / "other", "--resume"), capsys)
     assert snapshot(tmp_path / "other") == before
+
+
+# -- found by scripts/fuzz_bad_inputs.py ------------------------------------------------------------------
+
+def test_generation_past_the_context_is_refused(setup, capsys):
+    """The KV cache holds prompt + new tokens: past max_position_embeddings (256 here) it is refused, instead
+    of an overflow or a 10^11-entry allocation."""
+    err = fails(["generate", "--model", setup[1], "--prompt", "hi", "--max-new-tokens", "1000000000"], capsys)
+    assert "plus max_new_tokens (1000000000) exceeds the model's context, max_position_embeddings = 256" in err
+
+
+def test_out_that_is_a_file(setup, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    err = fails(sft(setup, tmp_path / "out", "--max-steps", "1"), capsys)
+    assert f"--out {tmp_path / 'out'} is a file, not a folder" in err
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_llama_adapter_layers_past_the_model_are_refused(setup, tmp_path, capsys):
+    """An explicit --adapter-layers is the user's number (it was clamped silently); the default still fits
+    a small model."""
+    err = fails(sft(setup, tmp_path / "out", "--max-steps", "1", "--method", "llama-adapter",
+                    "--adapter-layers", "99"), capsys)
+    assert "adapter_layers" in err and "99" in err
+
+
+def test_quantize_a_4bit_model(setup, tmp_path, capsys):
+    main(["quantize", "--model", setup[1], "--out", tmp_path / "q"])
+    capsys.readouterr()
+    before = snapshot(tmp_path / "q")
+    err = fails(["quantize", "--model", tmp_path / "q", "--out", tmp_path / "qq"], capsys)
+    assert f"--model {tmp_path / 'q'} is already quantized to 4 bits" in err
+    assert snapshot(tmp_path / "q") == before and not (tmp_path / "qq").exists()
+
+
+def test_convert_gguf_never_replaces_a_model_without_overwrite(setup, tmp_path, capsys):
+    import shutil
+
+    out = shutil.copytree(setup[1], tmp_path / "model")
+    before = snapshot(out)
+    err = fails(["convert-gguf", tmp_path / "missing.gguf", out], capsys)
+    assert f"--out {out} already holds a model" in err and "--overwrite" in err
+    err = fails(["convert-gguf", tmp_path / "missing.gguf", out, "--overwrite"], capsys)
+    assert "missing.gguf: no such GGUF file" in err  # past the check: the file itself is read next
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("text, says", [('{"scorer": "label",}', "not valid JSON (line 1"),
+                                        ("[1]", "expected a JSON object"),
+                                        ('{"scorer": "label", "max_new_tokens": "8"}', "'max_new_tokens'"),
+                                        ('{"scorer": "label", "labels": "pos"}', "'labels'")])
+def test_bad_task_json_names_the_file(tmp_path, text, says):
+    from minicustom.compare import load_task
+    from minicustom.data import DataError
+
+    (tmp_path / "task.json").write_text(text)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'task.json'))}: .*{re.escape(says)}"):
+        load_task(tmp_path)
