@@ -32,6 +32,7 @@ from .cli_checks import (
     device_option,
     float_list,
 )
+from .nf4 import BLOCKSIZES
 from .prompting import default_stop_ids
 from .run_state import Interrupted, TrainingError
 
@@ -551,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint folder (not the --model folder)")
     p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
-    p.add_argument("--blocksize", type=int, default=64, help="32 ... 4096, a power of two")
+    p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="{32,...,4096}",
+                   help="a power of two from 32 to 4096")
     p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in fp32")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype recorded for compute")
     p.set_defaults(func=cmd_quantize)

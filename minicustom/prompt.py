@@ -151,6 +151,9 @@ class VirtualTokens(PrefixLayer):
 def _encoder(model: nn.Module, config) -> PromptEncoder:
     """A new encoder for `config`, built on CPU as PEFT builds it, so that one seed gives PEFT's weights."""
     C, P = model.config.hidden_size, config.num_virtual_tokens
+    if P >= model.config.max_position_embeddings:  # the virtual tokens take positions 0..P-1 before the input
+        raise ValueError(f"num_virtual_tokens={P} leaves no position for the input: the model's context is "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
     if isinstance(config, PromptTuningConfig) or config.embedding_only:
         return PromptEncoder(P, C)
     return PromptEncoder(P, C, config.encoder, config.encoder_hidden_size, config.encoder_num_layers,

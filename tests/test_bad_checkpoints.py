@@ -243,12 +243,12 @@ def test_malformed_index(templates, tmp_path, index, words):
     _refused(path, CheckpointError, path / "model.safetensors.index.json", *words)
 
 
-@pytest.mark.parametrize("layers", [1, 3, 65536])
+@pytest.mark.parametrize("layers", [3, 65536])
 def test_layer_count_that_the_weights_do_not_hold(templates, tmp_path, layers):
     """Checked against the tensor names before a model of that many layers is built."""
     path = _copy(templates, "llama3", tmp_path)
     _edit_config(path, {"num_hidden_layers": layers})
-    _refused(path, CheckpointError, path / "config.json", f"'num_hidden_layers' is {layers}", "layers 0 to 1")
+    _refused(path, CheckpointError, path / "config.json", f"'num_hidden_layers' is {layers}", "up to 1 only")
 
 
 def test_duplicate_key_in_index(templates, tmp_path):

@@ -319,3 +319,11 @@ def test_bad_task_json_names_the_file(tmp_path, text, says):
     (tmp_path / "task.json").write_text(text)
     with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'task.json'))}: .*{re.escape(says)}"):
         load_task(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_that_fill_the_context_are_refused(setup, tmp_path, capsys, method):
+    err = fails(sft(setup, tmp_path / "out", "--max-steps", "1", "--method", method, "--num-virtual-tokens", "256"),
+                capsys)
+    assert "num_virtual_tokens=256 leaves no position for the input" in err and "max_position_embeddings=256" in err
+    assert not (tmp_path / "out").exists()
