@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import atomic_write_all
+from .config import read_json
 from .lora import (
     LoraConfig,
     LoRAEmbedding,
@@ -221,14 +222,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT adapter folder)")
-    try:
-        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise AdapterError(f"{cfg_file}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
-    except RecursionError:
-        raise AdapterError(f"{cfg_file}: invalid JSON (nested too deeply)") from None
+    config = read_json(cfg_file, AdapterError)  # UTF-8, JSON, nesting and repeated keys, naming the file
     if not isinstance(config, dict):
         raise AdapterError(f"{cfg_file}: expected a JSON object, found {type(config).__name__}")
     if not weights.exists():

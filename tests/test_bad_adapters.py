@@ -181,7 +181,7 @@ def test_missing_required_field_is_refused(folders, tmp_path, method, key):
     ("[1, 2]", "expected a JSON object, found list"),
     ('"LORA"', "expected a JSON object, found str"),
     ("null", "expected a JSON object, found NoneType"),
-    ('{"peft_type": "LORA", "r": ' + "[" * 100_000, r"invalid JSON \(nested too deeply\)"),
+    ('{"peft_type": "LORA", "r": ' + "[" * 100_000, r"not valid JSON \(nested too deeply\)"),
 ])
 def test_config_that_is_not_an_object(folders, tmp_path, text, match):
     folder = _copy(folders, "LORA", tmp_path)
