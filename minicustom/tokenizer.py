@@ -47,7 +47,7 @@ def _clean_up_spaces(text: str) -> str:
 class Tokenizer:
     def __init__(self, tokenizer: _RustTokenizer, config: dict | None = None, chat_template: str | None = None,
                  source: str = "the tokenizer"):
-        self.backend, self.source = tokenizer, source  # source: the folder, named in errors
+        self.backend, self.source = tokenizer, source  # source: the file the template came from, for errors
         config = config or {}
         for name in _SPECIAL_NAMES:
             setattr(self, name, _token_str(config.get(name)))
@@ -106,8 +106,8 @@ class Tokenizer:
                             tokenize: bool = True, **kwargs):
         """Render messages with the checkpoint's template; token ids (no special tokens added) or the text."""
         if not self.chat_template:
-            raise ValueError(f"{self.source}: no chat template (tokenizer_config.json 'chat_template' or "
-                             "chat_template.jinja)")
+            raise ValueError(f"{self.source}: no chat template (tokenizer_config.json 'chat_template', a "
+                             "list of templates without 'default', or chat_template.jinja)")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
@@ -117,7 +117,7 @@ class Tokenizer:
                 messages=messages, add_generation_prompt=add_generation_prompt, **specials, **kwargs
             )
         except jinja2.TemplateError as e:  # raise_exception() in the template, or an undefined value it reads
-            raise ValueError(f"{self.source}: the chat template refused these messages: {e}") from None
+            raise ValueError(f"{self.source}: the chat_template refused these messages: {e}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
@@ -204,6 +204,6 @@ def load_tokenizer(path) -> Tokenizer:
         try:  # compiled now, so that a syntax error names its file and line before any work
             _compile(template)
         except jinja2.TemplateSyntaxError as e:
-            raise TokenizerError(f"{where}: the chat template does not parse (template line {e.lineno}: "
+            raise TokenizerError(f"{where}: the chat_template does not parse (template line {e.lineno}: "
                                  f"{e.message})") from None
-    return Tokenizer(backend, config, template, source=str(path))
+    return Tokenizer(backend, config, template, source=str(where if where.exists() else path))

@@ -85,20 +85,20 @@ def test_jinja_file_that_does_not_parse(folder, tmp_path):
     ("{{ messages[5].content.upper() }}", ["no element 5"]),
 ])
 def test_template_that_refuses_the_messages(folder, tmp_path, template, words):
-    """It parses, so it loads; rendering these messages fails with a ValueError naming the folder."""
+    """It parses, so it loads; rendering these messages fails with a ValueError naming the template's file."""
     path = _copy(folder, tmp_path, jinja=template)
     tok = mc.load_tokenizer(path)
     with pytest.raises(ValueError) as e:
         tok.apply_chat_template(MESSAGES)
     message = str(e.value)
-    assert message.startswith(f"{path}: the chat template refused these messages: "), message
+    assert message.startswith(f"{path / 'chat_template.jinja'}: the chat_template refused these messages: "), message
     for word in words:
         assert word in message, (word, message)
 
 
 def test_a_list_of_templates_without_a_default_names_the_folder(folder, tmp_path):
     path = _copy(folder, tmp_path, config={"chat_template": [{"name": "tool_use", "template": "{{ 1 }}"}]})
-    with pytest.raises(ValueError, match=rf"^{path}: no chat template"):
+    with pytest.raises(ValueError, match=rf"^{path / CONFIG}: no chat template"):
         mc.load_tokenizer(path).apply_chat_template(MESSAGES)
 
 
@@ -117,5 +117,5 @@ def test_through_the_command_line(folder, tmp_path, capsys):
         main(["generate", "--model", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"minicustom generate: {ckpt / 'chat_template.jinja'}: the chat template does not parse")
+    assert err.startswith(f"minicustom generate: {ckpt / 'chat_template.jinja'}: the chat_template does not parse")
     assert "\n" not in err and "Traceback" not in err

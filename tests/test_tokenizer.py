@@ -80,7 +80,7 @@ def test_template_is_sandboxed(folder, tmp_path):
     shutil.copytree(folder, tmp_path / "evil")
     (tmp_path / "evil" / "chat_template.jinja").write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     # jinja2's SecurityError, reported as the template's refusal, naming the folder
-    with pytest.raises(ValueError, match=r"evil: the chat template refused these messages: .*__class__.* unsafe"):
+    with pytest.raises(ValueError, match=r"evil/chat_template.jinja: the chat_template refused these messages: .*__class__.* unsafe"):
         mc.load_tokenizer(tmp_path / "evil").apply_chat_template(MESSAGES)
 
 
