@@ -322,7 +322,7 @@ def _remove_abandoned_temps(folder: Path, targets: set[str]):
             Path(entry.path).unlink(missing_ok=True)
 
 
-def _os_error(e: Exception, path: Path) -> OSError | None:
+def io_error(e: BaseException, path: Path) -> OSError | None:
     """An I/O failure while writing, as an OSError naming the file written (not its temp name), or None.
     safetensors reports a full disk as SafetensorError("... (os error 28)")."""
     code = e.errno if isinstance(e, OSError) else None
@@ -348,7 +348,7 @@ def _write_temp(path: Path, write: Callable[[Path], object]) -> Path:
         return tmp
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if (error := _os_error(e, path)) is not None:
+        if (error := io_error(e, path)) is not None:
             raise error from None
         raise
 

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, io_error
 
 
 class TrainingError(RuntimeError):
@@ -253,16 +253,22 @@ def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank
         return final
     tmp = folder / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {n: t.detach().cpu().contiguous() for n, t in model_state.items() if n in trainable}
-    save_file(weights, tmp / "trainable.safetensors")
-    tensors, meta = _flatten_optimizer(optim_state)
-    tensors["\x1frng"] = torch.get_rng_state()
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "run": record}))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        weights = {n: t.detach().cpu().contiguous() for n, t in model_state.items() if n in trainable}
+        save_file(weights, tmp / "trainable.safetensors")
+        tensors, meta = _flatten_optimizer(optim_state)
+        tensors["\x1frng"] = torch.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "run": record}))
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    except BaseException as e:  # a full disk, say: no half-written folder; the previous checkpoint stands
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (error := io_error(e, final)) is not None:
+            raise error from None
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write(folder / "latest", lambda p: p.write_text(final.name + "\n"))

@@ -197,3 +197,31 @@ def test_ctrl_c_on_the_command_leaves_a_resumable_checkpoint(setup, tmp_path, ca
     main(sft(setup, out, *args, "--resume"))
     assert metrics(out) == metrics(tmp_path / "straight")
     assert same_weights(out, tmp_path / "straight")
+
+
+def test_disk_full_while_saving_a_checkpoint(setup, tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... (os error 28)"): the run stops with an OSError
+    naming the checkpoint (one line in the CLI), no half-written folder is left, and the previous checkpoint
+    is still the latest, so --resume continues from it."""
+    from safetensors import SafetensorError
+
+    import minicustom.run_state as run_state
+
+    model, examples = lora_run(setup)
+    config = TrainConfig(max_steps=4, save_every=2, batch_size=1, max_length=128, exact_match=0)
+    real, calls = run_state.save_file, []
+
+    def full_at_the_second_save(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # two files per checkpoint: the second checkpoint's first file
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  "\"No space left on device\" }) (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(run_state, "save_file", full_at_the_second_save)
+    with pytest.raises(OSError) as e:
+        train(model, examples, config, tmp_path)
+    assert e.value.errno == 28 and e.value.filename == str(tmp_path / "checkpoints" / "checkpoint-000004")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint-000002", "latest"], names
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "checkpoint-000002"
