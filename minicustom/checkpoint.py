@@ -278,6 +278,9 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
 _TEMP = re.compile(r"\.(?P<target>.+)\.mc-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 _OLD_TEMP = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's, before the pid was kept
 _ABANDONED_AFTER = 24 * 3600  # seconds: another machine's temp file this old is abandoned
+# A dead pid is not enough alone: containers that share a hostname have their own pid namespaces. A live
+# writer touches its file as it writes and renames it at once, so one untouched for a minute is not live.
+_QUIET_FOR = 60
 
 
 def host_tag() -> str:
@@ -311,11 +314,11 @@ def _remove_abandoned_temps(folder: Path, targets: set[str]):
         if m := _TEMP.fullmatch(entry.name):
             pid = int(m["pid"])
             try:
-                old = now - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED_AFTER
+                age = now - entry.stat(follow_symlinks=False).st_mtime
             except OSError:
                 continue
-            gone = m["host"] == host and pid not in (0, os.getpid()) and not _alive(pid)
-            abandoned = old or gone
+            gone = m["host"] == host and pid not in (0, os.getpid()) and not _alive(pid) and age > _QUIET_FOR
+            abandoned = age > _ABANDONED_AFTER or gone
         else:
             abandoned = bool((m := _OLD_TEMP.fullmatch(entry.name)) and m["target"] in targets)
         if abandoned and entry.is_file(follow_symlinks=False):
@@ -353,9 +356,11 @@ def _write_temp(path: Path, write: Callable[[Path], object]) -> Path:
         raise
 
 
-def atomic_write_all(writes: list[tuple[Path, Callable[[Path], object]]]):
+def atomic_write_all(writes: list[tuple[Path, Callable[[Path], object]]],
+                     before_rename: Callable[[], object] | None = None):
     """All or nothing: run each write(tmp) on a temp file beside its path and fsync it; only when every one
-    succeeded are they renamed into place, in order. A failure leaves no temp file and no target changed."""
+    succeeded are they renamed into place, in order (`before_rename()` runs just before the first rename).
+    A failure while writing leaves no temp file and no target changed."""
     writes = [(Path(p), w) for p, w in writes]
     for folder in {p.parent for p, _ in writes}:
         _remove_abandoned_temps(folder, {p.name for p, _ in writes if p.parent == folder})
@@ -363,6 +368,8 @@ def atomic_write_all(writes: list[tuple[Path, Callable[[Path], object]]]):
     try:
         for path, write in writes:
             temps.append(_write_temp(path, write))
+        if before_rename is not None:
+            before_rename()
         for (path, _), tmp in zip(writes, temps):
             os.replace(tmp, path)
     except BaseException:
@@ -431,13 +438,19 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
         names = set(weight_map.values()) | {INDEX}
     writes.append((path / "config.json",
                    lambda tmp: tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")))
-    atomic_write_all(writes)  # config.json last: a folder with a new config.json holds its weights
-    # weights of the checkpoint this one replaced: the other layout, or shards of another count
-    stale = [f for f in path.iterdir() if f.name not in names and
-             (f.name in ("model.safetensors", INDEX) or _SHARD_NAME.fullmatch(f.name))]
-    for f in stale:
-        f.unlink(missing_ok=True)
+    # config.json last: a folder with a new config.json holds its weights. The weights of the checkpoint this
+    # one replaces (the other layout, or shards of another count) go once every new file is written and
+    # before any is renamed in, so an old index never stands beside the new config.
+    atomic_write_all(writes, before_rename=lambda: remove_stale_weights(path, names))
     return path
+
+
+def remove_stale_weights(folder: Path, keep: set[str]):
+    """Remove the weight files (model.safetensors, the index, shards) of `folder` whose names are not in
+    `keep`: what a checkpoint written over another leaves of the old one's layout."""
+    for f in Path(folder).iterdir():
+        if f.name not in keep and (f.name in ("model.safetensors", INDEX) or _SHARD_NAME.fullmatch(f.name)):
+            f.unlink(missing_ok=True)
 
 
 def copy_tokenizer_files(src: Path, out: Path):

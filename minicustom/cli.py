@@ -584,7 +584,7 @@ def main(argv=None):
             torch.cuda.OutOfMemoryError, MemoryError) as e:
         if args.debug:
             raise
-        message, code = f"{command}: {e or type(e).__name__}", 2  # a MemoryError has no text
+        message, code = f"{command}: {str(e) or type(e).__name__}", 2  # a MemoryError has no text
         if isinstance(e, KeyboardInterrupt):
             message, code = f"{command}: {str(e) or 'interrupted'}", 130
         if isinstance(e, Interrupted):

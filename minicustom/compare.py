@@ -135,7 +135,8 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
                      tokenizer=tok, adapter_layers=min(8, model.config.num_hidden_layers))
         steps = max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
         train_config = TrainConfig(lr=LR[sft], max_steps=steps, batch_size=config.batch_size, packing=False,
-                                   max_length=config.max_length, seed=config.seed, exact_match=0, log_every=10)
+                                   max_length=config.max_length, seed=config.seed, exact_match=0, log_every=10,
+                                   save_every=0)  # never resumed: one checkpoint at the end, not a tenth each
         train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop)
         tokens += _train_tokens(out / "sft")
         if method == "dpo":
@@ -147,7 +148,7 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
                 raise ValueError(f"{task.folder}: method 'dpo' needs prefs_train.jsonl")
             dpo_steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
             train_dpo(model, pairs, DPOConfig(lr=DPO_LR, max_steps=dpo_steps, batch_size=config.batch_size,
-                                              seed=config.seed, log_every=10), out / "dpo",
+                                              seed=config.seed, log_every=10, save_every=0), out / "dpo",
                       reference="snapshot", pad_id=pad_id_for(tok))
             tokens += _train_tokens(out / "dpo")
     train_seconds = time.perf_counter() - t0

@@ -29,17 +29,17 @@ import math
 import mmap
 import os
 import re
+import secrets
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, write_json
+from .checkpoint import atomic_write, remove_stale_weights, write_json
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -493,7 +493,8 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
 
     # Checked: now write, into a folder beside out_dir that becomes out_dir at the end.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    work = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    work.mkdir(mode=0o777)  # the umask applies, as to any new folder (tempfile.mkdtemp would give 0o700)
     try:
         _write_safetensors(work / "model.safetensors", tensors, config, dtype, progress, gguf_path)
         atomic_write(work / "tokenizer.json", lambda tmp: tmp.write_text(tokenizer.to_str(pretty=True)))
@@ -526,6 +527,7 @@ def _move_into(work: Path, out_dir: Path) -> None:
         os.replace(work, out_dir)
         return
     (out_dir / "config.json").unlink(missing_ok=True)
+    remove_stale_weights(out_dir, {f.name for f in work.iterdir()})  # an old index would win over the new file
     for f in sorted(work.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(f, out_dir / f.name)
 

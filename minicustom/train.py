@@ -242,8 +242,10 @@ def exact_match(model, examples: list[Example], config: TrainConfig, pad_id: int
     for i in range(0, len(chosen), config.batch_size):
         part = chosen[i:i + config.batch_size]
         prompts = [e.input_ids[:e.answer_start] for e in part]
-        out = generate(model, prompts, config.max_new_tokens, stop=list(stop_ids), pad_token_id=pad_id)
         T = max(len(p) for p in prompts)  # prompts are left-padded to T; new tokens follow
+        room = model.config.max_position_embeddings - T  # a prompt near the context leaves fewer new tokens
+        out = generate(model, prompts, max(1, min(config.max_new_tokens, room)), stop=list(stop_ids),
+                       pad_token_id=pad_id)
         for e, row in zip(part, out[:, T:].tolist()):
             answer = tokenizer.decode(row, skip_special_tokens=True)
             reference = tokenizer.decode([y for y in e.labels[e.answer_start:] if y != IGNORE],

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -522,13 +523,16 @@ def test_stale_temp_files_are_removed_on_the_next_write(templates, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     host = ckpt.host_tag()
-    stale = [_leftover(out, "model.safetensors"), _leftover(out, "config.json"),
-             _leftover(out, "model-00002-of-00003.safetensors", (host, _dead_pid()))]
+    dead = _leftover(out, "model-00002-of-00003.safetensors", (host, _dead_pid()))
+    os.utime(dead, (time.time() - 120, time.time() - 120))  # its writer gone, untouched for two minutes
+    stale = [_leftover(out, "model.safetensors"), _leftover(out, "config.json"), dead]
     old = _leftover(out, "config.json", ("otherhost", 123))
     os.utime(old, (0, 0))  # another machine's, days old
     stale.append(old)
     kept = [_leftover(out, "config.json", (host, os.getppid())),  # a live writer on this machine
             _leftover(out, "config.json", ("otherhost", 124)),  # another machine's, recent
+            _leftover(out, "config.json", (host, _dead_pid())),  # a pid gone here, but just written: another
+                                                                  # container's (same hostname, own pids)?
             _leftover(out, "notes.txt"),  # a name this save does not write (an older format's leftover)
             out / ".config.json.k3x_9q2z.tmp.bak", out / "config.json.k3x_9q2z.tmp"]
     for p in kept[-2:]:

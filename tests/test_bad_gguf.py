@@ -6,6 +6,7 @@ positions to patch come from the gguf package's own reader of the valid file, so
 layout rather than hard-coded offsets.
 """
 
+import os
 import struct
 
 import gguf
@@ -200,6 +201,31 @@ def test_valid_tiny_file_converts(tmp_path, valid):
     out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
     model = mc.load_model(out)
     assert model.config.hidden_size == C and sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]
+
+
+def test_converting_over_a_sharded_checkpoint_serves_the_new_weights(tmp_path, valid):
+    """A folder that held a sharded checkpoint (index + shards): converting into it removes the old index
+    and shards, which load_model would otherwise prefer to the new model.safetensors. The folder follows
+    the umask, as any new folder does."""
+    import torch
+
+    import minicustom as mc
+
+    (tmp_path / "tiny.gguf").write_bytes(valid[0])
+    first = mc.load_model(convert_gguf(tmp_path / "tiny.gguf", tmp_path / "first", progress=False))
+    other = mc.load_model(tmp_path / "first")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    mc.save_model(other, tmp_path / "out", max_shard_size=4096)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob("model-*")) and not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    again = mc.load_model(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "first").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 # -- well-formed files whose metadata is wrong ----------------------------------------------------
