@@ -28,8 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write_all
-from .config import read_json
+from .files import atomic_write_all, read_json
 from .lora import (
     LoraConfig,
     LoRAEmbedding,

@@ -239,7 +239,8 @@ def _finish(args, model, rank: int, full: bool):
 
     import torch.distributed as dist
 
-    from .checkpoint import copy_tokenizer_files, write_json
+    from .checkpoint import copy_tokenizer_files
+    from .files import write_json
     from .train import export
 
     out = Path(args.out)

@@ -73,8 +73,8 @@ class Task:
 
 def load_task(folder) -> Task:
     """A task folder: task.json (name, scorer, labels, max_new_tokens), train/test JSONL, prefs_train.jsonl."""
-    from .config import read_json
     from .data import DataError, read_jsonl
+    from .files import read_json
 
     folder = Path(folder)
     if not (folder / "task.json").is_file():
@@ -173,7 +173,7 @@ def compare(model_path, task_folder, out, methods=METHODS, config: CompareConfig
             report=print) -> list[dict]:
     """Run each method in a fresh process (results kept in OUT/<method>/result.json and reused), then write
     comparison.json, comparison.md and comparison.png; returns the rows."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     config = config or CompareConfig()
     if unknown := [m for m in methods if m not in METHODS]:
@@ -238,7 +238,7 @@ def _worker(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--config", required=True)
     args = p.parse_args(argv)
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     row = run_method(args.worker, args.model, load_task(args.task), CompareConfig(**json.loads(args.config)),
                      args.out)

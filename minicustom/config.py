@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .files import read_json
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -151,7 +153,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-        return cls.from_dict(read_json(path), source=str(path))
+        return cls.from_dict(read_json(path, ConfigError), source=str(path))
 
     def to_dict(self) -> dict:
         """The Hugging Face config.json for this model (what transformers writes, in the older schema)."""
@@ -198,27 +200,6 @@ class ModelConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_ctx / hi) & ~(wavelen > old_ctx / lo)
         return torch.where(medium, smoothed, scaled)
-
-
-def read_json(path: Path, error: type[ValueError] = ConfigError):
-    """The JSON in `path`, or `error` naming the file: not UTF-8, not JSON (with the line), or an object
-    that repeats a key (json.loads would keep the last copy silently)."""
-    def unique(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise error(f"{path}: key {key!r} appears twice in one object")
-            seen.add(key)
-        return dict(pairs)
-
-    try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"), object_pairs_hook=unique)
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except RecursionError:
-        raise error(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _json_type(value) -> str:

@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import adapter_layers, disable_adapters
-from .checkpoint import atomic_write
 from .data import PreferencePair, collate
+from .files import atomic_write
 from .losses import LOSS_TYPES, REFERENCE_FREE, preference_loss, sequence_logps
 from .run_state import examples_digest
 from .train import Progress, TrainConfig, run

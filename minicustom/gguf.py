@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, remove_stale_weights, write_json
+from .checkpoint import remove_stale_weights
+from .files import atomic_write, write_json
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

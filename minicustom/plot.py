@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 # Each glyph is 7 rows of 5 bits, top row first, most significant bit on the left, written in hex.
 _GLYPHS = """

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write, io_error
+from .files import atomic_write, io_error
 
 
 class TrainingError(RuntimeError):

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import atomic_write
 from .data import IGNORE, Example, collate, pack
+from .files import atomic_write
 from .losses import sft_loss
 from .run_state import (  # noqa: F401  (Interrupted, Progress, TrainingError: train's names too)
     Interrupted,

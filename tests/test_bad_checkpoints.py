@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import minicustom as mc
-from minicustom import CheckpointError, ConfigError, nf4
+from minicustom import CheckpointError, ConfigError, files, nf4
 from minicustom import checkpoint as ckpt
 from minicustom.config import ModelConfig
 
@@ -522,7 +522,7 @@ def test_stale_temp_files_are_removed_on_the_next_write(templates, tmp_path):
     model = mc.load_model(templates / "llama3")
     out = tmp_path / "out"
     out.mkdir()
-    host = ckpt.host_tag()
+    host = files.host_tag()
     dead = _leftover(out, "model-00002-of-00003.safetensors", (host, _dead_pid()))
     os.utime(dead, (time.time() - 120, time.time() - 120))  # its writer gone, untouched for two minutes
     stale = [_leftover(out, "model.safetensors"), _leftover(out, "config.json"), dead]
@@ -545,8 +545,8 @@ def test_stale_temp_files_are_removed_on_the_next_write(templates, tmp_path):
 def test_temp_names_are_recognised(tmp_path):
     """The name a write in flight has is one the cleanup recognises as its own, and the writer is this process."""
     seen = []
-    ckpt.atomic_write(tmp_path / "x.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"))
-    assert seen[0].startswith(f".x.json.mc-{ckpt.host_tag()}-{os.getpid()}.") and seen[0].endswith(".tmp")
+    files.atomic_write(tmp_path / "x.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"))
+    assert seen[0].startswith(f".x.json.mc-{files.host_tag()}-{os.getpid()}.") and seen[0].endswith(".tmp")
     assert (tmp_path / "x.json").read_text() == "{}"
 
 
@@ -586,7 +586,7 @@ def test_disk_full_as_oserror_from_a_json_write(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
     monkeypatch.setattr(type(tmp_path), "write_text", full)
     with pytest.raises(OSError, match=r"No space left on device: '.*config\.json'") as e:
-        ckpt.write_json(tmp_path / "config.json", {"a": 1})
+        files.write_json(tmp_path / "config.json", {"a": 1})
     assert e.value.errno == errno.ENOSPC and ".tmp" not in str(e.value)
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before
