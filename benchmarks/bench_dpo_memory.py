@@ -11,7 +11,7 @@ The reference policy pi_ref is either
           ref_model, and no "ref" adapter, which TRL would add for a model passed already PEFT-wrapped)
   copy  - a separate frozen model loaded from the same folder: minicustom `reference=<folder>`; TRL
           `ref_model=AutoModelForCausalLM.from_pretrained(<folder>)`
-minicustom runs its trainer's own step (minicustom.dpo.DPOLoss through minicustom.train.accumulate_gradients,
+minicustom runs its trainer's own step (minicustom.train.dpo.DPOLoss through minicustom.train.loop.accumulate_gradients,
 then clip and AdamW); TRL runs DPOTrainer.train() for 1 + `--steps` steps (no gradient checkpointing, no
 bf16, reference log-probs computed live, no checkpoints saved), a callback timing each step from
 on_step_begin to on_step_end. Both see the same 8 pairs: the mean log-prob of the chosen completions at the
@@ -87,8 +87,8 @@ def run_minicustom(reference, path, steps, batch_size):
 
     import minicustom as mc
     from minicustom.data import load_preferences, pad_id_for
-    from minicustom.dpo import DPOConfig, DPOLoss, make_reference, pair_batch
-    from minicustom.train import accumulate_gradients
+    from minicustom.train.dpo import DPOConfig, DPOLoss, make_reference, pair_batch
+    from minicustom.train.loop import accumulate_gradients
 
     model = mc.load_model(path)
     tok = mc.load_tokenizer(path)

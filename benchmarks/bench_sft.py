@@ -8,7 +8,7 @@ With --method qlora every linear but lm_head is NF4 with double quantization: th
 into a temporary checkpoint folder (bitsandbytes' serialization) that both libraries load, minicustom by
 itself and transformers through bitsandbytes, computing in fp32. Neither process ever holds the fp32
 linears, so peak memory is the 4-bit model's, and identical 4-bit bytes give both the same first loss.
-minicustom runs its trainer's own step (minicustom.train.accumulate_gradients: chunked cross-entropy
+minicustom runs its trainer's own step (minicustom.train.loop.accumulate_gradients: chunked cross-entropy
 at trained positions only); transformers+peft runs `model(input_ids, labels=labels).loss.backward()`.
 
 Each (library, workload) runs in a fresh process, so that peak memory (ru_maxrss) is its own; processes
@@ -120,7 +120,8 @@ def worker(library, workload, path, model_path, steps, threads, device):
 
     if library == "minicustom":
         import minicustom as mc
-        from minicustom.train import SFTLoss, accumulate_gradients
+        from minicustom.train.loop import accumulate_gradients
+        from minicustom.train.sft import SFTLoss
 
         model = mc.load_model(model_path, device=device)
         mc.apply_lora(model, r=8, alpha=16, targets=TARGETS, verbose=False)
@@ -209,7 +210,7 @@ def main():
         model_path = tempfile.mkdtemp(prefix="bench-qlora-")
         model = mc.load_model(path, quantize="nf4")
         mc.save_model(model, model_path)
-        print(f"# {mc.qlora.memory_report(model)}")
+        print(f"# {mc.memory_report(model)}")
         del model
 
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minicustom import nf4
+from minicustom.quant import nf4
 
 BLOCK = 1024  # bytes per program (2048 outputs); a power of two, as every blocksize is
 NUM_WARPS = 4

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minicustom import nf4
+from minicustom.quant import nf4
 
 from .nf4_dequant import block_absmax, check_state, kernel_args, round_to
 

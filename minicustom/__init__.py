@@ -1,34 +1,40 @@
 """minicustom: LLM customization methods written by hand in PyTorch, on a minimal Llama-family model."""
 
-from . import nf4
-from .adapter import BottleneckConfig, apply_adapters
-from .adapters_io import AdapterError, load_adapter, save_adapter
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
 from .evaluate import EvalResult, evaluate_generation, evaluate_task
 from .generate import generate
-from .ia3 import IA3Config, apply_ia3
-from .llama_adapter import LlamaAdapterConfig, apply_llama_adapter
-from .lora import (
-    LoraConfig,
+from .methods import (
+    AdapterError,
     add_weighted_adapter,
-    apply_lora,
     count_parameters,
     delete_adapter,
     disable_adapters,
+    load_adapter,
     lora_plus_param_groups,
     merge_adapter,
-    merge_lora,
+    merge_adapters,
+    save_adapter,
     set_adapter,
     unload,
-    unmerge_lora,
+    unmerge_adapters,
 )
+from .methods.bottleneck import BottleneckConfig, apply_adapters
+from .methods.ia3 import IA3Config, apply_ia3
+from .methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
+from .methods.lora import apply_lora
+from .methods.lora_layers import LoraConfig
+from .methods.prefix import PrefixConfig, apply_prefix
+from .methods.prompt_tuning import PromptTuningConfig, PTuningConfig, apply_p_tuning, apply_prompt_tuning
+from .methods.qlora import apply_loftq, merge_4bit
 from .model import KVCache, Transformer
-from .prefix import PrefixConfig, apply_prefix
-from .prompt import PromptTuningConfig, PTuningConfig, apply_p_tuning, apply_prompt_tuning
 from .prompting import Shot, build_messages, select_shots
-from .qlora import Linear4bit, apply_loftq, merge_4bit, quantize_model
+from .quant import nf4
+from .quant.linear4bit import Linear4bit, memory_report, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
+
+# The LoRA-era names of merging and unmerging, which fold every mergeable method (IA3 too).
+merge_lora, unmerge_lora = merge_adapters, unmerge_adapters
 
 __version__ = "0.1.0"
 
@@ -56,6 +62,9 @@ __all__ = [
     "lora_plus_param_groups",
     "merge_adapter",
     "merge_lora",
+    "merge_adapters",
+    "unmerge_adapters",
+    "memory_report",
     "save_adapter",
     "set_adapter",
     "unload",

@@ -30,6 +30,8 @@ from torch import nn
 from .config import ModelConfig
 from .files import atomic_write_all, read_json
 from .model import Transformer
+from .quant import nf4
+from .quant.linear4bit import Linear4bit, is_quant_key, quantization_config, quantize_model
 
 
 class CheckpointError(ValueError):
@@ -143,10 +145,6 @@ def _read_all(files: list[Path], weight_map: dict[str, Path] | None, index: Path
 def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) -> set[str]:
     """Swap in a Linear4bit for every weight stored in bitsandbytes' 4-bit serialization (a checkpoint that
     transformers+bitsandbytes saved, or `minicustom quantize` wrote); returns the keys it consumed."""
-    from . import nf4
-    from .lora import _replace
-    from .qlora import Linear4bit
-
     used = set()
     for key in [k for k in tensors if ".quant_state.bitsandbytes__" in k]:
         prefix = key.split(".quant_state.")[0]  # "model.layers.0.self_attn.q_proj.weight"
@@ -169,8 +167,8 @@ def _load_4bit(model: Transformer, tensors: dict, where: dict, dtype, device) ->
                 raise CheckpointError(f"{where[bias_key]}: {bias_key} is stored, but the {model.config.model_type} "
                                       f"config gives {module_name} no bias")
             _check_weight(bias_key, bias, bias.to(dtype), (linear.out_features,), where[bias_key])
-        _replace(model, module_name,
-                 Linear4bit(state.to(device), None if bias is None else bias.to(device), compute_dtype=dtype))
+        model.set_submodule(module_name,
+                            Linear4bit(state.to(device), None if bias is None else bias.to(device), compute_dtype=dtype))
         used |= {prefix, key, bias_key, *(f"{prefix}.{s}" for s in nf4.STATE_SUFFIXES)} & tensors.keys()
     return used
 
@@ -256,15 +254,11 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     model.tie_weights()
     model.inv_freq = config.inv_freq().to(device)  # buffers are not in the checkpoint
     if quantize and used:  # already 4-bit: nothing to do, unless the format asked for is another
-        from .qlora import Linear4bit
-
         stored = {m.state.quant_type for m in model.modules() if isinstance(m, Linear4bit)}
         if stored != {quantize}:
             raise CheckpointError(f"{path}: the checkpoint is already 4-bit ({', '.join(sorted(stored))}); "
                                   f"cannot quantize it to {quantize}")
     elif quantize:
-        from .qlora import quantize_model
-
         quantize_model(model, quant_type=quantize, compute_dtype=dtype)
     return model.eval()
 
@@ -275,8 +269,6 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
     `state` replaces model.state_dict() (a full state gathered from sharded processes, say)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    from .qlora import is_quant_key, quantization_config
-
     state = {k: v.detach().to(dtype=dtype if dtype and v.is_floating_point() and not is_quant_key(k) else v.dtype)
              .contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:

@@ -10,16 +10,19 @@ process, so its peak memory (the process's maximum resident set, the model inclu
 result is written to OUT/<method>/result.json as soon as it is known, and a later run with the same
 OUT reuses it (a crash loses at most the method under way). The table (comparison.md, .json) gives test
 accuracy, trainable parameters, training time, peak memory, training tokens and prompt tokens per
-test question; comparison.png plots accuracy against trainable parameters and against training time.
+test question; comparison.png plots accuracy against trainable parameters and against training time
+(with matplotlib, `pip install 'minicustom[plot]'`; the same rows are in comparison.csv either way).
 
-The learning rates are per method, the usual orders of magnitude for each (prompt learning and IA3 want
-far larger steps than LoRA, full fine-tuning far smaller), not tuned on the test split. Left out: tuning
+The methods and their learning rates come from the registry (methods/registry.py): each method's own lr,
+the usual order of magnitude for it (prompt learning and IA3 want far larger steps than LoRA, full
+fine-tuning far smaller), not tuned on the test split. Left out: tuning
 each method's hyperparameters on the validation split, repeated seeds and error bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import resource
@@ -29,12 +32,24 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PROMPTING = ("zero-shot", "few-shot", "cot")
-TRAINED = ("prompt", "ptuning", "prefix", "ia3", "adapter", "llama-adapter", "lora", "dora", "qlora", "full")
-METHODS = PROMPTING + TRAINED + ("dpo",)
-LR = {"prompt": 3e-2, "ptuning": 1e-3, "prefix": 1e-2, "ia3": 1e-2, "adapter": 1e-3, "llama-adapter": 1e-2,
-      "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "full": 3e-5}
+PROMPTING = ("zero-shot", "few-shot", "cot")  # the prompt-engineering rungs: nothing trained
+ALIGNMENT = ("dpo",)  # LoRA SFT on the budget, then DPO on the budget's preference pairs
 DPO_LR = 2e-4
+
+
+def all_methods() -> list[str]:
+    """Every method compare can run: the prompting rungs, every registered method, and DPO."""
+    from .methods.registry import REGISTRY
+
+    return [*PROMPTING, *REGISTRY, *ALIGNMENT]
+
+
+def default_methods() -> list[str]:
+    """What `compare` runs when not told: every rung, with one method of each registered family (rsLoRA,
+    PiSSA, ... are variants: ask for them by name)."""
+    from .methods.registry import REGISTRY
+
+    return [*PROMPTING, *(m.name for m in REGISTRY.values() if m.variant_of is None), *ALIGNMENT]
 
 
 class CompareError(RuntimeError):
@@ -112,13 +127,14 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
     """Train (or not) and evaluate one method; returns its row of the table."""
     import torch
 
-    from .adapters import count_parameters
     from .checkpoint import load_model
     from .data import PreferencePair, make_example, make_pair, pad_id_for
     from .evaluate import evaluate_task
+    from .methods import count_parameters
+    from .methods.registry import apply_method, get_method
     from .prompting import default_stop_ids
     from .tokenizer import load_tokenizer
-    from .train import TrainConfig, apply_method, train
+    from .train import TrainConfig, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,13 +144,13 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
     test = task.test[:config.test_limit] if config.test_limit else task.test
     stop = default_stop_ids(model, tok)
     t0, tokens = time.perf_counter(), 0
-    if method in TRAINED or method == "dpo":
+    if method not in PROMPTING:
         examples = [make_example(r, tok, f"{task.folder}/train.jsonl:{i + 1}") for i, r in enumerate(budget)]
-        sft = "lora" if method == "dpo" else method
-        apply_method(model, sft, r=config.r, alpha=config.alpha, num_virtual_tokens=config.num_virtual_tokens,
-                     tokenizer=tok, adapter_layers=min(8, model.config.num_hidden_layers))
+        sft = get_method("lora" if method == "dpo" else method)
+        shared = {"r": config.r, "alpha": config.alpha, "num_virtual_tokens": config.num_virtual_tokens}
+        apply_method(model, sft.name, tokenizer=tok, **{o.name: shared[o.name] for o in sft.options if o.name in shared})
         steps = max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
-        train_config = TrainConfig(lr=LR[sft], max_steps=steps, batch_size=config.batch_size, packing=False,
+        train_config = TrainConfig(lr=sft.lr, max_steps=steps, batch_size=config.batch_size, packing=False,
                                    max_length=config.max_length, seed=config.seed, exact_match=0, log_every=10,
                                    save_every=0)  # never resumed: one checkpoint at the end, not a tenth each
         train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop)
@@ -169,15 +185,21 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
 
 # -- the harness ------------------------------------------------------------------------------------------
 
-def compare(model_path, task_folder, out, methods=METHODS, config: CompareConfig | None = None,
+def compare(model_path, task_folder, out, methods=None, config: CompareConfig | None = None,
             report=print) -> list[dict]:
     """Run each method in a fresh process (results kept in OUT/<method>/result.json and reused), then write
     comparison.json, comparison.md and comparison.png; returns the rows."""
     from .files import atomic_write
+    from .methods.registry import REGISTRY
+    from .plot import write_compare_chart, write_compare_csv
 
     config = config or CompareConfig()
-    if unknown := [m for m in methods if m not in METHODS]:
-        raise ValueError(f"unknown method {unknown}; choose from {', '.join(METHODS)}")
+    methods = default_methods() if methods is None else list(methods)
+    if unknown := [m for m in methods if m not in all_methods()]:
+        raise ValueError(f"unknown method {unknown}; choose from {', '.join(all_methods())}")
+    # A method registered from outside the package: its worker imports the module that registers it.
+    imports = sorted({REGISTRY[m].apply.__module__ for m in methods if m in REGISTRY})
+    imports = [name for name in imports if not name.startswith("minicustom.")]
     task = load_task(task_folder)  # errors in the task come now, not from a worker
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +209,8 @@ def compare(model_path, task_folder, out, methods=METHODS, config: CompareConfig
         if not path.is_file():
             report(f"[{i + 1}/{len(methods)}] {method} ...")
             cmd = [sys.executable, "-m", "minicustom.compare", "--worker", method, "--model", str(model_path),
-                   "--task", str(task.folder), "--out", str(out / method), "--config", json.dumps(asdict(config))]
+                   "--task", str(task.folder), "--out", str(out / method), "--config", json.dumps(asdict(config)),
+                   *(f"--import={name}" for name in imports)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 (out / method).mkdir(parents=True, exist_ok=True)
@@ -202,7 +225,8 @@ def compare(model_path, task_folder, out, methods=METHODS, config: CompareConfig
     meta = {"model": str(model_path), "task": task.name, "config": asdict(config), "rows": rows}
     atomic_write(out / "comparison.json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
     atomic_write(out / "comparison.md", lambda p: p.write_text(markdown(rows, task.name, len(task.test))))
-    write_chart(out / "comparison.png", rows, task.name)
+    write_compare_csv(out / "comparison.csv", rows)
+    write_compare_chart(out / "comparison.png", rows, task.name)
     return rows
 
 
@@ -216,29 +240,21 @@ def markdown(rows: list[dict], task: str, n_test: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_chart(path, rows: list[dict], task: str):
-    """Two panels side by side: accuracy against log10(1 + trainable parameters), and against training
-    seconds; each method one point with its name beside it."""
-    import numpy as np
-
-    from .plot import render, write_png
-
-    params = {r["method"]: [(math.log10(1 + r["trainable_params"]), r["accuracy"])] for r in rows}
-    seconds = {r["method"]: [(r["train_seconds"], r["accuracy"])] for r in rows}
-    left = render(params, f"{task}: accuracy", 640, 420, xlabel="log10(1 + trainable parameters)", scatter=True)
-    right = render(seconds, f"{task}: accuracy", 640, 420, xlabel="training seconds", scatter=True)
-    write_png(path, np.concatenate([left, right], axis=1))
-
-
 def _worker(argv=None):
     p = argparse.ArgumentParser(prog="python -m minicustom.compare")
-    p.add_argument("--worker", required=True, choices=METHODS)
+    p.add_argument("--worker", required=True)
+    p.add_argument("--import", dest="imports", action="append", default=[])
     p.add_argument("--model", required=True)
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--config", required=True)
     args = p.parse_args(argv)
     from .files import atomic_write
+
+    for name in args.imports:  # modules that register methods defined outside the package
+        importlib.import_module(name)
+    if args.worker not in all_methods():
+        p.error(f"unknown method {args.worker!r}")
 
     row = run_method(args.worker, args.model, load_task(args.task), CompareConfig(**json.loads(args.config)),
                      args.out)

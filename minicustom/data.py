@@ -467,3 +467,8 @@ def pad_id_for(tokenizer) -> int:
         if i is not None:
             return i
     return 0
+
+
+def trained_tokens(batch: dict) -> int:
+    """The tokens a collated batch trains on: the labels, shifted by one, that are not IGNORE."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -22,8 +22,8 @@ from decimal import Decimal
 
 from . import prompting
 from .generate import generate
+from .progress import Progress
 from .prompting import Shot, extract_answer
-from .train import Progress
 
 
 def _normalize(text: str) -> str:

@@ -248,8 +248,12 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
         self.gradient_checkpointing = False
         # The seam for prefix methods: a module called as kv_prefix(batch_size) -> one Prefix or None per
-        # layer (or None when it has nothing active). Set by apply_prefix, apply_prompt, apply_llama_adapter.
+        # layer (or None when it has nothing active). Set by prefix tuning, prompt tuning, p-tuning and
+        # LLaMA-Adapter (minicustom/methods/).
         self.kv_prefix: nn.Module | None = None
+        # Adapter name -> its method's config, for the adapters attached to this model (the model itself reads
+        # none of it: saving an adapter reads it to know the method).
+        self.adapter_configs: dict[str, object] = {}
 
     def prefixes(self, batch_size: int) -> list[Prefix | None] | None:
         return self.kv_prefix(batch_size) if self.kv_prefix is not None else None

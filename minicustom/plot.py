@@ -1,235 +1,210 @@
-"""Loss curves (and the comparison harness's labelled scatter plots) as PNG files, drawn by hand: numpy
-for the pixels, zlib and struct for the file.
+"""Charts as PNG files, drawn by matplotlib: the trainer's loss curves and the comparison harness's scatter.
 
-This replaces matplotlib for the one chart the trainer writes (out/loss.png): a white canvas, an axes
-box with light grid lines, ticks with numeric labels (steps on x, loss on y), one 2-pixel polyline per
-series (train blue, eval orange with a small square on every point, other labels from a short palette),
-a legend and a title, in a built-in 5x7 bitmap font. Non-finite points are skipped; a series with one
-point is drawn as a cross. With scatter=True every point is a cross named by a label beside it, with
-no legend (minicustom compare). The file is written to a temporary name beside the target and renamed.
+- `write_loss_chart(out, history)`: out/loss.png (the train loss as a line, the eval loss as a line with a
+  marker per evaluation; x step, y loss) and out/loss.csv (step,loss,eval_loss: one row per record of
+  metrics.jsonl that has either loss, the cells as Python writes the numbers, so nan/inf stay visible
+  there; the chart skips non-finite points).
+- `write_compare_chart(path, rows, task)`: two panels, accuracy against trainable parameters (symlog x so
+  that the prompting methods' 0 fits) and against training seconds, each method one point named beside it.
+  Names are placed without overlap by `place_labels`: candidate offsets on square rings around the point,
+  nearest ring first (right, left, above, below, the diagonals, the directions between; from the second
+  ring on with a leader line), the first whose box (the size the renderer measures) is inside the axes
+  and clear of every placed name, leader and marker.
+- `write_compare_csv(path, rows)`: the rows as a table, every key a column.
 
-Deliberately left out: anti-aliasing, log scales (compare plots log10 values instead), rotated text
-(the y axis is named by the title), fonts beyond the 5x7 glyphs below (other characters print as a
-box), and every other kind of chart.
+matplotlib is optional (`pip install 'minicustom[plot]'`): it is imported only when a chart is drawn, and
+only its object API (Figure + the Agg canvas), so pyplot's global state and GUI backends stay untouched.
+Without it loss.csv is still written (the caller writes comparison.csv with write_compare_csv either way)
+and one line per chart kind, once per process, says what to install. Every file is written to a temporary
+name and renamed (files.atomic_write), so a reader never sees half a PNG.
+
+Left out: log-scale loss, smoothing, one chart per metric (lr, grad_norm are in metrics.jsonl), a label
+solver better than greedy (adjustText repels labels iteratively; for a dozen names greedy suffices: with
+14 methods on one point a leader may cross a name, and names overlap only if no candidate up to 135
+points out is free).
 """
 
 from __future__ import annotations
 
+import csv
 import math
-import struct
-import zlib
+import numbers
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
+from .files import atomic_write, atomic_write_all
 
-from .files import atomic_write
-
-# Each glyph is 7 rows of 5 bits, top row first, most significant bit on the left, written in hex.
-_GLYPHS = """
-0 0e11131519110e 1 040c040404040e 2 0e11010204081f 3 1f02040201110e 4 02060a121f0202 5 1f101e0101110e
-6 0608101e11110e 7 1f010204080808 8 0e11110e11110e 9 0e11110f01020c . 00000000000c0c - 0000001f000000
-+ 0004041f040400 / 00010204081000 _ 0000000000001f : 000c0c000c0c00 ( 02040808080402 ) 08040202020408
-% 18190204081303 A 0e1111111f1111 B 1e11111e11111e C 0e11101010110e D 1c12111111121c E 1f10101e10101f
-F 1f10101e101010 G 0e11101711110f H 1111111f111111 I 0e04040404040e J 0702020202120c K 11121418141211
-L 1010101010101f M 111b1515111111 N 11111915131111 O 0e11111111110e P 1e11111e101010 Q 0e11111115120d
-R 1e11111e141211 S 0f10100e01011e T 1f040404040404 U 1111111111110e V 11111111110a04 W 1111111515150a
-X 11110a040a1111 Y 1111110a040404 Z 1f01020408101f a 00000e010f110f b 1010161911111e c 00000e1010110e
-d 01010d1311110f e 00000e111f100e f 0609081c080808 g 000f11110f010e h 10101619111111 i 04000c0404040e
-j 0200060202120c k 10101214181412 l 0c04040404040e m 00001a15151111 n 00001619111111 o 00000e1111110e
-p 00001e111e1010 q 00000d130f0101 r 00001619101010 s 00000e100e011e t 08081c08080906 u 0000111111130d
-v 00001111110a04 w 0000111115150a x 0000110a040a11 y 000011110f010e z 00001f0204081f
-"""
-_T = _GLYPHS.split()
-_FONT = {ch: bytes.fromhex(h) for ch, h in zip(_T[0::2], _T[1::2])} | {" ": bytes(7)}
-_BOX = bytes.fromhex("1f11111111111f")
-
-WHITE, BLACK, GRID = (255, 255, 255), (0, 0, 0), (225, 225, 225)
-COLORS = {"train": (31, 119, 180), "eval": (255, 127, 14)}
-PALETTE = [(44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-MIN_WIDTH, MIN_HEIGHT = 200, 150
+LOSS_SIZE, COMPARE_SIZE, DPI = (8.0, 4.5), (11.0, 4.5), 100  # inches: 800x450 and 1100x450 pixels
+LABEL_SIZE = 8  # points
+MARKER_SIZE = 30  # points squared, matplotlib's scatter `s`
+# Label offsets in points, on square rings (so that names stack in rows and columns): the first ring
+# touches the marker; beyond it a leader line shows whose name it is.
+_RINGS = (5, 12, 20, 30, 42, 56, 72, 90, 110, 135)
+_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1),
+               (1, .5), (1, -.5), (-1, .5), (-1, -.5), (.5, 1), (-.5, 1), (.5, -1), (-.5, -1))
+_PAD = 2  # pixels kept clear around each label
+_HINTED: set[str] = set()
 
 
-def _put(img, xs, ys, color):
-    """Set the pixels (xs, ys) that fall on the canvas."""
-    xs, ys = np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)
-    keep = (xs >= 0) & (xs < img.shape[1]) & (ys >= 0) & (ys < img.shape[0])
-    img[ys[keep], xs[keep]] = color
+def _matplotlib():
+    """The few matplotlib names used here, or None when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.path import Path as Polyline
+        from matplotlib.transforms import Bbox, offset_copy
+    except ImportError:
+        return None
+    return SimpleNamespace(Figure=Figure, FigureCanvasAgg=FigureCanvasAgg, Bbox=Bbox, Polyline=Polyline,
+                           offset_copy=offset_copy)
 
 
-def _text(img, x, y, s, color, scale=1):
-    """Draw s with its top-left corner at (x, y); each character advances 6 * scale pixels."""
-    for i, ch in enumerate(s):
-        rows = _FONT.get(ch, _BOX)
-        bits = np.array([[(r >> (4 - c)) & 1 for c in range(5)] for r in rows], dtype=bool)
-        ys, xs = np.nonzero(bits.repeat(scale, 0).repeat(scale, 1))
-        _put(img, xs + x + 6 * scale * i, ys + y, color)
+def _hint(kind: str, message: str):
+    if kind not in _HINTED:  # once per process: a run saves many checkpoints
+        _HINTED.add(kind)
+        print(message, file=sys.stderr)
 
 
-def _text_width(s, scale=1):
-    return max(len(s) * 6 - 1, 0) * scale
+def _finite(*values) -> bool:
+    return all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values)
 
 
-def _line(img, pts, color):
-    """A 2-pixel polyline through the (x, y) pixel points, sampled one pixel per step along its longer axis."""
-    p = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-    if len(p) < 2:
-        return
-    a, d = p[:-1], np.diff(p, axis=0)
-    n = np.abs(d).max(axis=1).astype(np.int64) + 1  # samples per segment, all segments at once
-    seg = np.repeat(np.arange(len(d)), n)
-    t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.maximum(n - 1, 1)[seg]
-    xs, ys = np.rint(a[seg, 0] + t * d[seg, 0]), np.rint(a[seg, 1] + t * d[seg, 1])
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        _put(img, xs + dx, ys + dy, color)
+def _csv_writer(rows: list[list]):
+    def write(tmp: Path):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+    return write
 
 
-def _square(img, x, y, color, r=2):
-    xs, ys = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1))
-    _put(img, xs.ravel() + round(x), ys.ravel() + round(y), color)
+def _png_writer(fig):
+    # the temp name ends in .tmp, so the format cannot be guessed from it
+    return lambda tmp: fig.savefig(tmp, format="png", dpi=DPI)
 
 
-def _cross(img, x, y, color, r=4):
-    d = np.arange(-r, r + 1)
-    x, y = round(x), round(y)
-    for o in (0, 1):
-        _put(img, x + d, np.full_like(d, y + o), color)
-        _put(img, np.full_like(d, x + o), y + d, color)
+def loss_csv_rows(history: list[dict]) -> list[list]:
+    rows = [["step", "loss", "eval_loss"]]
+    for r in history:
+        if "loss" in r or "eval_loss" in r:
+            rows.append([r.get("step", ""), r.get("loss", ""), r.get("eval_loss", "")])
+    return rows
 
 
-def _ticks(lo, hi, n=5, min_step=0.0):
-    """About n round tick values (1, 2 or 5 times a power of ten apart, at least two) in [lo, hi], and
-    their spacing."""
-    mag = 10.0 ** math.floor(math.log10((hi - lo) / n))
-    ticks = {st: range(math.ceil(lo / st - 1e-9), math.floor(hi / st + 1e-9) + 1)
-             for st in (mag, 2 * mag, 5 * mag, 10 * mag, 1.0, 2.0) if st >= min_step}
-    step = min(ticks, key=lambda st: (len(ticks[st]) < 2, abs(len(ticks[st]) - n), -st))
-    return [k * step for k in ticks[step]], step
+def loss_figure(history: list[dict], title: str = "loss"):
+    mpl = _matplotlib()
+    fig = mpl.Figure(figsize=LOSS_SIZE, dpi=DPI, layout="constrained")
+    mpl.FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = False
+    for key, label, style in (("loss", "train", dict(color="C0", lw=1.5)),
+                              ("eval_loss", "eval", dict(color="C1", lw=1.5, marker="o", ms=4))):
+        pts = [(r["step"], r[key]) for r in history if key in r and _finite(r.get("step"), r[key])]
+        if pts:
+            ax.plot(*zip(*pts), label=label, **style)
+            drawn = True
+    if drawn:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no finite loss values yet", transform=ax.transAxes, ha="center", va="center")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    return fig
 
 
-def _fmt(v, step):
-    """A tick label with just enough digits to tell neighbouring ticks apart (at least 3 significant)."""
-    if abs(v) < step * 1e-6:
-        return "0"
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    if abs(v) < 1e6 and decimals <= 4:
-        return f"{v:.{decimals}f}"
-    digits = math.floor(math.log10(abs(v)) + 1e-9) - math.floor(math.log10(step) + 1e-9) + 1
-    return f"{v:.{max(3, digits)}g}"
+def write_loss_chart(out: Path, history: list[dict]) -> Path | None:
+    """out/loss.png and out/loss.csv from the metric records; without matplotlib, the CSV alone."""
+    out = Path(out)
+    table = (out / "loss.csv", _csv_writer(loss_csv_rows(history)))
+    if _matplotlib() is None:
+        atomic_write(*table)
+        _hint("loss", f"loss.png needs matplotlib: pip install 'minicustom[plot]' (the curves are in "
+                      f"{out / 'loss.csv'} and metrics.jsonl)")
+        return None
+    png = out / "loss.png"
+    atomic_write_all([table, (png, _png_writer(loss_figure(history, f"{out.name}: loss")))])
+    return png
 
 
-def _span(values, pad):
-    """The (lo, hi) data range padded by pad of its width; a single value gets a range around it."""
-    if not values:
-        return 0.0, 1.0
-    lo, hi = min(values), max(values)
-    if hi - lo <= 1e-12 * max(1.0, abs(lo)):
-        d = max(abs(lo) * 0.1, 1.0) if pad == 0 else max(abs(lo) * 0.05, 1e-3)
-        return lo - d, hi + d
-    return lo - (hi - lo) * pad, hi + (hi - lo) * pad
+def write_compare_csv(path: Path, rows: list[dict]):
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every key, in the order first seen
+    atomic_write(Path(path), _csv_writer([keys] + [[r.get(k, "") for k in keys] for r in rows]))
 
 
-def _clean(label, points):
-    """The finite (step, value) pairs of one series, sorted by step."""
-    out = []
-    for i, p in enumerate(points):
-        try:
-            s, v = (float(a) for a in p)
-        except (TypeError, ValueError):
-            raise ValueError(f"series {label!r}: point {i} is not a (step, value) pair of numbers: {p!r}") from None
-        if math.isfinite(s) and math.isfinite(v):
-            out.append((s, v))
-    return sorted(out, key=lambda sv: sv[0])
+def place_labels(ax, points: list[tuple[float, float, str]], renderer, mpl):
+    """Name each (x, y, name) point beside it, at the first candidate offset whose box lies inside the axes
+    and is clear of every marker, placed name and leader line, and whose own leader crosses no placed name
+    and no other marker; when none is, the least bad (a crossed leader before a covered name). Greedy, in
+    the order given: deterministic."""
+    frame = ax.get_window_extent(renderer).padded(-_PAD)
+    r = math.sqrt(MARKER_SIZE) / 2 * DPI / 72 + 1  # marker radius, pixels
+    centres = [tuple(ax.transData.transform((x, y))) for x, y, _ in points]
+    markers = [mpl.Bbox.from_bounds(cx - r, cy - r, 2 * r, 2 * r) for cx, cy in centres]
+    labels, leaders = [], []
+    for (x, y, name), (cx, cy) in zip(points, centres):
+        probe = ax.text(0, 0, name, fontsize=LABEL_SIZE)
+        w, h = probe.get_window_extent(renderer).size  # unrotated, so the same wherever it goes
+        probe.remove()
+        others = [m for m, (ox, oy) in zip(markers, centres) if math.hypot(ox - cx, oy - cy) > r]
+        best = None
+        for ring, d in enumerate(_RINGS):
+            for ux, uy in _DIRECTIONS:
+                px, py = cx + d * ux * DPI / 72, cy + d * uy * DPI / 72  # the text's anchor, pixels
+                fx, fy = (ux < 0) + (ux == 0) / 2, (uy < 0) + (uy == 0) / 2  # its alignment: 0 left/bottom
+                box = mpl.Bbox.from_bounds(px - fx * w, py - fy * h, w, h).padded(_PAD)
+                leader = mpl.Polyline([(cx, cy), (px, py)]) if ring else None
+                # worst first: outside the axes, covering a name or marker, then a leader crossing one
+                score = (not (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)),
+                         sum(box.overlaps(b) for b in markers + labels),
+                         sum(line.intersects_bbox(box, filled=False) for line in leaders)
+                         + (leader is not None and sum(leader.intersects_bbox(b, filled=False)
+                                                       for b in labels + others)))
+                if best is None or score < best[0]:
+                    best = score, (ux, uy, d, fx, fy), box, leader
+                if not any(best[0]):
+                    break
+            if not any(best[0]):
+                break
+        _, (ux, uy, d, fx, fy), box, leader = best
+        ax.text(x, y, name, fontsize=LABEL_SIZE, zorder=4, ha={0: "left", .5: "center", 1: "right"}[fx],
+                va={0: "bottom", .5: "center", 1: "top"}[fy],
+                transform=mpl.offset_copy(ax.transData, fig=ax.figure, x=d * ux, y=d * uy, units="points"))
+        labels.append(box)
+        if leader is not None:  # drawn in data coordinates: it stays attached at any dpi
+            leaders.append(leader)
+            ax.plot(*ax.transData.inverted().transform(leader.vertices).T, color="0.6", lw=0.6, zorder=2)
 
 
-def render(series: dict[str, list[tuple[float, float]]], title: str = "loss", width: int = 640,
-           height: int = 400, xlabel: str = "step", scatter: bool = False) -> np.ndarray:
-    """The chart as a (height, width, 3) uint8 array. scatter=True: every series is a point or points
-    named by a label beside it instead of a legend, and the x axis gets margins like the y axis."""
-    for name, v, least in (("width", width, MIN_WIDTH), ("height", height, MIN_HEIGHT)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < least:
-            raise ValueError(f"{name} must be an integer of at least {least} pixels, got {v!r}")
-    width, height = int(width), int(height)
-    data = {str(label): _clean(label, pts) for label, pts in series.items()}
-    xs = [s for pts in data.values() for s, _ in pts]
-    ys = [v for pts in data.values() for _, v in pts]
-    (xlo, xhi), (ylo, yhi) = _span(xs, 0.05 if scatter else 0.0), _span(ys, 0.05)
-    whole = all(s == round(s) for s in xs)  # integer steps get integer ticks
-    xt, xstep = _ticks(xlo, xhi, max(2, min(7, (width - 80) // 80)), 1.0 if whole else 0.0)  # one per 80 px
-    yt, ystep = _ticks(ylo, yhi, max(2, min(6, (height - 70) // 45)))
-    ylabels = [_fmt(v, ystep) for v in yt]
-
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right = max(map(_text_width, ylabels)) + 14, width - 14 - _text_width(_fmt(xt[-1], xstep)) // 2
-    top, bottom = 34, height - 36
-    px = lambda s: left + (s - xlo) / (xhi - xlo) * (right - left)  # noqa: E731
-    py = lambda v: bottom - (v - ylo) / (yhi - ylo) * (bottom - top)  # noqa: E731
-
-    for t, label in zip(yt, ylabels):
-        y = round(py(t))
-        _put(img, np.arange(left + 1, right), np.full(right - left - 1, y), GRID)
-        _put(img, np.arange(left - 4, left), np.full(4, y), BLACK)
-        _text(img, left - 7 - _text_width(label), y - 3, label, BLACK)
-    for t in xt:
-        x, label = round(px(t)), _fmt(t, xstep)
-        _put(img, np.full(bottom - top - 1, x), np.arange(top + 1, bottom), GRID)
-        _put(img, np.full(4, x), np.arange(bottom + 1, bottom + 5), BLACK)
-        _text(img, x - _text_width(label) // 2, bottom + 8, label, BLACK)
-    _text(img, (left + right - _text_width(xlabel)) // 2, bottom + 22, xlabel, BLACK)
-    _text(img, (width - _text_width(title, 2)) // 2, 10, title, BLACK, scale=2)
-    _line(img, [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)], BLACK)
-
-    others = iter(PALETTE * (len(data) // len(PALETTE) + 1))
-    colors = {label: COLORS.get(label) or next(others) for label in data}
-    for label, pts in data.items():
-        pix = [(px(s), py(v)) for s, v in pts]
-        _line(img, pix, colors[label])
-        if len(pix) == 1 or scatter:
-            for x, y in pix:
-                _cross(img, x, y, colors[label])
-        if scatter and pix:  # the name beside the last point, on the side with room
-            x, y = pix[-1]
-            tx = x + 7 if x + 7 + _text_width(label) < right - 2 else x - 7 - _text_width(label)
-            _text(img, round(tx), round(y) - 3, label, colors[label])
-        if label == "eval":
-            for x, y in pix:
-                _square(img, x + 0.5, y + 0.5, colors[label])
-
-    shown = [label for label, pts in data.items() if pts]
-    if shown and not scatter:  # legend in the top-right corner of the plot, on white so that curves do not cross the text
-        w, h = max(_text_width(label) for label in shown) + 34, 12 * len(shown) + 6
-        x0, y0 = max(right - w - 8, left + 4), top + 8
-        img[y0:y0 + h, x0:x0 + w] = WHITE
-        _line(img, [(x0, y0), (x0 + w, y0), (x0 + w, y0 + h), (x0, y0 + h), (x0, y0)], GRID)
-        for i, label in enumerate(shown):
-            y = y0 + 6 + 12 * i
-            _line(img, [(x0 + 6, y + 3), (x0 + 22, y + 3)], colors[label])
-            if label == "eval":
-                _square(img, x0 + 14.5, y + 3.5, colors[label])
-            _text(img, x0 + 28, y, label, BLACK)
-    return img
+def compare_figure(rows: list[dict], task: str):
+    """The two-panel comparison Figure (on an Agg canvas), names placed."""
+    mpl = _matplotlib()
+    fig = mpl.Figure(figsize=COMPARE_SIZE, dpi=DPI)
+    renderer = mpl.FigureCanvasAgg(fig).get_renderer()
+    # a fixed layout: the names are placed in pixels, so nothing may move the axes afterwards
+    fig.subplots_adjust(left=0.055, right=0.985, bottom=0.12, top=0.89, wspace=0.14)
+    fig.suptitle(f"{task}: accuracy by method")
+    panels = (("trainable_params", "trainable parameters (symlog axis: linear below 1, so 0 fits)", "symlog"),
+              ("train_seconds", "training seconds", "linear"))
+    for i, (key, xlabel, scale) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        pts = [(r[key], r["accuracy"], str(r["method"])) for r in rows if _finite(r.get(key), r.get("accuracy"))]
+        if scale == "symlog":
+            ax.set_xscale("symlog", linthresh=1)
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=MARKER_SIZE, zorder=3,
+                       c=[f"C{j % 10}" for j in range(len(pts))], edgecolors="white", linewidths=0.6)
+        ax.margins(x=0.12, y=0.15)
+        ax.set(xlabel=xlabel, ylabel="accuracy", xlim=ax.get_xlim(), ylim=ax.get_ylim())  # frozen from here
+        ax.grid(alpha=0.3)
+        place_labels(ax, pts, renderer, mpl)
+    return fig
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    """An 8-bit RGB PNG: signature, IHDR, one IDAT of zlib-compressed filter-0 scanlines, IEND."""
-    h, w, _ = img.shape
-    raw = np.zeros((h, 1 + 3 * w), dtype=np.uint8)  # each scanline starts with its filter byte, 0 = none
-    raw[:, 1:] = img.reshape(h, 3 * w)
-
-    def chunk(tag, body):
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no filter, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9))
-            + chunk(b"IEND", b""))
-
-
-def write_loss_png(path, series: dict[str, list[tuple[float, float]]], title: str = "loss", width: int = 640,
-                   height: int = 400) -> None:
-    """Draw the series (label -> [(step, value), ...]) and write them to path as a PNG, atomically."""
-    write_png(path, render(series, title, width, height))  # any bad input fails in render, before a file exists
-
-
-def write_png(path, img: np.ndarray) -> None:
-    """Write an image (H, W, 3) uint8 to path as a PNG, atomically."""
-    png = encode_png(img)
-    atomic_write(Path(path), lambda tmp: tmp.write_bytes(png))  # the user's umask, stale temps removed
+def write_compare_chart(path: Path, rows: list[dict], task: str) -> Path | None:
+    """The comparison scatter as a PNG at path; without matplotlib, a hint and None."""
+    if _matplotlib() is None:
+        _hint("compare", "comparison.png needs matplotlib: pip install 'minicustom[plot]' (the table is in "
+                         "comparison.md, comparison.json and comparison.csv)")
+        return None
+    path = Path(path)
+    atomic_write(path, _png_writer(compare_figure(rows, task)))
+    return path

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 import minicustom as mc
 from minicustom import cli, data
-from minicustom.cli_checks import device_option
+from minicustom.cli_common import device_option
 from minicustom.gguf import convert_gguf, fetch_demo_model
 
 TIMEOUT, HUGE = 60, str(10**30)

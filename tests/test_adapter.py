@@ -24,19 +24,19 @@ from conftest import make_checkpoint
 from safetensors.torch import load_file, save_file
 
 import minicustom as mc
-from minicustom.adapter import (
+from minicustom.config import ModelConfig
+from minicustom.methods.base import adapter_layers, find_targets
+from minicustom.methods.bottleneck import (
     NONLINEARITIES,
     BottleneckConfig,
     BottleneckLinear,
     ParallelAdapterMLP,
     apply_adapters,
 )
-from minicustom.adapters import adapter_layers, find_targets
-from minicustom.adapters_io import PREFIX
-from minicustom.config import ModelConfig
-from minicustom.lora import LoRALinear
+from minicustom.methods.lora_layers import LoRALinear
+from minicustom.methods.peft_format import PREFIX
 from minicustom.model import MLP
-from minicustom.qlora import Linear4bit, quantize_model
+from minicustom.quant.linear4bit import Linear4bit, quantize_model
 
 PLACEMENTS = ["houlsby", "pfeiffer", "parallel"]
 SITES = {"houlsby": ["self_attn.o_proj", "mlp.down_proj"], "pfeiffer": ["mlp.down_proj"], "parallel": ["mlp"]}

@@ -17,8 +17,8 @@ from test_dpo import pair_records
 
 import minicustom as mc
 from minicustom.cli import main
-from minicustom.dpo import DPOConfig
 from minicustom.train import TrainConfig
+from minicustom.train.dpo import DPOConfig
 
 ROOT = Path(__file__).parents[1]
 

@@ -15,7 +15,10 @@ from conftest import CITIES
 import minicustom as mc
 from minicustom.cli import main
 from minicustom.data import DataError, load_preferences, make_pair
-from minicustom.dpo import (
+from minicustom.losses import IGNORE
+from minicustom.methods import apply_method
+from minicustom.train import TrainingError
+from minicustom.train.dpo import (
     BaseReference,
     DPOConfig,
     DPOLoss,
@@ -25,8 +28,7 @@ from minicustom.dpo import (
     reference_key,
     train_dpo,
 )
-from minicustom.losses import IGNORE
-from minicustom.train import TrainingError, accumulate_gradients, apply_method
+from minicustom.train.loop import accumulate_gradients
 
 LOG2 = torch.tensor(math.log(2), dtype=torch.float32)
 
@@ -212,7 +214,7 @@ def test_step_zero_loss_is_log2_when_the_reference_is_the_policy(prefs, referenc
         model, ref = policy(path), "snapshot"
     else:
         model, ref = policy(path, "full"), mc.load_model(path)
-    from minicustom.dpo import make_reference
+    from minicustom.train.dpo import make_reference
 
     loss_module = DPOLoss(model, make_reference(model, ref), DPOConfig())
     batch = pair_batch(pairs, 0)

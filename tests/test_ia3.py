@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import minicustom as mc
-from minicustom import qlora
-from minicustom.ia3 import IA3Linear
+from minicustom.methods.ia3 import IA3Linear
+from minicustom.quant import linear4bit
 
 ATOL, RTOL = 1e-5, 1e-6  # logits against PEFT
 GATOL = 1e-5  # gradients against PEFT, divided by their largest entry
@@ -249,7 +249,7 @@ def test_4bit_base_equals_the_dequantized_linear():
     the gradient of l equal IA3 on an nn.Linear holding the dequantized weight (Linear4bit's own
     tolerance, tests/test_qlora.py: it adds the bias after rounding, 1e-6). Merging refuses."""
     torch.manual_seed(0)
-    q = qlora.Linear4bit.from_linear(nn.Linear(70, 33))
+    q = linear4bit.Linear4bit.from_linear(nn.Linear(70, 33))
     ref = nn.Linear(70, 33)
     with torch.no_grad():
         ref.weight.copy_(q.dequantize())
@@ -274,7 +274,7 @@ def test_4bit_base_equals_the_dequantized_linear():
 def test_4bit_model_saves_the_same_keys(tmp_path):
     path, _ = make_checkpoint(tmp_path / "base", "smollm")
     model = mc.apply_ia3(mc.load_model(path, quantize="nf4"), verbose=False)
-    assert isinstance(model.model.layers[0].mlp.down_proj.base_layer, qlora.Linear4bit)
+    assert isinstance(model.model.layers[0].mlp.down_proj.base_layer, linear4bit.Linear4bit)
     _perturb(model.named_parameters())
     mc.save_adapter(model, tmp_path / "a")
     loaded = mc.load_adapter(mc.load_model(path, quantize="nf4"), tmp_path / "a")

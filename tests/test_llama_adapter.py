@@ -21,7 +21,7 @@ from conftest import greedy_uncached, make_checkpoint
 from peft import AdaptionPromptConfig, PeftModel, get_peft_model
 
 import minicustom as mc
-from minicustom.llama_adapter import apply_llama_adapter
+from minicustom.methods.llama_adapter import apply_llama_adapter
 
 ATOL, RTOL, GATOL = 1e-5, 1e-6, 1e-5
 GATE_TOL = 1e-4  # relative; see the module docstring

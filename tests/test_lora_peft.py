@@ -32,7 +32,7 @@ from conftest import make_checkpoint, make_hf_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import minicustom as mc
-from minicustom.lora import LoRAEmbedding, LoRALinear
+from minicustom.methods.lora_layers import LoRAEmbedding, LoRALinear
 
 ATOL, RTOL = 1e-5, 1e-6  # logits
 GATOL = 1e-5  # gradients, divided by their largest entry

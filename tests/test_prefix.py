@@ -19,7 +19,7 @@ from conftest import greedy_uncached, make_checkpoint
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import minicustom as mc
-from minicustom.prefix import ENCODER_FILE, apply_prefix
+from minicustom.methods.prefix import ENCODER_FILE, apply_prefix
 
 ATOL, RTOL, GATOL = 1e-5, 1e-6, 1e-5
 P = 5

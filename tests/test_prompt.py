@@ -32,9 +32,15 @@ from conftest import make_checkpoint, write_tokenizer
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 import minicustom as mc
-from minicustom.adapters import AdapterLayer
-from minicustom.lora import unload
-from minicustom.prompt import ENCODER_FILE, VirtualTokens, apply_p_tuning, apply_prompt_tuning, text_init_ids
+from minicustom.methods import unload
+from minicustom.methods.base import AdapterLayer
+from minicustom.methods.prompt_tuning import (
+    ENCODER_FILE,
+    VirtualTokens,
+    apply_p_tuning,
+    apply_prompt_tuning,
+    text_init_ids,
+)
 
 ATOL, RTOL = 1e-5, 1e-6  # logits
 GATOL = 1e-5  # gradients, divided by their largest entry

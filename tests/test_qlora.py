@@ -9,14 +9,17 @@ from conftest import make_checkpoint
 from nf4_oracle import fp32_transformers_model
 from torch import nn
 
-from minicustom import lora, nf4, qlora
 from minicustom.checkpoint import load_model, save_model
+from minicustom.methods import lora_layers as lora
+from minicustom.methods import qlora
+from minicustom.methods.lora import apply_lora
+from minicustom.quant import linear4bit, nf4
 
 
 def pair(seed=0, out=33, inp=70, bias=True):
     """A Linear4bit and an nn.Linear holding its dequantized weight."""
     torch.manual_seed(seed)
-    q = qlora.Linear4bit.from_linear(nn.Linear(inp, out, bias=bias))
+    q = linear4bit.Linear4bit.from_linear(nn.Linear(inp, out, bias=bias))
     ref = nn.Linear(inp, out, bias=bias)
     with torch.no_grad():
         ref.weight.copy_(q.dequantize())
@@ -107,8 +110,8 @@ def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(tmp_path, family, qu
     make_checkpoint(tmp_path / "fp", family)
     hf_4bit(tmp_path / "fp", quant_type, double_quant).save_pretrained(tmp_path / "q")
     model = load_model(tmp_path / "q")
-    assert sum(isinstance(m, qlora.Linear4bit) for m in model.modules()) == 7 * model.config.num_hidden_layers
-    assert {m.state.quant_type for m in model.modules() if isinstance(m, qlora.Linear4bit)} == {quant_type}
+    assert sum(isinstance(m, linear4bit.Linear4bit) for m in model.modules()) == 7 * model.config.num_hidden_layers
+    assert {m.state.quant_type for m in model.modules() if isinstance(m, linear4bit.Linear4bit)} == {quant_type}
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), fp32_transformers_model(tmp_path / "q")(ids).logits,
@@ -126,7 +129,7 @@ def test_minicustom_quantized_checkpoint_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.float32)
-    ours = {n: m.state for n, m in model.named_modules() if isinstance(m, qlora.Linear4bit)}
+    ours = {n: m.state for n, m in model.named_modules() if isinstance(m, linear4bit.Linear4bit)}
     theirs = {n: m.weight for n, m in hf.named_modules() if type(m).__name__ == "Linear4bit"}
     assert ours.keys() == theirs.keys() and len(ours) == 7 * model.config.num_hidden_layers
     for name, state in ours.items():
@@ -164,12 +167,12 @@ def test_corrupt_quant_state_in_a_checkpoint_names_the_file(tmp_path):
 
 def test_quantize_model_reports_bits_and_needs_targets():
     model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512))
-    qlora.quantize_model(model)
-    assert "4.127 bits" in qlora.memory_report(model) or "4.128 bits" in qlora.memory_report(model)
+    linear4bit.quantize_model(model)
+    assert "4.127 bits" in linear4bit.memory_report(model) or "4.128 bits" in linear4bit.memory_report(model)
     with pytest.raises(ValueError, match="match no nn.Linear"):
-        qlora.quantize_model(nn.Sequential(nn.ReLU()))
+        linear4bit.quantize_model(nn.Sequential(nn.ReLU()))
     with pytest.raises(ValueError, match="4-bit"):
-        lora.apply_lora(model, r=2, init="pissa", verbose=False)
+        apply_lora(model, r=2, init="pissa", verbose=False)
 
 
 def test_loftq_beats_plain_quantization_and_applies_the_scaling():
@@ -191,12 +194,12 @@ def test_apply_loftq_starts_closer_to_the_full_precision_model():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
     x = torch.randn(8, 64)
-    plain = qlora.quantize_model(copy.deepcopy(base))
+    plain = linear4bit.quantize_model(copy.deepcopy(base))
     model = qlora.apply_loftq(copy.deepcopy(base), r=8, alpha=16, iters=2, verbose=False)
     with torch.no_grad():
         target = base(x)
         assert (model(x) - target).norm() < (plain(x) - target).norm()
-    assert all(isinstance(m.base_layer, qlora.Linear4bit) for m in model.modules()
+    assert all(isinstance(m.base_layer, linear4bit.Linear4bit) for m in model.modules()
                if isinstance(m, lora.LoRALinear))
 
 
@@ -204,8 +207,8 @@ def test_apply_loftq_starts_closer_to_the_full_precision_model():
 def test_merge_into_4bit_base(use_dora):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 64))
-    qlora.quantize_model(model)
-    lora.apply_lora(model, r=4, use_dora=use_dora, verbose=False)
+    linear4bit.quantize_model(model)
+    apply_lora(model, r=4, use_dora=use_dora, verbose=False)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, lora.LoRALinear):
@@ -219,7 +222,7 @@ def test_merge_into_4bit_base(use_dora):
         assert all(type(m) is nn.Linear for m in (merged[0], merged[2]))
         torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
         report = qlora.merge_4bit(model, requantize=True)
-        assert isinstance(model[0], qlora.Linear4bit)
+        assert isinstance(model[0], linear4bit.Linear4bit)
         assert 0.01 < report["rel_error"] < 0.2 and report["max_abs_error"] > 0  # NF4's error on W'
         assert (model(x) - before).abs().max() > 0
     with pytest.raises(ValueError, match="no LoRA adapter on a 4-bit base"):
@@ -240,8 +243,8 @@ def sft(setup, out, *extra):
 def test_cli_qlora_trains_resumes_and_merges(setup, tmp_path, capsys):
     import shutil
 
-    from minicustom.adapters_io import load_adapter
     from minicustom.cli import main
+    from minicustom.methods import load_adapter
 
     root, path = setup
     straight = sft(setup, tmp_path / "a", "--method", "qlora")
@@ -259,14 +262,14 @@ def test_cli_qlora_trains_resumes_and_merges(setup, tmp_path, capsys):
     main(["merge", "--model", str(path), "--quantize", "nf4", "--adapter", str(tmp_path / "a"),
           "--out", str(tmp_path / "merged")])
     merged = load_model(tmp_path / "merged")
-    assert not any(isinstance(m, qlora.Linear4bit) for m in merged.modules())
+    assert not any(isinstance(m, linear4bit.Linear4bit) for m in merged.modules())
     ids = torch.randint(0, 400, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), model(ids), rtol=1e-4, atol=1e-4)
     main(["merge", "--model", str(path), "--quantize", "nf4", "--adapter", str(tmp_path / "a"),
           "--out", str(tmp_path / "merged4"), "--requantize"])
     assert "relative error" in capsys.readouterr().err
-    assert any(isinstance(m, qlora.Linear4bit) for m in load_model(tmp_path / "merged4").modules())
+    assert any(isinstance(m, linear4bit.Linear4bit) for m in load_model(tmp_path / "merged4").modules())
 
 
 def test_cli_quantize(setup, tmp_path, capsys):
@@ -276,7 +279,7 @@ def test_cli_quantize(setup, tmp_path, capsys):
     main(["quantize", "--model", str(path), "--out", str(tmp_path / "q"), "--blocksize", "32"])
     assert "bits each" in capsys.readouterr().err
     model = load_model(tmp_path / "q")
-    layers = [m for m in model.modules() if isinstance(m, qlora.Linear4bit)]
+    layers = [m for m in model.modules() if isinstance(m, linear4bit.Linear4bit)]
     assert layers and all(m.state.blocksize == 32 and m.state.double_quant for m in layers)
     assert (tmp_path / "q" / "tokenizer.json").exists()
     with pytest.raises(SystemExit):
@@ -288,7 +291,7 @@ def test_cli_quantize(setup, tmp_path, capsys):
 
 
 def test_loftq_method_starts_closer_to_the_full_precision_model(setup):
-    from minicustom.train import apply_method
+    from minicustom.methods import apply_method
 
     _, path = setup
     ids = torch.randint(0, 400, (2, 11))
@@ -314,11 +317,11 @@ def test_to_dtype_sets_the_compute_dtype_and_keeps_the_codes():
 
 def test_a_4bit_checkpoint_with_quantize_and_full_fine_tuning(setup, tmp_path):
     from minicustom.checkpoint import CheckpointError
-    from minicustom.train import apply_method
+    from minicustom.methods import apply_method
 
     _, path = setup
     save_model(load_model(path, quantize="nf4"), tmp_path / "q")
-    assert any(isinstance(m, qlora.Linear4bit) for m in load_model(tmp_path / "q", quantize="nf4").modules())
+    assert any(isinstance(m, linear4bit.Linear4bit) for m in load_model(tmp_path / "q", quantize="nf4").modules())
     with pytest.raises(CheckpointError, match=r"already 4-bit \(nf4\); cannot quantize it to fp4"):
         load_model(tmp_path / "q", quantize="fp4")
     with pytest.raises(ValueError, match="4-bit and frozen"):

@@ -19,8 +19,9 @@ from test_cli_errors import fails, snapshot
 import minicustom as mc
 from minicustom.cli import main
 from minicustom.data import load_examples
-from minicustom.run_state import Interrupted, TrainingError, default_save_every
-from minicustom.train import TrainConfig, apply_method, train
+from minicustom.methods import apply_method
+from minicustom.train import TrainConfig, train
+from minicustom.train.state import Interrupted, TrainingError, default_save_every
 
 ROOT = Path(__file__).parents[1]
 
@@ -205,7 +206,7 @@ def test_disk_full_while_saving_a_checkpoint(setup, tmp_path, monkeypatch):
     is still the latest, so --resume continues from it."""
     from safetensors import SafetensorError
 
-    import minicustom.run_state as run_state
+    import minicustom.train.state as run_state
 
     model, examples = lora_run(setup)
     config = TrainConfig(max_steps=4, save_every=2, batch_size=1, max_length=128, exact_match=0)

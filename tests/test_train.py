@@ -14,16 +14,10 @@ from conftest import make_checkpoint, write_tokenizer
 import minicustom as mc
 from minicustom.cli import main
 from minicustom.data import IGNORE, collate, load_examples, make_example
-from minicustom.train import (
-    SFTLoss,
-    TrainConfig,
-    TrainingError,
-    accumulate_gradients,
-    apply_method,
-    lr_factor,
-    param_groups,
-    train,
-)
+from minicustom.methods import apply_method
+from minicustom.train import TrainConfig, TrainingError, train
+from minicustom.train.loop import accumulate_gradients, lr_factor, param_groups
+from minicustom.train.sft import SFTLoss
 
 
 def model_and_examples(setup, method="lora", **hp):

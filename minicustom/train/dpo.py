@@ -37,12 +37,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import adapter_layers, disable_adapters
-from .data import PreferencePair, collate
-from .files import atomic_write
-from .losses import LOSS_TYPES, REFERENCE_FREE, preference_loss, sequence_logps
-from .run_state import examples_digest
-from .train import Progress, TrainConfig, run
+from ..data import PreferencePair, collate
+from ..files import atomic_write
+from ..losses import LOSS_TYPES, REFERENCE_FREE, preference_loss, sequence_logps
+from ..methods import adapter_layers, disable_adapters
+from ..progress import Progress
+from .loop import TrainConfig, run
+from .state import examples_digest
 
 
 @dataclass
@@ -50,7 +51,6 @@ class DPOConfig(TrainConfig):
     """TrainConfig plus the preference loss (see losses.preference_loss). batch_size counts pairs."""
 
     lr: float = 5e-5  # for adapters; full fine-tuning wants far less (TRL's default is 1e-6)
-    packing: bool = False  # pairs are never packed (the field is TrainConfig's and is not read here)
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     beta: float = 0.1
@@ -318,7 +318,7 @@ def make_reference(model: nn.Module, reference, dtype=None, device=None):
     if reference == "snapshot":
         return SnapshotReference(model)
     if isinstance(reference, (str, Path)) and Path(reference).is_dir():
-        from .checkpoint import load_model
+        from ..checkpoint import load_model
 
         p = next(model.parameters())
         return ModelReference(load_model(reference, dtype=dtype or p.dtype, device=device or p.device), model)

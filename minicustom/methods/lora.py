@@ -1,144 +1,197 @@
-"""Adapter folders in PEFT's format: adapter_config.json + adapter_model.safetensors.
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021, arXiv:2106.09685).
 
-File keys are "base_model.model." + module name + the layer's own key ("lora_A.weight",
-"lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", ...); the adapter's name never appears
-in the file, as in PEFT. `load_adapter` dispatches on the config's `peft_type`, so later methods plug
-in by adding a loader. Everything is checked before the model is touched: keys that match no module,
-ranks that disagree with the config, shapes that do not fit, a corrupt file, NaN or Inf in a tensor, a
-config field of the wrong type or range (`check_fields`), a targeted module with no tensors, or an adapter
-recorded as trained on another base (the base's config fingerprint is kept in the safetensors metadata,
-which PEFT ignores) are errors, never a silent partial load.
+A frozen linear layer W0 (out, in) gets a trainable low-rank update:
+
+    y = W0 x + b + s · B A dropout(x),      A: (r, in),  B: (out, r),  s = alpha / r
+
+A starts Kaiming-uniform (a = √5, as nn.Linear does) and B at zero, so the model is unchanged at step 0
+and only B A, never W0, is learned. Variants, as options of the same module:
+
+- rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): s = alpha / √r, which keeps the update's scale
+  stable as r grows.
+- DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m · (W0 + s B A) / ||W0 + s B A||_row, with the
+  magnitude m (out,) initialised to the row norms of W0 and the norm detached from the graph (§4.3), so
+  y = (m / n) (W0 x + s B A x) + b. With dropout, PEFT's form is kept: the base term uses dropout(x)
+  inside the correction, y = W0 x + b + (m/n - 1) W0 x' + (m/n) s B A x', x' = dropout(x).
+- Init: "default" (above), "gaussian" (A ~ N(0, 1/r²)), "pissa" (Meng et al., 2024: A, B from the top-r
+  singular vectors of W0, W0 replaced by the residual), "olora" (Büyükakyüz, 2024: A, B from a QR
+  decomposition of W0, W0 replaced by the residual). LoftQ needs NF4 and comes with it.
+- LoRA on nn.Embedding: y = E[x] + s · (A^T[x]) B^T with A (r, V) zero and B (C, r) normal, as PEFT.
+
+Several named adapters can live in one module; `active` lists the ones applied. The module keeps the
+base `weight`/`bias` as its own parameters, so base checkpoint keys do not move, and its adapter keys
+are PEFT's (`lora_A.<name>.weight`, `lora_B.<name>.weight`, `lora_magnitude_vector.<name>`,
+`lora_embedding_A.<name>`). The modules are in lora_layers.py; this file attaches them, reads and
+writes PEFT's LORA folders, combines adapters, and declares the registry entries (lora, rslora, dora,
+pissa, olora).
 
 PiSSA and OLoRA change the base weights at init (W0 -> W0 - s B0 A0). Saving such an adapter writes
 PEFT's conversion instead, a plain LoRA of rank 2r that applies to the original base:
-A' = [A; A0], B' = [B, -B0], alpha doubled (× √2 with rsLoRA) so the scaling is unchanged.
+A' = [A; A0], B' = [B, -B0], alpha doubled (× √2 with rsLoRA) so the scaling is unchanged. Left out: LoRA on Conv layers, fan_in_fan_out (GPT-2's Conv1D), bias
+training, and PEFT's many other init schemes (EVA, CorDA, ...).
+
+Dimensions: r rank, in/out features, V vocabulary, C hidden.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_write_all, read_json
-from .lora import (
-    LoraConfig,
-    LoRAEmbedding,
-    LoRALinear,
+from ..argtypes import COUNT, DROPOUT, POSITIVE
+from ..quant.linear4bit import Linear4bit
+from .base import (
+    Method,
+    Option,
     TrainableCopy,
-    _replace,
+    adapter_configs,
     adapter_layers,
+    count_parameters,
     find_targets,
+    register_config,
     set_adapter,
+    targets_option,
 )
-from .qlora import Linear4bit
+from .lora_layers import LoraConfig, LoRAEmbedding, LoRALinear
+from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
 
-PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-linear", dropout: float = 0.0,
+               use_rslora: bool = False, use_dora: bool = False, init: str = "default", layers=None,
+               modules_to_save=None, adapter_name: str = "default", rank_pattern=None, alpha_pattern=None,
+               verbose: bool = True, config: LoraConfig | None = None) -> nn.Module:
+    """Attach a LoRA adapter named `adapter_name`, make it the active one, and freeze everything else.
+
+    Returns the model (changed in place). Prints the trainable parameter count when verbose.
+    """
+    config = config or LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora,
+                                  use_dora=use_dora, init=init, layers=layers, modules_to_save=modules_to_save,
+                                  rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+    if adapter_name in adapter_configs(model):
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
+    names = find_targets(model, config.targets, config.layers)
+    names = [n for n in names if not (config.modules_to_save and n in config.modules_to_save)]
+    if not names:
+        raise ValueError(f"targets {config.targets!r} match no module; linear modules are named like "
+                         f"{_example_names(model)}")
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, (nn.Linear, Linear4bit)):
+            module = LoRALinear(module)
+        elif isinstance(module, nn.Embedding):
+            module = LoRAEmbedding(module)
+        elif not isinstance(module, (LoRALinear, LoRAEmbedding)):
+            raise ValueError(f"module {name} is a {type(module).__name__}; LoRA targets nn.Linear or nn.Embedding")
+        module.add(adapter_name, *config.rank_alpha(name), config)
+        model.set_submodule(name, module)
+    for name in config.modules_to_save or []:
+        hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]
+        if not hits:
+            raise ValueError(f"modules_to_save: no module named {name!r}")
+        for hit in hits:
+            module = model.get_submodule(hit)
+            module = module if isinstance(module, TrainableCopy) else TrainableCopy(module)
+            module.add(adapter_name)
+            model.set_submodule(hit, module)
+    register_config(model, adapter_name, config)
+    set_adapter(model, adapter_name)
+    if verbose:
+        trainable, total = count_parameters(model)
+        print(f"LoRA '{adapter_name}': {len(names)} modules, trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.3f}%)")
+    return model
+
+
+def _example_names(model) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], new_name: str,
+                         combination: str = "cat"):
+    """A new LoRA adapter combining existing ones, as PEFT's add_weighted_adapter.
+
+    "cat": exact, ΔW = Σ w_i s_i B_i A_i, as one adapter of rank Σ r_i (w_i s_i A_i stacked, B_i
+    stacked, s = 1). "linear": PEFT's approximation for equal ranks, with c_i = w_i s_i,
+    A = Σ sign(c_i) √|c_i| A_i, B = Σ √|c_i| B_i, s = 1: it carries cross terms B_i A_j (i ≠ j), which
+    is PEFT's definition, kept so that both give the same adapter.
+    """
+    configs = adapter_configs(model)
+    if missing := [a for a in adapters if a not in configs]:
+        raise ValueError(f"no adapter named {missing}")
+    if len(adapters) != len(weights):
+        raise ValueError("adapters and weights must have the same length")
+    if any(configs[a].use_dora for a in adapters):
+        raise ValueError("weighted combinations of DoRA adapters are not supported")
+    if combination not in ("cat", "linear"):
+        raise ValueError(f"combination {combination!r} is not supported; supported: cat, linear")
+    built = {}  # module name -> rank of the new adapter there
+    for name, layer in adapter_layers(model):
+        if not isinstance(layer, (LoRALinear, LoRAEmbedding)):
+            continue
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
+        if not present:
+            continue
+        As = [layer.factors(a)[0] for a, _ in present]
+        Bs = [layer.factors(a)[1] for a, _ in present]
+        c = [w * layer.scaling[a] for a, w in present]
+        if combination == "cat":
+            A = torch.cat([ci * Ai for ci, Ai in zip(c, As)], dim=0)  # (Σr, in)
+            B = torch.cat(Bs, dim=1)  # (out, Σr)
+        else:
+            if len({a.shape[0] for a in As}) > 1:
+                raise ValueError("combination 'linear' needs adapters of equal rank; use 'cat'")
+            A = sum(math.copysign(math.sqrt(abs(ci)), ci) * Ai for ci, Ai in zip(c, As))
+            B = sum(math.sqrt(abs(ci)) * Bi for ci, Bi in zip(c, Bs))
+        r = built[name] = A.shape[0]
+        layer.add(new_name, r, float(r), LoraConfig(r=r, alpha=float(r)))
+        with torch.no_grad():
+            for param, value in zip(layer.factors(new_name), (A, B)):
+                param.copy_(value)
+    # The new adapter lives on the union of its parts' modules: name them exactly in the file's config.
+    r = max(built.values())
+    configs[new_name] = LoraConfig(r=r, alpha=float(r), targets="|".join(re.escape(n) for n in built))
+    for name, rk in built.items():
+        if rk != r:  # per-module ranks differ: record them so the file says the truth
+            configs[new_name].rank_pattern[re.escape(name)] = rk
+            configs[new_name].alpha_pattern[re.escape(name)] = float(rk)
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0):
+    """LoRA+ (Hayou et al., 2024, arXiv:2402.12354): B learns `ratio` times faster than A.
+
+    Optimizer parameter groups for the trainable parameters: lora_B (and lora_embedding_B) at lr·ratio,
+    everything else at lr; weight decay only on matrices (not on DoRA magnitudes or biases)."""
+    groups = {"A": [], "B": [], "no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".lora_B." in name or ".lora_embedding_B." in name:
+            groups["B"].append(p)
+        elif p.ndim < 2:
+            groups["no_decay"].append(p)
+        else:
+            groups["A"].append(p)
+    return [g for g in (
+        {"params": groups["A"], "lr": lr, "weight_decay": weight_decay},
+        {"params": groups["B"], "lr": lr * ratio, "weight_decay": weight_decay},
+        {"params": groups["no_decay"], "lr": lr, "weight_decay": 0.0},
+    ) if g["params"]]
+
+
+
+# -- PEFT's files
+
 _INITS_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 # PEFT options that change the math in ways minicustom does not implement: (field, harmless value).
 _UNSUPPORTED = (("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False), ("use_qalora", False),
                 ("layer_replication", None), ("target_parameters", None), ("trainable_token_indices", None),
                 ("alora_invocation_tokens", None), ("use_bdlora", None), ("exclude_modules", None))
 
-
-class AdapterError(ValueError):
-    """An adapter folder that does not fit the model it is loaded into."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_regex(v) -> bool:
-    try:
-        re.compile(v)
-    except (re.error, TypeError):
-        return False
-    return True
-
-
-def _is_names(v) -> bool:
-    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-# A field kind -> (test of a present, non-null value, what the message says it must be).
-KINDS = {
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "positive int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "number": (_is_number, "a finite number"),
-    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "names": (_is_names, "a module name regex (string) or a list of module names"),
-    "name list": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of module names"),
-    "layers": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
-               "a layer index or a list of layer indices"),
-    "ranks": (lambda v: isinstance(v, dict) and all(_is_regex(k) and _is_int(x) and x > 0 for k, x in v.items()),
-              "an object mapping module name regexes to positive integers"),
-    "numbers": (lambda v: isinstance(v, dict) and all(_is_regex(k) and _is_number(x) for k, x in v.items()),
-                "an object mapping module name regexes to finite numbers"),
-    "bool or str": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
-    "object": (lambda v: isinstance(v, dict), "a JSON object"),
-}
-# Fields every PEFT adapter_config.json may carry, whatever its peft_type.
-COMMON_FIELDS = {"peft_type": "str", "task_type": "str", "inference_mode": "bool", "base_model_name_or_path": "str",
-                 "revision": "str", "peft_version": "str", "auto_mapping": "object"}
-
-
-def check_fields(config: dict, file: Path, spec: dict[str, str]):
-    """Each field of `spec` that `config` holds (null counts as absent: PEFT's default) is of its kind;
-    an AdapterError naming the file and the field otherwise."""
-    for key, kind in spec.items():
-        value = config.get(key)
-        ok, expected = KINDS[kind]
-        if value is not None and not ok(value):
-            found = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-            raise AdapterError(f"{file}: field {key!r} must be {expected}, found {found}")
-
-
-def check_finite(tensors: dict[str, torch.Tensor], file: Path):
-    """An AdapterError naming the first tensor of `file` that is not floating point or holds NaN or Inf."""
-    for key, t in sorted(tensors.items()):
-        if not t.is_floating_point():
-            raise AdapterError(f"{file}: tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; adapter "
-                               "tensors are floating point")
-        if not (finite := torch.isfinite(t.float())).all():
-            raise AdapterError(f"{file}: tensor {key} holds {int((~finite).sum())} NaN or Inf values "
-                               f"(of {t.numel()})")
-
-
-def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a safetensors file, with an AdapterError for a corrupt file or a NaN/Inf."""
-    try:
-        with safe_open(file, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise AdapterError(f"{file}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-    check_finite(tensors, file)
-    return tensors, meta
-
-
-def _fingerprint_meta(model) -> dict[str, str]:
-    c = model.config
-    return {"minicustom_base_fingerprint": c.fingerprint(),
-            "minicustom_base": f"{c.model_type} hidden={c.hidden_size} layers={c.num_hidden_layers} "
-                               f"heads={c.num_attention_heads}/{c.num_key_value_heads} vocab={c.vocab_size}"}
-
-
-# -- saving ---------------------------------------------------------------------------------------
 
 def _lora_peft_config(config: LoraConfig, module_names: list[str], converted: bool) -> dict:
     targets = config.targets
@@ -161,7 +214,8 @@ def _lora_peft_config(config: LoraConfig, module_names: list[str], converted: bo
     }
 
 
-def _lora_to_peft(model: nn.Module, adapter_name: str):
+def to_peft(model: nn.Module, adapter_name: str):
+    """(adapter_config.json, tensors, no extra files) of adapter `adapter_name`, as PEFT writes LoRA."""
     state, lora_modules, converted = {}, [], False
     for name, layer in adapter_layers(model):
         if adapter_name not in layer.adapters:
@@ -175,82 +229,9 @@ def _lora_to_peft(model: nn.Module, adapter_name: str):
         if not isinstance(layer, TrainableCopy):
             lora_modules.append(name)
         state.update({f"{PREFIX}{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
-    return _lora_peft_config(model.adapter_configs[adapter_name], lora_modules, converted), state, {}
+    return _lora_peft_config(adapter_configs(model)[adapter_name], lora_modules, converted), state, {}
 
 
-# peft_type -> the minicustom module that reads and writes it
-_MODULES = {"IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt",
-            "ADAPTION_PROMPT": "llama_adapter", "BOTTLENECK_ADAPTER": "adapter"}
-SUPPORTED = ("LORA", *_MODULES)
-
-
-def _method(peft_type: str):
-    """What reads and writes adapters of `peft_type`: an object with to_peft(model, name) ->
-    (adapter_config dict, tensors, extra files {file name: tensors}) and load_peft(model, path, config,
-    tensors, name), which checks everything before it touches the model; None if unsupported."""
-    if peft_type == "LORA":
-        return _LORA
-    return importlib.import_module(f".{_MODULES[peft_type]}", __package__) if peft_type in _MODULES else None
-
-
-def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_model_name_or_path: str | None = None):
-    """Write one adapter as a PEFT folder, all or nothing: every file goes to a temp file first and they are
-    renamed into place only when all are written, adapter_config.json last."""
-    configs = getattr(model, "adapter_configs", {})
-    if adapter_name not in configs:
-        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
-    peft, state, extra = _method(configs[adapter_name].peft_type).to_peft(model, adapter_name)
-    peft["base_model_name_or_path"] = base_model_name_or_path
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", **_fingerprint_meta(model)}
-    writes = []
-    for file, tensors in {**extra, WEIGHTS_FILE: state}.items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        writes.append((path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata=meta)))
-    text = json.dumps(peft, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_all([*writes, (path / CONFIG_FILE, lambda tmp: tmp.write_text(text))])
-    return path
-
-
-# -- loading --------------------------------------------------------------------------------------
-
-def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(adapter_config.json, tensors, safetensors metadata) of an adapter folder, with clear errors."""
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a PEFT adapter folder)")
-    config = read_json(cfg_file, AdapterError)  # UTF-8, JSON, nesting and repeated keys, naming the file
-    if not isinstance(config, dict):
-        raise AdapterError(f"{cfg_file}: expected a JSON object, found {type(config).__name__}")
-    if not weights.exists():
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}" + (
-            " (adapter_model.bin is pickle and is not read)" if (path / "adapter_model.bin").exists() else ""))
-    tensors, meta = read_tensors(weights)
-    return config, tensors, meta
-
-
-def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
-    """Attach the adapter saved at `path` (PEFT format) under `adapter_name` and activate it."""
-    config, tensors, meta = read_adapter(path)
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or _method(peft_type) is None:
-        raise NotImplementedError(f"{Path(path) / CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
-                                  f"supported: {', '.join(SUPPORTED)}")
-    check_fields(config, Path(path) / CONFIG_FILE, COMMON_FIELDS)
-    if getattr(model, "adapter_configs", {}).get(adapter_name) is not None:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists; load under another adapter_name")
-    base = meta.get("minicustom_base_fingerprint")
-    if base is not None and base != model.config.fingerprint():
-        raise AdapterError(f"{path}: this adapter was trained on another base ({meta.get('minicustom_base')}); "
-                           f"this model is {_fingerprint_meta(model)['minicustom_base']}")
-    _method(peft_type).load_peft(model, Path(path), config, tensors, adapter_name)
-    set_adapter(model, adapter_name)
-    if not is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return model
 
 
 # adapter_config.json fields a LoRA folder is read with, and their kinds (check_fields).
@@ -329,7 +310,8 @@ def _coverage(model: nn.Module, config: LoraConfig, per_module: dict, copies: di
     return problems
 
 
-def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
+def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
+    """Read a LORA folder's config and tensors into adapter `adapter_name`, everything checked first."""
     config = _lora_config_from_peft(peft, path)
     modules = dict(model.named_modules())
     per_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -403,7 +385,7 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
         module = modules[name]
         if not isinstance(module, (LoRALinear, LoRAEmbedding)):
             module = LoRALinear(module) if isinstance(module, (nn.Linear, Linear4bit)) else LoRAEmbedding(module)
-            _replace(model, name, module)
+            model.set_submodule(name, module)
         module.add(adapter_name, r, alpha, config)
         with torch.no_grad():
             for k, t in parts.items():
@@ -414,8 +396,33 @@ def _load_lora(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_
         with torch.no_grad():
             for k, t in params.items():
                 module.adapter_state(adapter_name)[k].copy_(t)
-        _replace(model, name, module)
-    model.__dict__.setdefault("adapter_configs", {})[adapter_name] = config
+        model.set_submodule(name, module)
+    adapter_configs(model)[adapter_name] = config
 
 
-_LORA = SimpleNamespace(to_peft=_lora_to_peft, load_peft=_load_lora)  # LoRA's file code is the rest of this file
+# -- the registry entries ------------------------------------------------------------------------------
+
+OPTIONS = (
+    Option("r", 8, "LoRA rank", type=COUNT),
+    Option("alpha", 16.0, "LoRA alpha: the update is scaled by alpha / r", type=POSITIVE),
+    Option("dropout", 0.0, "dropout on the adapter's input", type=DROPOUT),
+    Option("targets", "all-linear", "modules to adapt: all-linear, or names separated by commas", type=targets_option),
+)
+
+
+def _variant(**fixed):
+    def attach(model: nn.Module, r=8, alpha=16.0, dropout=0.0, targets="all-linear") -> nn.Module:
+        return apply_lora(model, r=r, alpha=alpha, dropout=dropout, targets=targets, **fixed)
+    return attach
+
+
+def _entry(name: str, help: str, variant_of=None, **fixed) -> Method:
+    return Method(name, _variant(**fixed), help, lr=1e-3, mergeable=True, peft_type="LORA", options=OPTIONS,
+                  variant_of=variant_of, to_peft=to_peft, load_peft=load_peft)
+
+
+LORA = _entry("lora", "LoRA: a low-rank update B A beside each frozen linear")
+RSLORA = _entry("rslora", "rsLoRA: LoRA scaled by alpha / sqrt(r)", "lora", use_rslora=True)
+DORA = _entry("dora", "DoRA: LoRA with a learned magnitude per output row", use_dora=True)
+PISSA = _entry("pissa", "PiSSA: LoRA started from the top singular vectors of W0", "lora", init="pissa")
+OLORA = _entry("olora", "OLoRA: LoRA started from a QR decomposition of W0", "lora", init="olora")

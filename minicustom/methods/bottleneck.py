@@ -49,18 +49,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import (
+from ..argtypes import COUNT, DROPOUT
+from ..quant.linear4bit import Linear4bit
+from .base import (
     AdapterLayer,
     LinearAdapterLayer,
+    Method,
+    Option,
+    adapter_configs,
     adapter_layers,
     find_targets,
     register_config,
-    replace,
     report,
     set_adapter,
 )
-from .adapters_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError
-from .qlora import Linear4bit
+from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError
 
 __all__ = ["BottleneckConfig", "BottleneckLinear", "ParallelAdapterMLP", "apply_adapters", "to_peft", "load_peft"]
 
@@ -248,7 +251,7 @@ def _attach(model: nn.Module, names: list[str], m: int, config: BottleneckConfig
         module = model.get_submodule(name)
         module = module if isinstance(module, kind) else kind(module)
         module.add(adapter_name, m, config)
-        replace(model, name, module)
+        model.set_submodule(name, module)
 
 
 def apply_adapters(model: nn.Module, reduction_factor: float = 16, placement: str = "houlsby",
@@ -261,7 +264,7 @@ def apply_adapters(model: nn.Module, reduction_factor: float = 16, placement: st
     config = config or BottleneckConfig(reduction_factor=reduction_factor, placement=placement,
                                         nonlinearity=nonlinearity, scaling=scaling, layers=layers,
                                         dropout=dropout, init_scale=init_scale)
-    if adapter_name in getattr(model, "adapter_configs", {}):
+    if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     names, m = _sites(model, config)
     _attach(model, names, m, config, adapter_name)
@@ -275,7 +278,7 @@ def apply_adapters(model: nn.Module, reduction_factor: float = 16, placement: st
 # -- files ------------------------------------------------------------------------------------------
 
 def to_peft(model: nn.Module, adapter_name: str):
-    config = model.adapter_configs[adapter_name]
+    config = adapter_configs(model)[adapter_name]
     tensors = {f"{PREFIX}{name}.{k}": t.detach().contiguous().cpu()
                for name, layer in adapter_layers(model)
                if isinstance(layer, _Bottleneck) and adapter_name in layer.adapters
@@ -316,4 +319,16 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
         for name in names:
             for k, p in model.get_submodule(name).adapter_state(adapter_name).items():
                 p.copy_(tensors[f"{PREFIX}{name}.{k}"])
-    model.__dict__.setdefault("adapter_configs", {})[adapter_name] = config
+    adapter_configs(model)[adapter_name] = config
+
+
+def _apply(model: nn.Module, reduction_factor=16, placement="houlsby", dropout=0.0) -> nn.Module:
+    return apply_adapters(model, reduction_factor=reduction_factor, placement=placement, dropout=dropout)
+
+
+BOTTLENECK = Method("adapter", _apply, "bottleneck adapters: a small down-up MLP after (or beside) each sublayer",
+                    lr=1e-3, mergeable=False, peft_type="BOTTLENECK_ADAPTER", options=(
+                        Option("reduction_factor", 16, "the bottleneck is hidden / this", type=COUNT),
+                        Option("placement", "houlsby", "where the adapters go", choices=tuple(PLACEMENTS)),
+                        Option("dropout", 0.0, "dropout on the adapter's input", type=DROPOUT)),
+                    to_peft=to_peft, load_peft=load_peft)

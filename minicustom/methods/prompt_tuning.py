@@ -42,9 +42,19 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
-from .adapters_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_fields, read_tensors
-from .model import Prefix
+from ..argtypes import COUNT
+from ..model import Prefix
+from .base import (
+    Method,
+    Option,
+    PrefixLayer,
+    adapter_configs,
+    prefix_layer,
+    register_config,
+    report,
+    set_adapter,
+)
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_fields, read_tensors
 
 ENCODER_FILE = "prompt_encoder.safetensors"
 INITS = {"random": "RANDOM", "text": "TEXT", "sample_vocab": "SAMPLE_VOCAB"}  # ours -> PEFT's
@@ -127,12 +137,16 @@ class _Capture:
 class VirtualTokens(PrefixLayer):
     """The model's kv_prefix: named prompt encoders; the active one's E becomes every layer's prefix."""
 
-    store, name_of_method = "prompt_encoder", "prompt tuning / p-tuning"
+    name_of_method = "prompt tuning / p-tuning"
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        self.prompt_encoder = nn.ModuleDict()  # adapter name -> PromptEncoder
         self._model = [model]  # a reference, not a child: the model owns this module
         self._inside = False
+
+    def encoders(self) -> nn.ModuleDict:
+        return self.prompt_encoder
 
     def forward(self, batch_size: int) -> list[Prefix] | None:
         if self._inside or (encoder := self.active_adapter()) is None:
@@ -184,7 +198,7 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: st
     tokenizer (init="text"): a minicustom Tokenizer, or the folder to load one from; a folder is
     recorded as PEFT's tokenizer_name_or_path."""
     if isinstance(tokenizer, (str, Path)):
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         path, tokenizer = str(tokenizer), load_tokenizer(tokenizer)
     else:
@@ -222,7 +236,7 @@ def apply_p_tuning(model: nn.Module, num_virtual_tokens: int = 20, encoder: str 
 # -- PEFT files -------------------------------------------------------------------------------------
 
 def to_peft(model: nn.Module, adapter_name: str):
-    config = model.adapter_configs[adapter_name]
+    config = adapter_configs(model)[adapter_name]
     encoder: PromptEncoder = model.kv_prefix.prompt_encoder[adapter_name]
     c = model.config
     peft = {"peft_type": config.peft_type, "task_type": "CAUSAL_LM", "num_virtual_tokens": config.num_virtual_tokens,
@@ -312,3 +326,27 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
                            f"(max difference {float((out - E).abs().max()):.3g}); the two files come from different "
                            f"runs. Delete {ENCODER_FILE} to load prompt_embeddings alone")
     _attach(model, config, adapter_name, encoder)
+
+
+def _apply_prompt(model: nn.Module, num_virtual_tokens=20, prompt_init="random", prompt_init_text=None,
+                  tokenizer=None) -> nn.Module:
+    return apply_prompt_tuning(model, num_virtual_tokens=num_virtual_tokens, init=prompt_init,
+                               init_text=prompt_init_text, tokenizer=tokenizer)
+
+
+def _apply_ptuning(model: nn.Module, num_virtual_tokens=20, encoder="mlp") -> nn.Module:
+    return apply_p_tuning(model, num_virtual_tokens=num_virtual_tokens, encoder=encoder)
+
+
+_VIRTUAL_TOKENS = Option("num_virtual_tokens", 20, "learned prompt length", type=COUNT)
+PROMPT_TUNING = Method("prompt", _apply_prompt, "prompt tuning: learned input embeddings before the prompt",
+                       lr=3e-2, mergeable=False, peft_type="PROMPT_TUNING", uses_tokenizer=True, options=(
+                           _VIRTUAL_TOKENS,
+                           Option("prompt_init", "random", "how the prompt starts", choices=tuple(INITS)),
+                           Option("prompt_init_text", None, "prompt_init text: the text whose token embeddings "
+                                  "start the prompt")),
+                       to_peft=to_peft, load_peft=load_peft)
+P_TUNING = Method("ptuning", _apply_ptuning, "p-tuning: virtual tokens made by a small encoder", lr=1e-3,
+                  mergeable=False, peft_type="P_TUNING", options=(
+                      _VIRTUAL_TOKENS, Option("encoder", "mlp", "the prompt encoder", choices=tuple(ENCODERS))),
+                  to_peft=to_peft, load_peft=load_peft)

@@ -35,18 +35,21 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .adapters import (
+from ..quant.linear4bit import Linear4bit
+from .base import (
     AdapterLayer,
     LinearAdapterLayer,
+    Method,
+    Option,
+    adapter_configs,
     count_parameters,
     find_targets,
     linear_like,
     register_config,
-    replace,
     set_adapter,
+    targets_option,
 )
-from .adapters_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
-from .qlora import Linear4bit
+from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
 
 __all__ = ["IA3Config", "IA3Linear", "apply_ia3", "to_peft", "load_peft"]
 
@@ -196,7 +199,7 @@ def _attach(model: nn.Module, plan, adapter_name: str) -> dict[str, IA3Linear]:
         module = model.get_submodule(name)
         if not isinstance(module, IA3Linear):
             module = IA3Linear(module, ff)
-            replace(model, name, module)
+            model.set_submodule(name, module)
         module.add(adapter_name)
         layers[name] = module
     return layers
@@ -211,7 +214,7 @@ def apply_ia3(model: nn.Module, targets=None, feedforward=None, layers=None, ada
     """
     config = (config or IA3Config(targets=targets, feedforward=feedforward, layers=layers)).resolve(
         model.config.model_type)
-    if adapter_name in getattr(model, "adapter_configs", {}):
+    if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     plan, problems = _plan(model, config)
     if problems:
@@ -241,7 +244,7 @@ _FIELDS = {"target_modules": "names", "feedforward_modules": "names", "fan_in_fa
 
 def to_peft(model: nn.Module, adapter_name: str):
     """(adapter_config.json as PEFT writes it for IA3, tensors, no extra files)."""
-    config = model.adapter_configs[adapter_name]
+    config = adapter_configs(model)[adapter_name]
     state, names, ff_names = {}, [], []
     for name, layer in model.named_modules():
         if isinstance(layer, IA3Linear) and adapter_name in layer.adapters:
@@ -308,3 +311,10 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
             layers[name].ia3_l[adapter_name].copy_(t)
     register_config(model, adapter_name, config)
 
+
+IA3 = Method("ia3", lambda model, targets=None: apply_ia3(model, targets=targets),
+             "IA3: learned vectors that rescale keys, values and the feed-forward input", lr=1e-2, mergeable=True,
+             peft_type="IA3", options=(Option("targets", None, "modules to adapt: all-linear, or names separated by commas "
+                                              "(IA3 without it: PEFT's for the family, k_proj,v_proj,down_proj on "
+                                              "Llama)", type=targets_option),),
+             to_peft=to_peft, load_peft=load_peft)

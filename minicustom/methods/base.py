@@ -1,21 +1,28 @@
-"""What every adapter method shares: the adapter-layer protocol, target selection, and named adapters.
+"""What every method shares: the adapter-layer protocol, target selection, named adapters, merging and
+unloading, and the registry entry (`Method`) each method file declares.
 
 A method attaches by swapping modules for `AdapterLayer`s (LoRA, IA3, bottleneck adapters), or by
 setting the model's `kv_prefix` seam to one (prefix tuning, prompt tuning, p-tuning, LLaMA-Adapter).
 Either way the layer holds one or more *named* adapters, and `active` lists the ones applied; so
-`set_adapter`, `disable_adapters` (the DPO reference policy), `delete_adapter` and `save_adapter` work
-the same for every method. `model.adapter_configs` maps each adapter name to its method's config
-dataclass, which is how saving knows the method.
+`set_adapter`, `disable_adapters` (the DPO reference policy), `delete_adapter`, `merge_adapters`,
+`unload` and `save_adapter` work the same for every method. `model.adapter_configs` (declared by the
+model) maps each adapter name to its method's config dataclass, which is how saving knows the method.
 """
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..quant.linear4bit import Linear4bit
 
 
 class AdapterLayer(nn.Module):
@@ -58,8 +65,6 @@ def layer_index(name: str) -> int | None:
 
 
 def linear_like(module: nn.Module) -> bool:
-    from .qlora import Linear4bit
-
     if isinstance(module, AdapterLayer):
         module = module.base()
     return isinstance(module, (nn.Linear, Linear4bit))
@@ -87,18 +92,21 @@ def find_targets(model: nn.Module, targets, layers=None) -> list[str]:
     return names
 
 
-def replace(model: nn.Module, name: str, new: nn.Module | None):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
+def adapter_configs(model: nn.Module) -> dict:
+    """The model's adapter name -> config map: the Transformer declares it; any other module (a test's
+    nn.Sequential, say) is given one on first use."""
+    if not hasattr(model, "adapter_configs"):
+        model.adapter_configs = {}
+    return model.adapter_configs
+
+
 def register_config(model: nn.Module, name: str, config) -> dict:
     """Record `config` as adapter `name` of the model (an error if the name is taken)."""
-    configs = model.__dict__.setdefault("adapter_configs", {})
+    configs = adapter_configs(model)
     if name in configs:
         raise ValueError(f"an adapter named {name!r} already exists; delete it or pick another name")
     configs[name] = config
@@ -107,8 +115,6 @@ def register_config(model: nn.Module, name: str, config) -> dict:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor counted once, 4-bit weights included."""
-    from .qlora import Linear4bit
-
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) not in seen:
@@ -127,7 +133,7 @@ def report(model: nn.Module, what: str):
 def set_adapter(model: nn.Module, names: str | list[str]):
     """Make `names` the active adapter(s); only their parameters are trainable."""
     names = [names] if isinstance(names, str) else list(names)
-    known = set(getattr(model, "adapter_configs", {}))
+    known = set(adapter_configs(model))
     if unknown := [n for n in names if n not in known]:
         raise ValueError(f"no adapter named {unknown}; adapters: {sorted(known)}")
     for p in model.parameters():
@@ -140,7 +146,7 @@ def set_adapter(model: nn.Module, names: str | list[str]):
 
 
 def delete_adapter(model: nn.Module, name: str):
-    configs = getattr(model, "adapter_configs", {})
+    configs = adapter_configs(model)
     if name not in configs:
         raise ValueError(f"no adapter named {name!r}; adapters: {sorted(configs)}")
     for _, layer in adapter_layers(model):
@@ -166,35 +172,37 @@ def disable_adapters(model: nn.Module):
 
 class PrefixLayer(AdapterLayer):
     """What the modules of the model's kv_prefix seam share (prefix tuning, prompt tuning, LLaMA-Adapter):
-    one ModuleDict of named adapters, named by `store`, of which one at a time is applied; nothing to
-    merge, and no module replaced (unload removes them)."""
+    one ModuleDict of named adapters (`encoders()`, under the method's own attribute name), of which one
+    at a time is applied; nothing to merge, and no module replaced (unload removes them)."""
 
-    store: str
     mergeable = False
     name_of_method: str
 
     def __init__(self):
         super().__init__()
-        setattr(self, self.store, nn.ModuleDict())
         self.active: list[str] = []
         self.merged: dict = {}
+
+    def encoders(self) -> nn.ModuleDict:
+        """The named adapters: name -> the module that makes that adapter's prefix."""
+        raise NotImplementedError
 
     def active_adapter(self) -> nn.Module | None:
         if not self.active:
             return None
         if len(self.active) > 1:
             raise ValueError(f"{self.name_of_method} applies one adapter at a time; active: {self.active}")
-        return getattr(self, self.store)[self.active[0]]
+        return self.encoders()[self.active[0]]
 
     @property
     def adapters(self) -> list[str]:
-        return list(getattr(self, self.store))
+        return list(self.encoders())
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return dict(getattr(self, self.store)[name].named_parameters())
+        return dict(self.encoders()[name].named_parameters())
 
     def delete(self, name: str):
-        del getattr(self, self.store)[name]
+        del self.encoders()[name]
         self.active = [a for a in self.active if a != name]
 
     def base(self) -> None:
@@ -218,8 +226,6 @@ class LinearAdapterLayer(AdapterLayer):
     as `base_layer` (it adds its own bias) and dequantized where W is needed."""
 
     def hold(self, base: nn.Module):
-        from .qlora import Linear4bit
-
         self.in_features, self.out_features = base.in_features, base.out_features
         if isinstance(base, Linear4bit):
             self.base_layer = base
@@ -247,3 +253,150 @@ class LinearAdapterLayer(AdapterLayer):
             lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         lin.weight, lin.bias = self.weight, self.bias
         return lin
+
+
+class TrainableCopy(AdapterLayer):
+    """modules_to_save: a full trainable copy of a module per adapter; the original stays as the base
+    (its parameters registered here under their own names, so base keys do not move)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.original = [base]  # a list, so it is not registered twice
+        for n, p in base.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        self.modules_to_save = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: dict = {}
+
+    def add(self, name: str, *_):
+        copy_ = copy.deepcopy(self.original[0])
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def forward(self, x):
+        for name in self.active:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name](x)
+        return self.original[0](x)
+
+    def merge(self, name: str):
+        raise ValueError("a modules_to_save copy cannot be merged; unload keeps the active copy instead")
+
+    unmerge = merge
+
+    def delete(self, name: str):
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def base(self) -> nn.Module:
+        return self.original[0]
+
+
+def merge_adapters(model: nn.Module, names=None):
+    """Fold the active (or named) adapters into the base weights, each layer by its own rule (LoRA
+    W0 <- W0 + s B A, IA3 W <- l ⊙ W, ...); methods with nothing to fold (prefixes, bottleneck adapters)
+    refuse, before anything is merged."""
+    todo = [(name, layer, [n for n in (names or layer.active) if n in layer.adapters])
+            for name, layer in adapter_layers(model) if not isinstance(layer, TrainableCopy)]
+    for name, layer, adapters in todo:  # checked before anything is merged
+        if adapters and not layer.mergeable:
+            layer.merge(adapters[0])  # raises, saying why
+        if adapters and getattr(layer, "weight", None) is not None and _is_tied(model, layer.weight):
+            raise ValueError(f"cannot merge into {name}: its weight is tied to another module (embed_tokens and "
+                             "lm_head share the matrix), which would change too")
+    for _, layer, adapters in todo:
+        for n in adapters:
+            layer.merge(n)
+
+
+def unmerge_adapters(model: nn.Module):
+    for _, layer in adapter_layers(model):
+        for n in reversed(list(layer.merged)):  # last merged, first unmerged: undoes a product or a DoRA rescale
+            layer.unmerge(n)
+
+
+def _is_tied(model, weight) -> bool:
+    return sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) > 1
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every adapter layer by a plain module: merged first (merge=True) or discarded. A
+    modules_to_save copy that is active replaces its original. Returns the plain model."""
+    if merge:
+        merge_adapters(model)
+    else:
+        unmerge_adapters(model)
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, TrainableCopy) and merge and layer.active:
+            model.set_submodule(name, layer.modules_to_save[layer.active[0]])
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.base())  # None empties the kv_prefix seam
+    adapter_configs(model).clear()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every active adapter that can be folded into the base and return the plain model."""
+    return unload(model, merge=True)
+
+
+# -- the registry entry each method file declares (methods/registry.py lists them) ------------------
+
+def targets_option(text: str):
+    """--targets on the command line: all-linear, one name, or names separated by commas."""
+    return text.split(",") if "," in text else text
+
+
+@dataclass(frozen=True)
+class Option:
+    """One hyperparameter of a method: the keyword its apply function takes, and the command line's
+    --name (underscores as dashes). `type` parses the command-line text (argparse's type=)."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple | None = None
+    flag: bool = False  # a switch: --name sets True
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: `apply(model, **options)` attaches the method (and returns the model); `lr` is
+    the learning rate it usually wants; `mergeable` says whether merging folds it into the base weights;
+    `peft_type` names its adapter folders (None: a full checkpoint is written); `variant_of` marks a
+    variant (rsLoRA of LoRA, ...) that compare leaves out unless asked; `uses_tokenizer` passes the
+    tokenizer to apply as `tokenizer=`. Adapter folders of `peft_type` are written by `to_peft(model,
+    name)` -> (adapter_config, tensors, extra files) and read by `load_peft(model, path, config, tensors,
+    name)`, which checks everything before it touches the model."""
+
+    name: str
+    apply: Callable[..., nn.Module]
+    help: str
+    lr: float
+    mergeable: bool
+    peft_type: str | None = None
+    options: tuple[Option, ...] = ()
+    variant_of: str | None = None
+    uses_tokenizer: bool = False
+    to_peft: Callable | None = field(default=None, repr=False)
+    load_peft: Callable | None = field(default=None, repr=False)
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}

@@ -16,7 +16,6 @@ A resume with another base, other examples or another method is refused, naming 
 Ctrl-C (SIGINT) while training asks the loop to stop at the next step boundary: the step in flight
 finishes, a checkpoint is written, and `Interrupted` (a KeyboardInterrupt) names it; the checkpoint is
 the one a save at that step would have written, so the resumed run is the uninterrupted one, bit for bit.
-Also here: the progress line on stderr.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from array import array
 from dataclasses import fields
 from pathlib import Path
@@ -39,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_write, io_error
+from ..files import atomic_write, io_error
 
 
 class TrainingError(RuntimeError):
@@ -319,35 +317,6 @@ def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
     set_optimizer_state_dict(wrapper, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
                              options=options)
     return state["step"]
-
-
-# -- progress -----------------------------------------------------------------------------------------
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, a line per log step otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.start, self.enabled = total, start, enabled
-        self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
-
-    def update(self, step: int, text: str):
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(1, step - self.start) * (self.total - step)
-        line = f"step {step}/{self.total} [{100 * step / self.total:3.0f}%] {text} | {_clock(elapsed)} < {_clock(eta)}"
-        sys.stderr.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
 
 
 # -- Ctrl-C -------------------------------------------------------------------------------------------

@@ -1,18 +1,18 @@
-"""The checks the `minicustom` command makes before it reads or writes anything: option types (argparse
-names the option in its one-line error, exit 2), output folders that would overwrite an input, the
+"""What the `minicustom` commands share: loading the model (and adapter) an option names, the model and
+data options, and the checks made before anything is read or written: the device option (the value
+types are argtypes.py), output folders that would overwrite an input, the
 demo model's presence, and CommandError, how the command ends on an error it can name.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
 from .gguf import DEMO_NAME, cache_root
-from .run_state import latest_checkpoint
+from .train.state import latest_checkpoint
 
 
 class CommandError(SystemExit):
@@ -32,36 +32,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def checked(kind, holds, expected: str, most: int = 2**31 - 1):
-    """An argparse type: kind(text), finite, satisfying holds and at most `most` (a count past 2^31 is a
-    typo, and would overflow a tensor's size); argparse turns the ArgumentTypeError into
-    "argument --OPTION: message" and exit code 2."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
-                                             f"{expected}, got {text!r}") from None
-        if not (math.isfinite(value) and holds(value)):
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-        if kind is int and value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {text}")
-        return value
-    return parse
-
-
-COUNT = checked(int, lambda v: v >= 1, ">= 1")
-COUNT0 = checked(int, lambda v: v >= 0, ">= 0")
-SEED = checked(int, lambda v: v >= 0, ">= 0", most=2**63 - 1)  # torch.manual_seed's range
-POSITIVE = checked(float, lambda v: v > 0, "> 0")
-NONNEGATIVE = checked(float, lambda v: v >= 0, ">= 0")
-FINITE = checked(float, lambda v: True, "finite")
-
-
-def float_list(text: str) -> list[float]:
-    return [FINITE(w) for w in text.split(",")]
 
 
 def device_option(text: str) -> str:
@@ -124,3 +94,53 @@ def check_fresh(out, overwrite: bool):
     if not overwrite and out.is_dir() and ((out / "config.json").exists() or any(out.glob("*.safetensors"))):
         raise ValueError(f"--out {out} already holds a model (config.json or *.safetensors); nothing was "
                          "written: pass --overwrite to replace it, or choose another folder")
+
+
+# -- the model and data options ---------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(args):
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    path = model_path(args)
+    model = load_model(path, dtype=DTYPES[args.dtype], device=args.device, quantize=getattr(args, "quantize", None))
+    if getattr(args, "adapter", None):
+        from .methods import load_adapter
+
+        load_adapter(model, args.adapter)
+    return model, load_tokenizer(path)
+
+
+def model_path(args) -> Path:
+    return Path(args.model) if args.model else demo_model()
+
+
+def add_model_args(p):
+    p.add_argument("--model", help="checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="adapter folder (PEFT format) to apply on top of the model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weights and compute dtype (a 4-bit model computes in it)")
+    p.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=["nf4", "fp4"],
+                   help="quantize the linear layers (not lm_head) to 4 bits after loading")
+
+
+def add_data_args(p):
+    p.add_argument("--data", required=True, help="JSONL file: prompt/completion, Alpaca, messages, "
+                   "conversations (ShareGPT) or text records")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render prompt/completion and Alpaca records through the tokenizer's chat template")
+    p.add_argument("--prompt-template", help='labelled data: prompt format, e.g. "Review: {text}\\nSentiment:"')
+    p.add_argument("--completion-template", help='labelled data: completion format, e.g. " {label}"')
+
+
+def data_options(args) -> dict:
+    from .data import LabelTemplate
+
+    if bool(args.prompt_template) != bool(args.completion_template):
+        raise ValueError("--prompt-template and --completion-template go together")
+    template = LabelTemplate(args.prompt_template, args.completion_template) if args.prompt_template else None
+    return {"template": template, "chat": args.chat_template}

@@ -35,9 +35,19 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
-from .adapters_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_fields, read_tensors
-from .model import Prefix
+from ..argtypes import COUNT
+from ..model import Prefix
+from .base import (
+    Method,
+    Option,
+    PrefixLayer,
+    adapter_configs,
+    prefix_layer,
+    register_config,
+    report,
+    set_adapter,
+)
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_fields, read_tensors
 
 ENCODER_FILE = "prefix_encoder.safetensors"
 
@@ -83,11 +93,15 @@ class PrefixEncoder(nn.Module):
 class PrefixTuning(PrefixLayer):
     """The model's kv_prefix: named prefix encoders; the active one gives every layer its keys/values."""
 
-    store, name_of_method = "prefix_encoder", "prefix tuning"
+    name_of_method = "prefix tuning"
 
     def __init__(self, L: int, nkv: int, hs: int):
         super().__init__()
+        self.prefix_encoder = nn.ModuleDict()  # adapter name -> PrefixEncoder
         self.L, self.nkv, self.hs = L, nkv, hs
+
+    def encoders(self) -> nn.ModuleDict:
+        return self.prefix_encoder
 
     def forward(self, batch_size: int) -> list[Prefix] | None:
         if (encoder := self.active_adapter()) is None:
@@ -123,7 +137,7 @@ def apply_prefix(model: nn.Module, num_virtual_tokens: int = 20, projection: boo
 # -- PEFT files -------------------------------------------------------------------------------------
 
 def to_peft(model: nn.Module, adapter_name: str):
-    config: PrefixConfig = model.adapter_configs[adapter_name]
+    config: PrefixConfig = adapter_configs(model)[adapter_name]
     c = model.config
     D = c.num_key_value_heads * c.head_dim
     encoder = model.kv_prefix.prefix_encoder[adapter_name]
@@ -180,3 +194,14 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     with torch.no_grad():
         for k, p in encoder.named_parameters():
             p.copy_(state[k])
+
+
+def _apply(model: nn.Module, num_virtual_tokens=20, prefix_projection=False) -> nn.Module:
+    return apply_prefix(model, num_virtual_tokens=num_virtual_tokens, projection=prefix_projection)
+
+
+PREFIX_TUNING = Method("prefix", _apply, "prefix tuning: learned keys and values before every layer's sequence",
+                       lr=1e-2, mergeable=False, peft_type="PREFIX_TUNING", options=(
+                           Option("num_virtual_tokens", 20, "learned prefix length", type=COUNT),
+                           Option("prefix_projection", False, "reparameterise the prefix through an MLP", flag=True)),
+                       to_peft=to_peft, load_peft=load_peft)

@@ -33,9 +33,19 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .adapters import PrefixLayer, prefix_layer, register_config, report, set_adapter
-from .adapters_io import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
-from .model import Prefix
+from ..argtypes import COUNT
+from ..model import Prefix
+from .base import (
+    Method,
+    Option,
+    PrefixLayer,
+    adapter_configs,
+    prefix_layer,
+    register_config,
+    report,
+    set_adapter,
+)
+from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
 
 
 @dataclass
@@ -63,11 +73,15 @@ class AdaptionPrompts(nn.Module):
 class LlamaAdapter(PrefixLayer):
     """The model's kv_prefix: named adaption prompts; the active one gives each top layer a gated prefix."""
 
-    store, name_of_method = "adaption", "LLaMA-Adapter"
+    name_of_method = "LLaMA-Adapter"
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        self.adaption = nn.ModuleDict()  # adapter name -> AdaptionPrompts
         self._layers = [model.model.layers]  # a list: the model is not registered as a child of its own seam
+
+    def encoders(self) -> nn.ModuleDict:
+        return self.adaption
 
     def forward(self, batch_size: int) -> list[Prefix | None] | None:
         if (a := self.active_adapter()) is None:
@@ -118,7 +132,7 @@ def _key(layer: int, what: str) -> str:
 
 
 def to_peft(model: nn.Module, adapter_name: str):
-    config: LlamaAdapterConfig = model.adapter_configs[adapter_name]
+    config: LlamaAdapterConfig = adapter_configs(model)[adapter_name]
     a = model.kv_prefix.adaption[adapter_name]
     first = model.config.num_hidden_layers - config.adapter_layers
     tensors = {}
@@ -156,3 +170,17 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
         for j in range(L):
             a.prompt[j].copy_(tensors[_key(first + j, "prompt")][0])
             a.gate[j].copy_(tensors[_key(first + j, "gate")][0])
+
+
+def _apply(model: nn.Module, adapter_len=10, adapter_layers=None) -> nn.Module:
+    if adapter_layers is None:  # the paper's top 8 layers, or every layer of a smaller model
+        adapter_layers = min(8, model.config.num_hidden_layers)
+    return apply_llama_adapter(model, adapter_len=adapter_len, adapter_layers=adapter_layers)
+
+
+LLAMA_ADAPTER = Method("llama-adapter", _apply, "LLaMA-Adapter: gated prompts in the top layers' attention", lr=1e-2,
+                       mergeable=False, peft_type="ADAPTION_PROMPT", options=(
+                           Option("adapter_len", 10, "prompt vectors per layer", type=COUNT),
+                           Option("adapter_layers", None, "adapted layers, from the top (default: 8, or every layer "
+                                  "of a smaller model)", type=COUNT)),
+                       to_peft=to_peft, load_peft=load_peft)

@@ -1,0 +1,275 @@
+"""`minicustom train sft | dpo`: load the model, attach a registered method with the options given, train,
+export. The method names, option flags, groups and defaults come from the registry (methods/registry.py):
+a registered method appears here with nothing else to edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .argtypes import COUNT, COUNT0, FINITE, NONNEGATIVE, POSITIVE, SEED, checked, float_list
+from .checkpoint import copy_tokenizer_files
+from .cli_common import add_data_args, add_model_args, check_run_folder, data_options, load, model_path
+from .data import load_examples, load_preferences, pad_id_for
+from .files import write_json
+from .gguf import cache_root
+from .losses import LOSS_TYPES
+from .methods import load_adapter
+from .methods.base import Method, Option
+from .methods.registry import REGISTRY, apply_method, get_method
+from .prompting import default_stop_ids
+from .train import DPOConfig, TrainConfig, export, train, train_dpo
+
+DPO_LR = 5e-5  # DPO's usual step: far below SFT's, whatever the method
+
+
+def _init_distributed(args) -> int:
+    """Under torchrun: join the process group (nccl on CUDA, gloo on CPU); returns this process's rank."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():  # launched by torchrun
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _load_for_training(args):
+    model, tok = load(args)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}: they do not belong together")
+    return model, tok
+
+
+def _train_options(args, default_lr: float) -> dict:
+    """The TrainConfig fields both trainers take from the command line."""
+    return dict(lr=args.lr or default_lr, weight_decay=args.weight_decay, lora_plus_ratio=args.lora_plus_ratio,
+                schedule=args.schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
+                max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
+                gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, log_every=args.log_every,
+                eval_every=args.eval_every, save_every=args.save_every)
+
+
+def method_options(args, method: Method) -> dict:
+    """The options of `method` given on the command line (the rest keep the method's defaults). Options of
+    other methods are dropped with a notice on stderr, so that a typo in --method does not pass unseen."""
+    given = {o.name: getattr(args, o.name) for o in _all_options() if getattr(args, o.name, None) is not None}
+    own = {o.name for o in method.options}
+    if foreign := [n for n in given if n not in own]:
+        takes = ", ".join(o.cli for o in method.options) or "none"
+        print(f"minicustom: {', '.join('--' + n.replace('_', '-') for n in foreign)} ignored: not an option of "
+              f"method {method.name} (its options: {takes})", file=sys.stderr)
+    return {k: v for k, v in given.items() if k in own}
+
+
+def _run_options(args, method: Method, given: dict, **extra) -> dict:
+    """What a checkpoint records beside the TrainConfig: the model folder, the method and its options."""
+    return {"model": str(model_path(args).resolve()), "method": method.name, **method.defaults(), **given, **extra}
+
+
+def _attach(model, tok, method: Method, given: dict, seed: int):
+    torch.manual_seed(seed)  # the method's initialisation is part of the run
+    apply_method(model, method.name, tokenizer=tok, **given)
+
+
+def _finish(args, model, rank: int, full: bool):
+    """Export the adapter (or the checkpoint), the tokenizer files of a full model and the command's options."""
+    import gc
+
+    import torch.distributed as dist
+
+    out = Path(args.out)
+    export(model, out, base_model_name_or_path=str(model_path(args)))
+    if rank == 0:
+        if full:
+            copy_tokenizer_files(model_path(args), out)
+        write_json(out / "train_config.json", {k: v for k, v in vars(args).items() if k != "func"})
+        print(out)
+    if dist.is_initialized():
+        dist.barrier()  # a process that tears gloo down while a peer still writes aborts ("terminate called")
+        # Collect cyclic garbage (FSDP2's state keeps collective Work objects in cycles) while the group and
+        # the interpreter are alive: one CI run saw gloo abort a process at exit, after a clean run.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def cmd_train_sft(args):
+    """Load, attach the method, train, export; under torchrun each process runs this."""
+    if args.adapter:
+        raise ValueError("train sft starts a new adapter; --adapter is not taken (to continue a run, use --resume "
+                         "with the same --out)")
+    check_run_folder(args.out, args.resume, model=model_path(args))
+    method = get_method(args.method)
+    given = method_options(args, method)
+    rank = _init_distributed(args)
+    report = print if rank == 0 else (lambda *a, **k: None)
+    config = TrainConfig(**_train_options(args, method.lr), packing=not args.no_packing,
+                         exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
+    model, tok = _load_for_training(args)
+    options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
+                   vocab_size=model.config.vocab_size, report=report, **data_options(args))
+    examples = load_examples(args.data, **options)
+    eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
+    _attach(model, tok, method, given, args.seed)
+    train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
+          pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok), data_files=[args.data],
+          options=_run_options(args, method, given))
+    _finish(args, model, rank, full=not model.adapter_configs)
+
+
+def cmd_train_dpo(args):
+    """Load, attach a new adapter or load the starting one (trainable), pick the reference, train, export."""
+    start, args.adapter = args.adapter, None
+    if start and args.method:
+        raise ValueError("--adapter continues that adapter's method; --method is for a new adapter, not both")
+    if args.reference is None and (start or args.method == "full"):
+        raise ValueError("starting DPO from " + (f"the adapter {start}" if start else "a fully fine-tuned model") +
+                         " needs an explicit reference: --reference adapter-snapshot (that starting point, frozen), "
+                         "base (the model underneath, adapters disabled), a checkpoint folder, or precomputed")
+    reference = {None: "base", "adapter-snapshot": "snapshot"}.get(args.reference, args.reference)
+    if reference not in ("base", "snapshot", "precomputed") and not Path(reference).is_dir():
+        raise ValueError(f"--reference {args.reference}: not base, adapter-snapshot, precomputed or a folder")
+    method = get_method(args.method or "lora")
+    given = {} if start else method_options(args, method)
+    losses = args.loss.split(",")
+    config = DPOConfig(**_train_options(args, DPO_LR), loss_type=losses if len(losses) > 1 else losses[0],
+                       loss_weights=args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
+                       rpo_alpha=args.rpo_alpha, simpo_gamma=args.simpo_gamma, discopop_tau=args.discopop_tau)
+    check_run_folder(args.out, args.resume, model=model_path(args), adapter=start,
+                     reference=None if reference in ("base", "snapshot", "precomputed") else reference)
+    rank = _init_distributed(args)
+    report = print if rank == 0 else (lambda *a, **k: None)
+    model, tok = _load_for_training(args)
+    options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
+                   vocab_size=model.config.vocab_size, report=report, chat=args.chat_template)
+    pairs = load_preferences(args.data, **options)
+    eval_pairs = load_preferences(args.eval_data, **options) if args.eval_data else None
+    if start:
+        load_adapter(model, start, is_trainable=True)
+    else:
+        _attach(model, tok, method, given, args.seed)
+    cache = args.reference_cache or cache_root() / "reference-logps"
+    train_dpo(model, pairs, config, Path(args.out), reference=reference, eval_pairs=eval_pairs,
+              pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report,
+              data_files=[args.data], options=_run_options(args, method, given, reference=args.reference,
+                                                          start=start))
+    _finish(args, model, rank, full=not model.adapter_configs)
+
+
+def _all_options() -> list[Option]:
+    """Every registered method's options, each name once (methods that share an option share its flag)."""
+    return list({o.name: o for m in REGISTRY.values() for o in m.options}.values())
+
+
+def _option_help(option: Option) -> str:
+    """The option's help, its default (per method where they differ) and the methods that take it."""
+    takers = {m.name: o.default for m in REGISTRY.values() for o in m.options if o.name == option.name}
+    groups: dict[str, list[str]] = {}
+    for name, default in takers.items():
+        groups.setdefault(repr(default), []).append(name)
+    said = [f"default {eval_repr}" + (f" for {', '.join(names)}" if len(groups) > 1 else "")
+            for eval_repr, names in groups.items() if eval_repr != "None"]
+    return f"{option.help} ({'; '.join([*said, 'methods: ' + ', '.join(takers)])})".replace("%", "%%")
+
+
+def methods_epilog() -> str:
+    """The registered methods, one a line, for the end of --help."""
+    width = max(len(m.name) for m in REGISTRY.values()) + 2
+    return "methods:\n" + "".join(f"  {m.name:<{width}}{m.help}\n" for m in REGISTRY.values())
+
+
+def add_method_args(p, lr_help: str):
+    """--method (the registry's names) and one argument group per method family, each option once."""
+    p.add_argument("--method", choices=list(REGISTRY), metavar="METHOD",
+                   help="the method to attach, one of those listed at the end (default: lora)")
+    p.add_argument("--out", required=True, help="output folder: adapter (or checkpoint), metrics, checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest (refused when "
+                   "the model, the data or the method differ; changed options are applied and printed)")
+    families: dict[str, list[Method]] = {}
+    for m in REGISTRY.values():
+        families.setdefault(m.variant_of or m.name, []).append(m)
+    added = set()
+    for members in families.values():
+        options = [o for m in members for o in m.options if o.name not in added and not added.add(o.name)]
+        if not options:
+            continue
+        group = p.add_argument_group(", ".join(m.name for m in members))
+        for o in options:
+            if o.flag:
+                group.add_argument(o.cli, dest=o.name, action="store_true", default=None, help=_option_help(o))
+            else:
+                group.add_argument(o.cli, dest=o.name, type=o.type, choices=o.choices, help=_option_help(o))
+    p.add_argument("--lr", type=POSITIVE, help=lr_help)
+    p.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0)
+    p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: lora_B learns this many times faster")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=COUNT0, default=0)
+    p.add_argument("--epochs", type=POSITIVE, default=1.0, help="passes over the data (fractions allowed)")
+    p.add_argument("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--grad-accum", type=COUNT, default=1)
+    p.add_argument("--max-length", type=COUNT, default=1024)
+    p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate")
+    p.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this; "
+                   "0 = no clipping")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--log-every", type=COUNT, default=1)
+    p.add_argument("--eval-every", type=COUNT)
+    p.add_argument("--save-every", type=COUNT0, help="checkpoint every N steps (default: a tenth of the run, at "
+                   "most 100 steps; 0 = only at the end), and always at the end and on Ctrl-C")
+
+
+def add_train_sft(sub):
+    p = sub.add_parser("sft", help="supervised fine-tuning", epilog=methods_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--eval-data", help="held-out JSONL file: eval loss, perplexity and exact match")
+    add_method_args(p, lr_help="peak learning rate (default: the method's own, e.g. 1e-3 for LoRA, 3e-5 for full)")
+    p.add_argument("--batch-size", type=COUNT, default=4, help="rows per micro-batch (per process)")
+    p.add_argument("--no-packing", action="store_true")
+    p.add_argument("--exact-match", type=COUNT0, default=32, help="eval examples to answer for exact match")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    p.set_defaults(func=cmd_train_sft, method="lora")
+
+
+def add_train_dpo(sub):
+    p = sub.add_parser("dpo", help="preference optimization: DPO and its family", epilog=methods_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.set_defaults(adapter=None)
+    p.add_argument("--data", required=True, help="JSONL preference pairs: prompt/chosen/rejected as strings or "
+                   "message lists, or chosen/rejected conversations (implicit prompt)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="render string prompt/chosen/rejected through the tokenizer's chat template")
+    p.add_argument("--eval-data", help="held-out pairs: eval loss, rewards and preference accuracy")
+    p.add_argument("--reference", help="the reference policy: base (adapters disabled; the default for a new "
+                   "adapter), adapter-snapshot (the starting adapter, frozen), a checkpoint folder, or precomputed "
+                   "(the starting policy's log-probs, cached). Required with --adapter or --method full")
+    p.add_argument("--reference-cache", help="folder of precomputed reference log-probs (default: "
+                   "$MINICUSTOM_CACHE/reference-logps or ~/.cache/minicustom/reference-logps)")
+    p.add_argument("--loss", default="sigmoid", help=f"loss type, or several separated by commas: "
+                   f"{', '.join(LOSS_TYPES)}")
+    p.add_argument("--loss-weights", type=float_list,
+                   help="weights of the losses, separated by commas (default: 1 each)")
+    p.add_argument("--beta", type=POSITIVE, default=0.1)
+    p.add_argument("--label-smoothing", type=checked(float, lambda v: 0 <= v < 0.5, "in [0, 0.5)"), default=0.0,
+                   help="the probability that a pair's labels are flipped (cDPO, robust; exo_pair, aot, simpo)")
+    p.add_argument("--rpo-alpha", type=NONNEGATIVE, help="RPO: add this times the chosen completion's NLL")
+    p.add_argument("--simpo-gamma", type=FINITE, default=0.5)
+    p.add_argument("--discopop-tau", type=POSITIVE, default=0.05)
+    add_method_args(p, lr_help=f"peak learning rate (default: {DPO_LR})")
+    p.add_argument("--batch-size", type=COUNT, default=4, help="pairs per micro-batch (per process)")
+    p.set_defaults(func=cmd_train_dpo)
+
+

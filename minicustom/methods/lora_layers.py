@@ -1,0 +1,318 @@
+"""LoRA's modules (the method, its options and its files are in lora.py; the paper is Hu et al., 2021):
+
+    y = W0 x + b + s · B A dropout(x),      A: (r, in),  B: (out, r),  s = alpha / r   (rsLoRA: alpha / √r)
+    DoRA:  y = (m / ||W0 + s B A||_row) (W0 x + s B A x) + b,   the norm detached (Liu et al., 2024, §4.3)
+    Embedding:  y = E[x] + s · (A^T[x]) B^T,   A (r, V) zero,  B (C, r) normal  (as PEFT)
+
+`LoRALinear` wraps an nn.Linear (W0 kept as its own `weight`, so base keys do not move) or a 4-bit
+`Linear4bit` (QLoRA: held as `base_layer`, dequantized where W0 is needed). Several named adapters can
+live in one module; `active` lists the ones applied. Adapter keys are PEFT's: `lora_A.<name>.weight`,
+`lora_B.<name>.weight`, `lora_magnitude_vector.<name>`, `lora_embedding_A.<name>`.
+
+Dimensions: r rank, in/out features, V vocabulary, C hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.linear4bit import Linear4bit
+from .base import AdapterLayer, LinearAdapterLayer
+
+INITS = ("default", "gaussian", "pissa", "olora")
+
+
+@dataclass
+class LoraConfig:
+    """Hyperparameters of one LoRA adapter (field names are minicustom's; adapters_io writes PEFT's)."""
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = "all-linear"  # names (suffix match), one regex (full match), "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    layers: list[int] | None = None  # only these decoder layers
+    modules_to_save: list[str] | None = None  # fully trained copies (e.g. lm_head)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} is not supported; supported: {', '.join(INITS)}")
+        if self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r}")
+        if self.use_dora and self.init in ("pissa", "olora"):
+            raise ValueError("DoRA with PiSSA/OLoRA init is not supported")
+
+    def rank_alpha(self, module_name: str) -> tuple[int, float]:
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule: a pattern key applies when the module name ends with it (at a '.' boundary)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+class _LoRAProduct(torch.autograd.Function):
+    """y + s (x A^T) B^T, the LoRA term, in one addmm (no (..., out) temporaries for the product and the
+    scaling), with a backward that lays the thin products out for the BLAS.
+
+    Autograd would form dL/dB = s g^T (x A^T) as an (out, N) @ (N, r) product with a transposed left operand,
+    and dL/d(x A^T) = s g B as (N, out) @ (out, r): both write an r-wide output, which CPU BLAS runs at a few
+    GFLOPS. The same sums taken as ((x A^T)^T g)^T and (B^T g^T)^T write wide outputs and run 2-4x faster
+    (about 5% of a LoRA training step on CPU). Only the order of the additions over the N rows changes.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, s: float):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xa = x2 @ A.T  # (N, r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=s)  # (N, out)
+        ctx.save_for_backward(x2, xa, A, B)
+        ctx.s, ctx.x_shape = s, x.shape
+        return out.view(*y.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa, A, B = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        g_xa = (B.T @ g2.T).T * ctx.s  # (N, r) = s g B
+        grad_x = (g_xa @ A).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        grad_A = g_xa.T @ x2 if ctx.needs_input_grad[2] else None  # (r, in)
+        grad_B = (xa.T @ g2).T * ctx.s if ctx.needs_input_grad[3] else None  # (out, r) = s g^T (x A^T)
+        return g, grad_x, grad_A, grad_B, None
+
+
+class LoRALinear(LinearAdapterLayer):
+    """LoRA on an nn.Linear (W0 shared as `weight`) or on a 4-bit `Linear4bit` (QLoRA: held as `base_layer`,
+    dequantized where W0 is needed)."""
+
+    def __init__(self, base: nn.Linear | Linear4bit):
+        super().__init__()
+        self.hold(base)  # W0, b
+        self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
+        self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: name -> m (out,)
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, torch.Tensor | None] = {}  # name -> DoRA row norms used to merge, or None
+        self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A0, B0)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 (out, in): the weight itself, or the 4-bit base dequantized to its compute dtype."""
+        return self.weight if self.base_layer is None else self.base_layer.dequantize()
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig):
+        q = self.base_layer
+        A = nn.Linear(self.in_features, r, bias=False, **self.factory())
+        B = nn.Linear(r, self.out_features, bias=False, **self.factory())
+        s = config.scaling(r, alpha)
+        if q is not None and config.init in ("pissa", "olora"):
+            raise ValueError(f"{config.init} rewrites the base weight, which is 4-bit here; quantize after "
+                             "initialising, or use LoftQ (qlora.apply_loftq) for a quantization-aware start")
+        with torch.no_grad():
+            if config.init == "default":
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+                nn.init.zeros_(B.weight)
+            elif config.init == "gaussian":
+                nn.init.normal_(A.weight, std=1 / r)
+                nn.init.zeros_(B.weight)
+            else:
+                W0 = self.weight
+                A0, B0 = _pissa(W0.float(), r, s) if config.init == "pissa" else _olora(W0.float(), r)
+                A.weight.copy_(A0)
+                B.weight.copy_(B0)
+                W0.sub_((s * B0 @ A0).to(W0.dtype))  # W_res = W0 - s B0 A0: the model is unchanged
+                self.initial[name] = (A.weight.detach().clone(), B.weight.detach().clone())
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling[name] = s
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name))
+
+    def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A (r, in), B (out, r))."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta(self, name: str) -> torch.Tensor:
+        """s · B A (out, in)."""
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    def _row_norm(self, name: str) -> torch.Tensor:
+        """||W0 + s B A|| over each output row (out,), detached (DoRA §4.3)."""
+        return torch.linalg.norm(self.base_weight() + self.delta(name).detach(), dim=1).detach()
+
+    def forward(self, x):
+        y = self._base_forward(x)
+        for name in self.active:
+            if name in self.merged:
+                continue
+            x_ = self.lora_dropout[name](x)
+            if name not in self.lora_magnitude_vector:
+                y = _LoRAProduct.apply(y, x_, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+                continue
+            # DoRA: m / ||W0 + sBA|| (row norms) rescales the adapted weight's output
+            lora = self.lora_B[name](self.lora_A[name](x_)) * self.scaling[name]  # (..., out)
+            scale = self.lora_magnitude_vector[name] / self._row_norm(name)  # (out,)
+            bias = self.bias if self.base_layer is None else self.base_layer.bias
+            base = F.linear(x_, self.base_weight()) if x_ is not x else y - (0 if bias is None else bias)
+            y = y + (scale - 1) * base + scale * lora
+        return y
+
+    def fold(self, W: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W (out, in) with adapter `name` folded in: W + s B A, or for DoRA (m / n)[:, None] (W + s B A),
+        n the row norms of W + s B A (returned too, so that unmerge can undo the rescale)."""
+        W = W + self.delta(name).to(W.dtype)
+        if name not in self.lora_magnitude_vector:
+            return W, None
+        norm = torch.linalg.norm(W, dim=1)  # (out,)
+        return (self.lora_magnitude_vector[name].to(W.dtype) / norm)[:, None] * W, norm
+
+    @torch.no_grad()
+    def set_factors(self, name: str, A: torch.Tensor, B: torch.Tensor):
+        """Start adapter `name` from given factors, A (r, in) and B (out, r) (LoftQ's, say)."""
+        self.lora_A[name].weight.copy_(A)
+        self.lora_B[name].weight.copy_(B)
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if name in self.merged:
+            return
+        if self.base_layer is not None:
+            raise ValueError("the base is 4-bit and cannot take the adapter in place; use qlora.merge_4bit, which "
+                             "merges into the dequantized weight and can re-quantize it")
+        W, norm = self.fold(self.weight, name)
+        self.weight.copy_(W)
+        self.merged[name] = norm
+
+    @torch.no_grad()
+    def unmerge(self, name: str):
+        if name not in self.merged:
+            return
+        norm = self.merged.pop(name)
+        if norm is not None:
+            self.weight.copy_(self.weight / (self.lora_magnitude_vector[name] / norm)[:, None] - self.delta(name))
+        else:
+            self.weight.sub_(self.delta(name).to(self.weight.dtype))
+
+    def delete(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in d:
+                del d[name]
+        self.scaling.pop(name, None)
+        self.initial.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's file keys (relative to the module)."""
+        state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
+
+
+def _pissa(W, r, s):
+    """PiSSA: W = U S V^T; A = √S_r V_r^T / √s, B = U_r √S_r / √s, so s B A is W's best rank-r part."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+    Sr = S[:r] / s
+    return torch.diag(Sr.sqrt()) @ Vh[:r], U[:, :r] @ torch.diag(Sr.sqrt())  # (r, in), (out, r)
+
+
+def _olora(W, r):
+    """OLoRA: W = Q R; B = Q_r (orthonormal columns), A = R_r, as PEFT (scaling applied to the residual)."""
+    Q, R = torch.linalg.qr(W)  # Q (out, k), R (k, in)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+class LoRAEmbedding(AdapterLayer):
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.weight = base.weight  # (V, C), frozen
+        self.lora_embedding_A = nn.ParameterDict()  # name -> (r, V)
+        self.lora_embedding_B = nn.ParameterDict()  # name -> (C, r)
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: dict[str, None] = {}
+
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig):
+        if config.use_dora or config.init in ("pissa", "olora"):
+            raise ValueError("LoRA on embeddings supports the default and gaussian inits without DoRA")
+        w = self.weight
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.num_embeddings, dtype=w.dtype, device=w.device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.embedding_dim, r, dtype=w.dtype, device=w.device))
+        self.scaling[name] = config.scaling(r, alpha)
+
+    def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A (r, V), B (C, r))."""
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def delta(self, name: str) -> torch.Tensor:
+        return self.scaling[name] * (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T  # (V, C)
+
+    def forward(self, x):
+        y = F.embedding(x, self.weight, self.padding_idx)
+        for name in self.active:
+            if name not in self.merged:
+                after_A = F.embedding(x, self.lora_embedding_A[name].T, self.padding_idx)  # (..., r)
+                y = y + (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., C)
+        return y
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if name not in self.merged:
+            self.weight.add_(self.delta(name).to(self.weight.dtype))
+            self.merged[name] = None
+
+    @torch.no_grad()
+    def unmerge(self, name: str):
+        if name in self.merged:
+            del self.merged[name]
+            self.weight.sub_(self.delta(name).to(self.weight.dtype))
+
+    def delete(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for d in (self.lora_embedding_A, self.lora_embedding_B):
+            if name in d:
+                del d[name]
+        self.scaling.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_embedding_A)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def base(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        emb.weight = self.weight
+        return emb

@@ -1,0 +1,18 @@
+"""Training: the loop every objective shares, and the objectives.
+
+    loop.py    TrainConfig, the lr schedule, data order, gradient accumulation, setup/step/log-and-save
+    task.py    the Task protocol an objective implements
+    sft.py     supervised fine-tuning (train)
+    dpo.py     DPO and its family (train_dpo)
+    state.py   checkpoints, resume records, Ctrl-C
+    export.py  the run's result: an adapter folder, or a checkpoint folder
+"""
+
+from .dpo import DPOConfig, train_dpo
+from .export import export
+from .loop import TrainConfig, run
+from .sft import train
+from .state import Interrupted, TrainingError
+from .task import Task
+
+__all__ = ["DPOConfig", "train_dpo", "export", "TrainConfig", "run", "train", "Interrupted", "TrainingError", "Task"]

@@ -1,0 +1,406 @@
+"""The training loop shared by every objective (SFT, DPO, and the RL trainers to come), one process or
+many (torchrun).
+
+    step s:  N = the step's weight (trained tokens for SFT, pairs for DPO) over all k micro-batches of all
+             processes, known before any forward
+             for each micro-batch m:  (m's summed loss * world / N).backward()
+             clip, AdamW, lr from warmup + cosine/linear
+So the gradient is that of the mean over the whole global batch, however it is split into micro-batches
+and processes (averaging per micro-batch would weigh a token of a short example more than one of a long
+one). What is trained comes from the objective, a `Task` (task.py); the method is applied to the model
+before (methods/registry.py); the loop only sees parameters that require grad.
+
+Data order is a function of (seed, epoch), and a checkpoint (state.py) holds the trainable tensors, the
+optimizer state, the RNG state, the step and a record of the run (options, base model, data), written to a
+temporary folder that is renamed when complete, by default every tenth of the run and at the end; a
+killed or Ctrl-C'd run resumes onto the same loss curve, and a resume with another model or other data is
+refused. Several processes: DDP for adapters (only the trainable tensors are all-reduced), FSDP2
+(`fully_shard` per block) for full fine-tuning; gloo on CPU, nccl on CUDA.
+Left out: mixed-precision autocast, tensor/pipeline parallelism, sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import trained_tokens
+from ..files import atomic_write
+from ..methods import lora_plus_param_groups
+from ..plot import write_loss_chart
+from ..progress import Progress
+from .state import (
+    Interrupted,
+    StopRequest,
+    TrainingError,
+    compare_runs,
+    default_save_every,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_metrics,
+    read_state,
+    remove_partial_saves,
+    run_record,
+    save_checkpoint,
+)
+from .task import Task
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lora_plus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 0
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 4  # rows per micro-batch per process (packed rows hold several examples)
+    grad_accum: int = 1
+    max_length: int = 1024
+    packing: bool = True
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int | None = None  # and at the end, when eval data is given
+    save_every: int | None = None  # None: run_state.default_save_every (a tenth of the run); 0: at the end only
+    keep_checkpoints: int = 2
+    exact_match: int = 32  # eval examples to answer greedily for exact match (0: none)
+    max_new_tokens: int = 64
+    loss_chunk: int = 512
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+        checks = {  # name -> (holds, what it must be)
+            "lr": (finite(self.lr) and self.lr > 0, "> 0 and finite"),
+            "weight_decay": (finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            "max_grad_norm": (self.max_grad_norm is None or finite(self.max_grad_norm) and self.max_grad_norm > 0,
+                              "> 0, or None for no clipping"),
+            "lora_plus_ratio": (self.lora_plus_ratio is None or finite(self.lora_plus_ratio)
+                                and self.lora_plus_ratio > 0, "> 0, or None"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "epochs": (finite(self.epochs) and self.epochs > 0, "> 0"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, ">= 1, or None (epochs)"),
+            "eval_every": (self.eval_every is None or self.eval_every >= 1, ">= 1, or None"),
+            "save_every": (self.save_every is None or self.save_every >= 0, ">= 0, or None"),
+            "exact_match": (self.exact_match >= 0, ">= 0"),
+            "betas": (len(self.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in self.betas), "two in [0, 1)"),
+            **{name: (getattr(self, name) >= 1, ">= 1") for name in ("batch_size", "grad_accum", "max_length",
+                                                                        "log_every", "max_new_tokens", "loss_chunk")},
+        }
+        for name, (holds, expected) in checks.items():
+            if not holds:
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        self.betas = tuple(self.betas)
+
+
+def lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine or linear decay to 0."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not biases, norms, DoRA magnitudes or embeddings);
+    with lora_plus_ratio, lora_B at lr * ratio."""
+    if config.lora_plus_ratio:
+        return lora_plus_param_groups(model, config.lr, config.lora_plus_ratio, config.weight_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+# -- data order ---------------------------------------------------------------------------------------
+
+def epoch_steps(n_units: int, epoch: int, config: TrainConfig, world: int) -> list[list[int]]:
+    """The unit indices of each optimizer step of an epoch, in a seeded order (the last may be short)."""
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(n_units, generator=g).tolist()
+    per_step = config.batch_size * config.grad_accum * world
+    return [order[i:i + per_step] for i in range(0, n_units, per_step)]
+
+
+def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of a step: micro-batch m of process r holds rows
+    (m * world + r) * batch_size ..., so one process with batch_size * world sees the same rows. In a
+    short last step, a process may get empty micro-batches: alone it skips them; with others it keeps
+    them (every process must run as many forwards), and they are run on a fully masked row."""
+    B = config.batch_size
+    out = [step_units[(m * world + rank) * B:(m * world + rank + 1) * B] for m in range(config.grad_accum)]
+    return [m for m in out if m] if world == 1 else out
+
+
+def step_batches(task, step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[dict]:
+    """The collated micro-batches of this process for one step (an empty share: a filler that counts nothing)."""
+    return [task.batch(m or step_units[:1], filler=not m) for m in micro_batches(step_units, config, rank, world)]
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_objective(task, model: nn.Module, wrapper: nn.Module, full: bool) -> dict:
+    """The task's eval metrics over every process's share of its eval items (all take part: FSDP's sharded
+    forward needs each of them), then its answer metrics (greedy generation) on process 0 alone, except
+    under FSDP."""
+    rank, world = rank_and_world()
+    config = task.config
+    share = task.eval_items[rank::world]
+    was_training = model.training
+    wrapper.eval()
+    loss_sum, weight, stats = 0.0, 0, {}
+    for i in range(0, max(len(task.eval_items[0::world]), 1), config.batch_size):
+        part = share[i:i + config.batch_size]
+        batch = task.eval_batch(part or task.eval_items[:1], filler=not part)  # every process runs as many
+        s, st = wrapper(**batch)
+        loss_sum, weight = loss_sum + float(s), weight + task.weight(batch)
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+    wrapper.train(was_training)
+    if world > 1:
+        sums = torch.tensor([loss_sum, weight, *stats.values()], dtype=torch.float64)
+        dist.all_reduce(sums)
+        loss_sum, weight = float(sums[0]), int(sums[1])
+        stats = dict(zip(stats, sums[2:].tolist()))
+    metrics = task.eval_metrics(loss_sum, weight, stats)
+    if world == 1 or (rank == 0 and not full):
+        metrics.update(task.answer_metrics(model))
+    return metrics
+
+
+# -- gradients ----------------------------------------------------------------------------------------
+
+def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: int = 1,
+                         weight: Callable[[dict], int] = trained_tokens) -> tuple[float, int, int, dict]:
+    """Backward over the micro-batches of one step (this process's share); returns (mean loss per unit of
+    weight over all processes, total weight, tokens, the wrapper's statistics summed and divided by the
+    weight). The weight is the trained tokens for SFT, the pairs for DPO: each micro-batch's summed loss
+    is divided by the step's total weight, so the gradients are those of one batch holding them all."""
+    counts = torch.tensor([sum(weight(b) for b in micros), sum(b["input_ids"].numel() for b in micros)],
+                          dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts)
+    n_weight, n_tokens = int(counts[0]), int(counts[1])
+    loss_sum, stats = torch.zeros((), dtype=torch.float64), {}
+    for m, batch in enumerate(micros):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last = m == len(micros) - 1
+        with wrapper.no_sync() if hasattr(wrapper, "no_sync") and not last else contextlib.nullcontext():
+            s, st = wrapper(**batch)
+            (s * (world / max(n_weight, 1))).backward()
+        loss_sum += s.detach().double().cpu()
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v.detach().double().cpu()
+    sums = torch.stack([loss_sum, *stats.values()])
+    if world > 1:
+        dist.all_reduce(sums)
+    means = (sums / max(n_weight, 1)).tolist()
+    return means[0], n_weight, n_tokens, dict(zip(stats, means[1:]))
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _wrap(model: nn.Module, wrapper: nn.Module, full: bool) -> nn.Module:
+    if not dist.is_initialized():
+        return wrapper
+    if full:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        return fully_shard(wrapper)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(wrapper)
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One run in progress: what setup() prepared and each step reads or advances."""
+
+    task: Task
+    model: nn.Module
+    wrapper: nn.Module  # the task's loss module, wrapped by DDP or FSDP2 under torchrun
+    optimizer: torch.optim.Optimizer
+    out: Path
+    identity: dict  # the record a checkpoint keeps (run_state.run_record)
+    history: list[dict]
+    step: int
+    total: int
+    per_epoch: int
+    full: bool  # every parameter trains (FSDP2 under torchrun)
+    rank: int
+    world: int
+    device: torch.device
+    progress: Progress
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.task.config
+
+    @property
+    def folder(self) -> Path:
+        return self.out / "checkpoints"
+
+    def say(self, text: str):
+        if self.rank == 0:
+            print(text, file=sys.stderr)
+
+
+def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_files, options) -> Run:
+    """Check that there is something to train, find the checkpoint to resume from (refusing another run's),
+    build the optimizer, restore its state, and evaluate the starting point of a new run."""
+    config, out = task.config, Path(out)
+    rank, world = rank_and_world()
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError("no parameter requires grad: apply a method (e.g. apply_lora) first")
+    full = all(p.requires_grad for p in model.parameters())
+    per_epoch = len(epoch_steps(len(task.units), 0, config, world))
+    if per_epoch == 0:
+        raise TrainingError(f"{len(task.units)} rows cannot fill one step of {config.batch_size} rows x "
+                            f"{config.grad_accum} micro-batches x {world} processes")
+    total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    latest = latest_checkpoint(out, resume)
+    identity = run_record(model, config, task.data_digest(), data_files, options)  # before FSDP shards it
+    saved = read_state(latest) if latest else {"step": 0}
+    changes = compare_runs(saved.get("run"), identity, latest) if latest else []
+
+    torch.manual_seed(config.seed)
+    model.train()
+    model.gradient_checkpointing = config.gradient_checkpointing
+    wrapper = _wrap(model, task.loss_module(model), full)
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=config.betas)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    r = Run(task, model, wrapper, optimizer, out, identity, [], 0, total, per_epoch, full, rank, world, device,
+            Progress(total, saved["step"], enabled=rank == 0))
+    if rank == 0:
+        r.folder.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(r.folder, r.say)
+    if latest:
+        r.history = read_metrics(out / "metrics.jsonl", saved["step"], r.say)
+        r.step = load_checkpoint(latest, wrapper, optimizer)
+        for group, fresh in zip(optimizer.param_groups, param_groups(model, config)):  # this run's options
+            group.update(peak_lr=fresh.get("lr", config.lr), weight_decay=fresh["weight_decay"], betas=config.betas)
+        for change in changes:
+            r.say(f"resume: {change}")
+        r.say(f"resuming from {latest} (step {r.step} of {total})")
+    if r.step == 0 and task.eval_items:  # the starting point, for comparison
+        r.history = [{"step": 0, **evaluate_objective(task, model, wrapper, full)}]
+    if rank == 0:
+        atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(x) + "\n" for x in r.history)))
+    return r
+
+
+def train_step(r: Run, units: list[int]) -> dict:
+    """One optimizer step over `units` (every process's rows of the step); returns its metrics record. A
+    non-finite loss or gradient stops the run before the optimizer touches the weights."""
+    config, t0 = r.config, time.perf_counter()
+    for group in r.optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * lr_factor(r.step, r.total, config)
+    micros = step_batches(r.task, units, config, r.rank, r.world)
+    loss, n_weight, n_tokens, stats = accumulate_gradients(r.wrapper, micros, r.device, r.world, r.task.weight)
+    grad_norm = _clip(r.model, config.max_grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        latest = r.folder / "latest"
+        kept = r.folder / latest.read_text().strip() if latest.exists() else "none yet"
+        raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {r.step + 1}; the weights "
+                            f"were not updated. Last good checkpoint: {kept}. Lower the learning rate, check the "
+                            "data, or train in float32.")
+    r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.step += 1
+    seconds = time.perf_counter() - t0
+    return {"step": r.step, "epoch": round(r.step / r.per_epoch, 4), "loss": loss, **stats,
+            "lr": r.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, r.task.weight_name: n_weight,
+            "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
+
+
+def save(r: Run):
+    """A checkpoint of the step just taken (every process writes its share), then the loss chart."""
+    save_checkpoint(r.folder, r.wrapper, r.optimizer, r.step, r.rank, r.identity)
+    if r.rank == 0:
+        prune_checkpoints(r.folder, r.config.keep_checkpoints)
+        write_loss_chart(r.out, r.history)
+
+
+def log_and_save(r: Run, record: dict) -> bool:
+    """Evaluate when due, append the record to metrics.jsonl, update the progress line, and save a
+    checkpoint when due (always after the last step); returns whether it saved."""
+    config, last = r.config, r.step == r.total
+    if r.task.eval_items and ((config.eval_every and r.step % config.eval_every == 0) or last):
+        record.update(evaluate_objective(r.task, r.model, r.wrapper, r.full))
+    r.history.append(record)
+    if r.rank == 0:
+        with open(r.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if r.step % config.log_every == 0 or last or "eval_loss" in record:
+            extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+            r.progress.update(r.step, f"loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} | "
+                                      f"{record['tokens_per_s']:,.0f} tok/s")
+    every = default_save_every(r.total) if config.save_every is None else config.save_every
+    due = bool(every and r.step % every == 0) or last
+    if due:
+        save(r)
+    return due
+
+
+def run(task: Task, model: nn.Module, out: str | Path, *, resume: bool = False,
+        on_step: Callable[[int, dict], None] | None = None, data_files=None, options: dict | None = None
+        ) -> list[dict]:
+    """Train the parameters of `model` that require grad on `task`; returns the logged metrics (see
+    sft.train for the folder it writes). Ctrl-C stops at the next step boundary, saves a checkpoint and
+    raises Interrupted (a KeyboardInterrupt)."""
+    r = setup(task, model, out, resume, data_files, options)
+    plan_epoch, plan = -1, []
+    with StopRequest() as stop:
+        while r.step < r.total:
+            epoch, index = divmod(r.step, r.per_epoch)
+            if epoch != plan_epoch:
+                plan, plan_epoch = epoch_steps(len(task.units), epoch, r.config, r.world), epoch
+            record = train_step(r, plan[index])
+            saved = log_and_save(r, record)
+            if on_step is not None:
+                on_step(r.step, record)
+            if r.step < r.total and stop.agreed(r.world, r.device):  # after the step: a regular checkpoint
+                if not saved:
+                    save(r)
+                r.progress.close()
+                raise Interrupted(f"interrupted at step {r.step} of {r.total}; the run is saved in "
+                                  f"{r.folder / f'checkpoint-{r.step:06d}'}")
+    r.progress.close()
+    return r.history
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
