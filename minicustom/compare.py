@@ -156,7 +156,7 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
         train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop)
         tokens += _train_tokens(out / "sft")
         if method == "dpo":
-            from .dpo import DPOConfig, train_dpo
+            from .train import DPOConfig, train_dpo
 
             pairs: list[PreferencePair] = [make_pair(r, tok, f"{task.folder}/prefs_train.jsonl:{i + 1}")
                                            for i, r in enumerate(task.prefs[:config.examples])]

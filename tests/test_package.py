@@ -52,6 +52,7 @@ def test_wheel_ships_kernels_inside_minicustom(tmp_path):
     files = zipfile.ZipFile(wheel).namelist()
     assert "minicustom/kernels/__init__.py" in files
     assert "minicustom/model.py" in files
+    assert {"minicustom/methods/registry.py", "minicustom/quant/nf4.py", "minicustom/train/loop.py"} <= set(files)
     assert not any(f.startswith("kernels/") for f in files)
     # A normal (non-editable) install of that wheel imports minicustom.kernels from site-packages.
     target = tmp_path / "site"

@@ -310,9 +310,9 @@ def _coverage(model: nn.Module, config: LoraConfig, per_module: dict, copies: di
     return problems
 
 
-def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
-    """Read a LORA folder's config and tensors into adapter `adapter_name`, everything checked first."""
-    config = _lora_config_from_peft(peft, path)
+def _sort_keys(model: nn.Module, path: Path, config: LoraConfig, tensors: dict):
+    """The file's tensors by owner: {module: {LoRA key: tensor}}, {modules_to_save copy: {param: tensor}},
+    and problems found on the way; keys that match no module are an error at once."""
     modules = dict(model.named_modules())
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     copies: dict[str, dict[str, torch.Tensor]] = {}
@@ -341,7 +341,13 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
                            + ", ".join(sorted(unmatched)[:20]))
     if not per_module:
         raise AdapterError(f"{path / WEIGHTS_FILE}: no LoRA tensors found")
-    problems += _coverage(model, config, per_module, copies)
+    return per_module, copies, problems
+
+
+def _plan(model: nn.Module, config: LoraConfig, per_module: dict, problems: list) -> list:
+    """(module name, r, alpha, tensors) for each LoRA module of the file, each checked against the module
+    it attaches to (its kind, rank and every shape); what does not fit is added to `problems`."""
+    modules = dict(model.named_modules())
     plan = []
     for name, parts in sorted(per_module.items()):
         base = _base_module(modules[name])
@@ -377,10 +383,20 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
                 problems.append(f"{name}.{k}: shape {tuple(parts[k].shape)}, expected "
                                 f"{_LORA_KEYS[k][1](r_file, base)}")
         plan.append((name, r_file, alpha, parts))
+    return plan
+
+
+def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
+    """Read a LORA folder's config and tensors into adapter `adapter_name`, everything checked first."""
+    config = _lora_config_from_peft(peft, path)
+    per_module, copies, problems = _sort_keys(model, path, config, tensors)
+    problems += _coverage(model, config, per_module, copies)
+    plan = _plan(model, config, per_module, problems)
     if problems:
         raise AdapterError(f"{path}: the adapter does not fit this model:\n  " + "\n  ".join(problems))
 
     # Checked: now change the model.
+    modules = dict(model.named_modules())
     for name, r, alpha, parts in plan:
         module = modules[name]
         if not isinstance(module, (LoRALinear, LoRAEmbedding)):

@@ -1,0 +1,173 @@
+"""One registry: a method defined outside the package, in a module of its own, joins through the registry
+alone and is then a method like the others: `train sft --method` trains it, `--help` lists it and its
+option, its adapter folder saves and loads through the registry's dispatch, and `compare` runs it in a
+worker process of its own. Nothing in minicustom/ is edited for it."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_compare import record
+
+import minicustom as mc
+from minicustom.cli import main
+from minicustom.compare import CompareConfig, compare, default_methods
+from minicustom.methods import REGISTRY, apply_method
+
+# "Scale every linear by a learned scalar": y = g (W x + b), g starting at `init`. Its own file, and one
+# registry line: the `register(...)` at the end.
+TOY = textwrap.dedent('''
+    """A toy method: every linear but lm_head is scaled by one learned scalar g, y = g (W x + b)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import torch
+    from torch import nn
+
+    from minicustom.argtypes import POSITIVE
+    from minicustom.methods import Method, Option, register
+    from minicustom.methods.base import LinearAdapterLayer, adapter_configs, find_targets, register_config, set_adapter
+    from minicustom.methods.peft_format import PREFIX
+
+
+    @dataclass
+    class ScaleConfig:
+        peft_type: ClassVar[str] = "SCALE"
+        init: float = 1.0
+
+
+    class ScaledLinear(LinearAdapterLayer):
+        def __init__(self, base):
+            super().__init__()
+            self.hold(base)
+            self.scale = nn.ParameterDict()
+            self.active, self.merged = [], {}
+
+        def forward(self, x):
+            y = self._base_forward(x)
+            for name in self.active:
+                y = y * self.scale[name]
+            return y
+
+        @property
+        def adapters(self):
+            return list(self.scale)
+
+        def adapter_state(self, name):
+            return {"scale": self.scale[name]}
+
+        def delete(self, name):
+            del self.scale[name]
+            self.active = [a for a in self.active if a != name]
+
+
+    def apply_scale(model, init=1.0, adapter_name="default"):
+        config = ScaleConfig(init)
+        for name in find_targets(model, "all-linear"):
+            module = ScaledLinear(model.get_submodule(name))
+            module.scale[adapter_name] = nn.Parameter(torch.tensor(float(init)))
+            model.set_submodule(name, module)
+        register_config(model, adapter_name, config)
+        set_adapter(model, adapter_name)
+        return model
+
+
+    def to_peft(model, name):
+        tensors = {f"{PREFIX}{n}.scale": m.scale[name] for n, m in model.named_modules()
+                   if isinstance(m, ScaledLinear) and name in m.scale}
+        return {"peft_type": "SCALE", "init": adapter_configs(model)[name].init}, tensors, {}
+
+
+    def load_peft(model, path, config, tensors, name):
+        apply_scale(model, config["init"], name)
+        with torch.no_grad():
+            for key, t in tensors.items():
+                model.get_submodule(key.removeprefix(PREFIX).removesuffix(".scale")).scale[name].copy_(t)
+
+
+    register(Method("scale", apply_scale, "every linear scaled by one learned scalar", lr=1e-2, mergeable=False,
+                    peft_type="SCALE", options=(Option("init", 1.0, "the scalars' start", type=POSITIVE),),
+                    to_peft=to_peft, load_peft=load_peft))
+''')
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """The toy method's module on sys.path (and PYTHONPATH, for worker processes); unregistered after."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "toy_scale.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", str(folder))
+    yield "toy_scale"
+    REGISTRY.pop("scale", None)
+    sys.modules.pop("toy_scale", None)
+
+
+def test_a_method_joins_through_the_registry_and_trains(setup, toy, tmp_path, capsys):
+    root, path = setup
+    assert "scale" not in REGISTRY
+    with pytest.raises(SystemExit):
+        main(["--import", toy, "train", "sft", "--help"])
+    help_text = capsys.readouterr().out
+    assert "  scale" in help_text and "every linear scaled by one learned scalar" in help_text
+    assert "--init INIT" in help_text and "the scalars' start (default 1.0; methods: scale)" in help_text
+
+    out = tmp_path / "run"
+    main(["--import", toy, "train", "sft", "--model", path, "--data", root / "train.jsonl", "--out", out,
+          "--method", "scale", "--init", "0.5", "--max-steps", "3", "--batch-size", "2", "--max-length", "64",
+          "--exact-match", "0"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert json.loads((out / "adapter_config.json").read_text()) == {"peft_type": "SCALE", "init": 0.5,
+                                                                      "base_model_name_or_path": str(path)}
+    # No --lr: the method's own (1e-2, from its entry) at the first step of a cosine schedule without warmup.
+    assert json.loads((out / "train_config.json").read_text())["lr"] is None
+    assert next(r for r in rows if "loss" in r)["lr"] == pytest.approx(1e-2)
+    model = mc.load_model(path)
+    mc.load_adapter(model, out)  # the registry's dispatch finds the toy's load_peft by peft_type
+    scales = [m.scale["default"].item() for m in model.modules() if hasattr(m, "scale")]
+    assert len(scales) == 7 * model.config.num_hidden_layers and all(s != 0.5 for s in scales)
+
+    fresh = apply_method(mc.load_model(path), "scale", init=0.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), mc.disable_adapters(fresh):
+        base = fresh(ids)
+    with torch.no_grad():  # y = 0.5 (W x + b) in every linear but lm_head: not the base
+        assert not torch.allclose(fresh(ids), base)
+
+
+@pytest.mark.slow  # a worker process
+def test_compare_runs_a_registered_method_in_its_worker(setup, toy, tmp_path):
+    _, path = setup
+    __import__(toy)
+    assert "scale" in default_methods()  # not a variant of another method: compare runs it unless told
+    folder = tmp_path / "task"
+    folder.mkdir()
+    cities = ["Paris", "Lima", "Oslo", "Rome"]
+    for name, rows in (("train", [record(i, c) for i, c in enumerate(cities)]),
+                       ("test", [record(10 + i, c) for i, c in enumerate(cities[:2])])):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.json").write_text(json.dumps({"name": "toy", "scorer": "exact", "max_new_tokens": 2}))
+    rows = compare(path, folder, tmp_path / "out", ["scale"], CompareConfig(examples=4, epochs=1, batch_size=2),
+                   report=lambda s: None)
+    assert [r["method"] for r in rows] == ["scale"]
+    assert rows[0]["trainable_params"] == 7 * 2 and rows[0]["train_tokens"] > 0 and rows[0]["n_test"] == 2
+    assert "| scale |" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_an_import_that_fails_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--import", "no_such_module_here", "train", "sft", "--help"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("minicustom: --import no_such_module_here: No module named "
+                                              "'no_such_module_here'")
+
+
+def test_the_command_line_imports_the_module_in_a_fresh_process(setup, toy):
+    out = subprocess.run([sys.executable, "-m", "minicustom", "--import", toy, "train", "sft", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "every linear scaled by one learned scalar" in out.stdout
