@@ -14,6 +14,7 @@ from .methods import (
     lora_plus_param_groups,
     merge_adapter,
     merge_adapters,
+    qlora,  # mc.qlora, as the README has used it: LoftQ, merge_4bit, memory_report
     save_adapter,
     set_adapter,
     unload,
@@ -65,6 +66,7 @@ __all__ = [
     "merge_adapters",
     "unmerge_adapters",
     "memory_report",
+    "qlora",
     "save_adapter",
     "set_adapter",
     "unload",

@@ -1,6 +1,7 @@
 """Parsers of command-line values (argparse `type=`), each failing with a one-line message that argparse
 prefixes with the option's name ("argument --r: must be >= 1, got 0") and exit code 2. A leaf module: the
-methods declare their options' types with these, and the command line reads them from the registry.
+methods declare their options' numeric types with these (--targets' parser is methods/base.py's), and the
+command line reads them from the registry.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from . import gguf  # as a module: its functions are looked up when a command runs
 from .argtypes import COUNT, COUNT0, NONNEGATIVE, POSITIVE, SEED, checked
+from .checkpoint import copy_tokenizer_files, load_model, save_model
 from .cli_common import (
     DTYPES,
     CommandError,
@@ -31,9 +33,15 @@ from .cli_common import (
     model_path,
 )
 from .cli_train import add_train_dpo, add_train_sft
-from .compare import all_methods, default_methods
+from .compare import CompareConfig, CompareError, all_methods, compare, default_methods
+from .data import IGNORE, DataError, make_example, read_jsonl
+from .methods import adapter_configs, merge_adapter
+from .methods.qlora import merge_4bit
+from .methods.registry import method_for
 from .prompting import default_stop_ids
+from .quant.linear4bit import Linear4bit, memory_report, quantize_model
 from .quant.nf4 import BLOCKSIZES
+from .tokenizer import load_tokenizer
 from .train.state import Interrupted, TrainingError
 
 
@@ -111,17 +119,16 @@ def cmd_chat(args):
 
 def cmd_merge(args):
     """Base + adapter -> one plain checkpoint folder (weights merged; tokenizer files copied)."""
-    from .checkpoint import copy_tokenizer_files, save_model
-    from .methods import merge_adapter
-    from .methods.qlora import merge_4bit
-    from .quant.linear4bit import Linear4bit
-
     if not args.adapter:
         raise ValueError("merge needs --adapter DIR")
     check_out(args.out, model=model_path(args), adapter=args.adapter)
     check_fresh(args.out, args.overwrite)
     model, _ = load(args)
     out = Path(args.out)
+    for config in adapter_configs(model).values():  # the registry says which methods fold into weights
+        if (method := method_for(config.peft_type)) is not None and not method.mergeable:
+            raise ValueError(f"--adapter {args.adapter}: a {method.name} adapter has nothing to fold into the base "
+                             "weights; load it with --adapter where it is used instead")
     if any(isinstance(m, Linear4bit) for m in model.modules()):  # a QLoRA adapter on a 4-bit base
         report = merge_4bit(model, requantize=args.requantize)
         if args.requantize:
@@ -136,9 +143,6 @@ def cmd_merge(args):
 
 def cmd_quantize(args):
     """A checkpoint folder -> the same model with its linears in 4 bits, saved as transformers+bitsandbytes do."""
-    from .checkpoint import copy_tokenizer_files, load_model, save_model
-    from .quant.linear4bit import Linear4bit, memory_report, quantize_model
-
     path = model_path(args)
     out = Path(args.out)
     check_out(out, model=path)
@@ -156,8 +160,6 @@ def cmd_quantize(args):
 
 def cmd_compare(args):
     """Every method (or --methods) on one task: test accuracy against trainable parameters, time, memory."""
-    from .compare import CompareConfig, compare
-
     methods = args.methods.split(",") if args.methods else default_methods()
     config = CompareConfig(examples=args.examples, epochs=args.epochs, batch_size=args.batch_size,
                            shots=args.shots, test_limit=args.test_limit, seed=args.seed)
@@ -167,9 +169,6 @@ def cmd_compare(args):
 
 def cmd_inspect_data(args):
     """Show which tokens are trained; exit 1 when an example has none."""
-    from .data import IGNORE, DataError, make_example, read_jsonl
-    from .tokenizer import load_tokenizer
-
     tok = load_tokenizer(model_path(args))
     options = data_options(args)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
@@ -204,16 +203,12 @@ def cmd_inspect_data(args):
 
 
 def cmd_convert_gguf(args):
-    from .gguf import convert_gguf
-
     check_fresh(args.out_dir, args.overwrite)
-    print(convert_gguf(args.file, args.out_dir))
+    print(gguf.convert_gguf(args.file, args.out_dir))
 
 
 def cmd_fetch_demo_model(args):
-    from .gguf import fetch_demo_model
-
-    print(fetch_demo_model(cache_dir=args.cache_dir, install=True))
+    print(gguf.fetch_demo_model(cache_dir=args.cache_dir, install=True))
 
 
 def _add_generation_args(p):
@@ -313,11 +308,14 @@ def main(argv=None):
     """Run one command. An error it can name (the package's errors, ValueError, OSError, a missing
     optional dependency, out of memory, Ctrl-C) is one line on stderr and CommandError (exit code 2, or
     130 after Ctrl-C); with --debug, or for any other exception (a bug), the traceback."""
-    from .compare import CompareError
-
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     import_modules(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ValueError as e:  # a method registered by an --import module that does not fit the command line
+        print(f"minicustom: {e}", file=sys.stderr)
+        raise CommandError(f"minicustom: {e}") from None
+    args = parser.parse_args(argv)
     command = f"minicustom {args.command}" + (f" {args.kind}" if getattr(args, "kind", None) else "")
     try:
         args.func(args)

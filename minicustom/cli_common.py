@@ -11,7 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
+from .data import LabelTemplate
 from .gguf import DEMO_NAME, cache_root
+from .methods import load_adapter
+from .tokenizer import load_tokenizer
 from .train.state import latest_checkpoint
 
 
@@ -102,13 +106,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load(args):
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
     path = model_path(args)
     model = load_model(path, dtype=DTYPES[args.dtype], device=args.device, quantize=getattr(args, "quantize", None))
     if getattr(args, "adapter", None):
-        from .methods import load_adapter
 
         load_adapter(model, args.adapter)
     return model, load_tokenizer(path)
@@ -138,8 +138,6 @@ def add_data_args(p):
 
 
 def data_options(args) -> dict:
-    from .data import LabelTemplate
-
     if bool(args.prompt_template) != bool(args.completion_template):
         raise ValueError("--prompt-template and --completion-template go together")
     template = LabelTemplate(args.prompt_template, args.completion_template) if args.prompt_template else None

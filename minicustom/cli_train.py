@@ -6,10 +6,13 @@ a registered method appears here with nothing else to edit.
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .argtypes import COUNT, COUNT0, FINITE, NONNEGATIVE, POSITIVE, SEED, checked, float_list
 from .checkpoint import copy_tokenizer_files
@@ -18,21 +21,15 @@ from .data import load_examples, load_preferences, pad_id_for
 from .files import write_json
 from .gguf import cache_root
 from .losses import LOSS_TYPES
-from .methods import load_adapter
+from .methods import adapter_configs, load_adapter
 from .methods.base import Method, Option
 from .methods.registry import REGISTRY, apply_method, get_method
 from .prompting import default_stop_ids
 from .train import DPOConfig, TrainConfig, export, train, train_dpo
 
-DPO_LR = 5e-5  # DPO's usual step: far below SFT's, whatever the method
-
 
 def _init_distributed(args) -> int:
     """Under torchrun: join the process group (nccl on CUDA, gloo on CPU); returns this process's rank."""
-    import os
-
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():  # launched by torchrun
         if args.device.startswith("cuda"):
@@ -51,8 +48,10 @@ def _load_for_training(args):
 
 
 def _train_options(args, default_lr: float) -> dict:
-    """The TrainConfig fields both trainers take from the command line."""
-    return dict(lr=args.lr or default_lr, weight_decay=args.weight_decay, lora_plus_ratio=args.lora_plus_ratio,
+    """The TrainConfig fields both trainers take from the command line; no --lr: `default_lr` (the method's,
+    or DPO's), written back into args for train_config.json."""
+    args.lr = args.lr or default_lr
+    return dict(lr=args.lr, weight_decay=args.weight_decay, lora_plus_ratio=args.lora_plus_ratio,
                 schedule=args.schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
                 max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                 max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
@@ -60,21 +59,29 @@ def _train_options(args, default_lr: float) -> dict:
                 eval_every=args.eval_every, save_every=args.save_every)
 
 
-def method_options(args, method: Method) -> dict:
+def method_options(args, method: Method, rank: int) -> dict:
     """The options of `method` given on the command line (the rest keep the method's defaults). Options of
-    other methods are dropped with a notice on stderr, so that a typo in --method does not pass unseen."""
+    other methods are dropped with a notice on stderr (process 0's), so that a typo in --method does not
+    pass unseen. The method's resolved options are written back into args, for train_config.json."""
     given = {o.name: getattr(args, o.name) for o in _all_options() if getattr(args, o.name, None) is not None}
     own = {o.name for o in method.options}
-    if foreign := [n for n in given if n not in own]:
+    if (foreign := [n for n in given if n not in own]) and rank == 0:
         takes = ", ".join(o.cli for o in method.options) or "none"
         print(f"minicustom: {', '.join('--' + n.replace('_', '-') for n in foreign)} ignored: not an option of "
               f"method {method.name} (its options: {takes})", file=sys.stderr)
-    return {k: v for k, v in given.items() if k in own}
+    for name in foreign:
+        setattr(args, name, None)
+    given = {k: v for k, v in given.items() if k in own}
+    for name, value in {**method.defaults(), **given}.items():
+        setattr(args, name, value)
+    return given
 
 
-def _run_options(args, method: Method, given: dict, **extra) -> dict:
-    """What a checkpoint records beside the TrainConfig: the model folder, the method and its options."""
-    return {"model": str(model_path(args).resolve()), "method": method.name, **method.defaults(), **given, **extra}
+def _run_options(args, method: Method | None, given: dict, **extra) -> dict:
+    """What a checkpoint records beside the TrainConfig: the model folder, the method and its options
+    (None for DPO continuing an adapter, whose method is the adapter's)."""
+    chosen = {"method": method.name, **method.defaults(), **given} if method else {"method": None}
+    return {"model": str(model_path(args).resolve()), **chosen, **extra}
 
 
 def _attach(model, tok, method: Method, given: dict, seed: int):
@@ -84,10 +91,6 @@ def _attach(model, tok, method: Method, given: dict, seed: int):
 
 def _finish(args, model, rank: int, full: bool):
     """Export the adapter (or the checkpoint), the tokenizer files of a full model and the command's options."""
-    import gc
-
-    import torch.distributed as dist
-
     out = Path(args.out)
     export(model, out, base_model_name_or_path=str(model_path(args)))
     if rank == 0:
@@ -110,8 +113,8 @@ def cmd_train_sft(args):
                          "with the same --out)")
     check_run_folder(args.out, args.resume, model=model_path(args))
     method = get_method(args.method)
-    given = method_options(args, method)
     rank = _init_distributed(args)
+    given = method_options(args, method, rank)
     report = print if rank == 0 else (lambda *a, **k: None)
     config = TrainConfig(**_train_options(args, method.lr), packing=not args.no_packing,
                          exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
@@ -124,7 +127,7 @@ def cmd_train_sft(args):
     train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
           pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok), data_files=[args.data],
           options=_run_options(args, method, given))
-    _finish(args, model, rank, full=not model.adapter_configs)
+    _finish(args, model, rank, full=not adapter_configs(model))
 
 
 def cmd_train_dpo(args):
@@ -139,15 +142,15 @@ def cmd_train_dpo(args):
     reference = {None: "base", "adapter-snapshot": "snapshot"}.get(args.reference, args.reference)
     if reference not in ("base", "snapshot", "precomputed") and not Path(reference).is_dir():
         raise ValueError(f"--reference {args.reference}: not base, adapter-snapshot, precomputed or a folder")
-    method = get_method(args.method or "lora")
-    given = {} if start else method_options(args, method)
+    method = None if start else get_method(args.method or "lora")
     losses = args.loss.split(",")
-    config = DPOConfig(**_train_options(args, DPO_LR), loss_type=losses if len(losses) > 1 else losses[0],
+    config = DPOConfig(**_train_options(args, DPOConfig.lr), loss_type=losses if len(losses) > 1 else losses[0],
                        loss_weights=args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, simpo_gamma=args.simpo_gamma, discopop_tau=args.discopop_tau)
     check_run_folder(args.out, args.resume, model=model_path(args), adapter=start,
                      reference=None if reference in ("base", "snapshot", "precomputed") else reference)
     rank = _init_distributed(args)
+    given = method_options(args, method, rank) if method else {}
     report = print if rank == 0 else (lambda *a, **k: None)
     model, tok = _load_for_training(args)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
@@ -163,7 +166,7 @@ def cmd_train_dpo(args):
               pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report,
               data_files=[args.data], options=_run_options(args, method, given, reference=args.reference,
                                                           start=start))
-    _finish(args, model, rank, full=not model.adapter_configs)
+    _finish(args, model, rank, full=not adapter_configs(model))
 
 
 def _all_options() -> list[Option]:
@@ -171,15 +174,38 @@ def _all_options() -> list[Option]:
     return list({o.name: o for m in REGISTRY.values() for o in m.options}.values())
 
 
+def _takers(option: Option) -> dict[str, object]:
+    """method name -> its default, for the methods that take an option of this name."""
+    return {m.name: o.default for m in REGISTRY.values() for o in m.options if o.name == option.name}
+
+
 def _option_help(option: Option) -> str:
     """The option's help, its default (per method where they differ) and the methods that take it."""
-    takers = {m.name: o.default for m in REGISTRY.values() for o in m.options if o.name == option.name}
-    groups: dict[str, list[str]] = {}
+    takers, groups = _takers(option), {}
     for name, default in takers.items():
-        groups.setdefault(repr(default), []).append(name)
-    said = [f"default {eval_repr}" + (f" for {', '.join(names)}" if len(groups) > 1 else "")
-            for eval_repr, names in groups.items() if eval_repr != "None"]
+        groups.setdefault(repr(default), (default, []))[1].append(name)
+    said = [f"default {default}" + (f" for {', '.join(names)}" if len(groups) > 1 else "")
+            for default, names in groups.values() if default is not None]
     return f"{option.help} ({'; '.join([*said, 'methods: ' + ', '.join(takers)])})".replace("%", "%%")
+
+
+def add_method_options(p):
+    """One argument group per set of methods sharing options (titled by those methods), each option once.
+    Added last, so that a method registered from outside whose option takes a trainer's flag is named."""
+    groups: dict[tuple, list[Option]] = {}
+    for o in _all_options():
+        groups.setdefault(tuple(_takers(o)), []).append(o)
+    for takers, options in groups.items():
+        group = p.add_argument_group(f"options of {', '.join(takers)}")
+        for o in options:
+            try:
+                if o.flag:
+                    group.add_argument(o.cli, dest=o.name, action="store_true", default=None, help=_option_help(o))
+                else:
+                    group.add_argument(o.cli, dest=o.name, type=o.type, choices=o.choices, help=_option_help(o))
+            except argparse.ArgumentError:
+                raise ValueError(f"method {takers[0]}: option {o.cli} is already a flag of the train command; "
+                                 "rename the option") from None
 
 
 def methods_epilog() -> str:
@@ -195,20 +221,6 @@ def add_method_args(p, lr_help: str):
     p.add_argument("--out", required=True, help="output folder: adapter (or checkpoint), metrics, checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest (refused when "
                    "the model, the data or the method differ; changed options are applied and printed)")
-    families: dict[str, list[Method]] = {}
-    for m in REGISTRY.values():
-        families.setdefault(m.variant_of or m.name, []).append(m)
-    added = set()
-    for members in families.values():
-        options = [o for m in members for o in m.options if o.name not in added and not added.add(o.name)]
-        if not options:
-            continue
-        group = p.add_argument_group(", ".join(m.name for m in members))
-        for o in options:
-            if o.flag:
-                group.add_argument(o.cli, dest=o.name, action="store_true", default=None, help=_option_help(o))
-            else:
-                group.add_argument(o.cli, dest=o.name, type=o.type, choices=o.choices, help=_option_help(o))
     p.add_argument("--lr", type=POSITIVE, help=lr_help)
     p.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0)
     p.add_argument("--lora-plus-ratio", type=POSITIVE, help="LoRA+: lora_B learns this many times faster")
@@ -240,6 +252,7 @@ def add_train_sft(sub):
     p.add_argument("--no-packing", action="store_true")
     p.add_argument("--exact-match", type=COUNT0, default=32, help="eval examples to answer for exact match")
     p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    add_method_options(p)
     p.set_defaults(func=cmd_train_sft, method="lora")
 
 
@@ -268,8 +281,9 @@ def add_train_dpo(sub):
     p.add_argument("--rpo-alpha", type=NONNEGATIVE, help="RPO: add this times the chosen completion's NLL")
     p.add_argument("--simpo-gamma", type=FINITE, default=0.5)
     p.add_argument("--discopop-tau", type=POSITIVE, default=0.05)
-    add_method_args(p, lr_help=f"peak learning rate (default: {DPO_LR})")
+    add_method_args(p, lr_help=f"peak learning rate (default: {DPOConfig.lr}, whatever the method)")
     p.add_argument("--batch-size", type=COUNT, default=4, help="pairs per micro-batch (per process)")
+    add_method_options(p)
     p.set_defaults(func=cmd_train_dpo)
 
 

@@ -32,23 +32,33 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+from .checkpoint import load_model
+from .data import DataError, PreferencePair, make_example, make_pair, pad_id_for, read_jsonl
+from .evaluate import evaluate_task
+from .files import atomic_write, read_json
+from .methods import count_parameters
+from .methods.registry import ORIGINS, REGISTRY, apply_method, get_method
+from .plot import write_compare_chart, write_compare_csv
+from .prompting import default_stop_ids
+from .tokenizer import load_tokenizer
+from .train import DPOConfig, TrainConfig, train, train_dpo
+
 PROMPTING = ("zero-shot", "few-shot", "cot")  # the prompt-engineering rungs: nothing trained
 ALIGNMENT = ("dpo",)  # LoRA SFT on the budget, then DPO on the budget's preference pairs
+# DPO after compare's short LoRA SFT: a few dozen steps, so a larger step than DPOConfig's 5e-5 (for long runs).
 DPO_LR = 2e-4
 
 
 def all_methods() -> list[str]:
     """Every method compare can run: the prompting rungs, every registered method, and DPO."""
-    from .methods.registry import REGISTRY
-
     return [*PROMPTING, *REGISTRY, *ALIGNMENT]
 
 
 def default_methods() -> list[str]:
     """What `compare` runs when not told: every rung, with one method of each registered family (rsLoRA,
     PiSSA, ... are variants: ask for them by name)."""
-    from .methods.registry import REGISTRY
-
     return [*PROMPTING, *(m.name for m in REGISTRY.values() if m.variant_of is None), *ALIGNMENT]
 
 
@@ -71,7 +81,7 @@ class CompareConfig:
 
 
 @dataclass
-class Task:
+class TaskFolder:
     folder: Path
     name: str
     scorer: str
@@ -86,11 +96,8 @@ class Task:
         return any("rationale" in r for r in self.train)
 
 
-def load_task(folder) -> Task:
+def load_task(folder) -> TaskFolder:
     """A task folder: task.json (name, scorer, labels, max_new_tokens), train/test JSONL, prefs_train.jsonl."""
-    from .data import DataError, read_jsonl
-    from .files import read_json
-
     folder = Path(folder)
     if not (folder / "task.json").is_file():
         raise DataError(f"{folder}: not a task folder (no task.json; see examples/data/tasks/)")
@@ -106,7 +113,7 @@ def load_task(folder) -> Task:
     if not (isinstance(max_new, int) and not isinstance(max_new, bool) and max_new >= 1):
         raise DataError(f"{file}: 'max_new_tokens' must be a positive integer, got {max_new!r}")
     prefs = folder / "prefs_train.jsonl"
-    return Task(folder, meta.get("name", folder.name), meta["scorer"], labels,
+    return TaskFolder(folder, meta.get("name", folder.name), meta["scorer"], labels,
                 max_new, [r for _, r in read_jsonl(folder / "train.jsonl")],
                 [r for _, r in read_jsonl(folder / "test.jsonl")],
                 [r for _, r in read_jsonl(prefs)] if prefs.is_file() else [])
@@ -123,19 +130,8 @@ def _train_tokens(out: Path) -> int:
     return sum(r.get("tokens", 0) for r in rows)
 
 
-def run_method(method: str, model_path, task: Task, config: CompareConfig, out) -> dict:
+def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig, out) -> dict:
     """Train (or not) and evaluate one method; returns its row of the table."""
-    import torch
-
-    from .checkpoint import load_model
-    from .data import PreferencePair, make_example, make_pair, pad_id_for
-    from .evaluate import evaluate_task
-    from .methods import count_parameters
-    from .methods.registry import apply_method, get_method
-    from .prompting import default_stop_ids
-    from .tokenizer import load_tokenizer
-    from .train import TrainConfig, train
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -156,8 +152,6 @@ def run_method(method: str, model_path, task: Task, config: CompareConfig, out) 
         train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop)
         tokens += _train_tokens(out / "sft")
         if method == "dpo":
-            from .train import DPOConfig, train_dpo
-
             pairs: list[PreferencePair] = [make_pair(r, tok, f"{task.folder}/prefs_train.jsonl:{i + 1}")
                                            for i, r in enumerate(task.prefs[:config.examples])]
             if not pairs:
@@ -189,17 +183,16 @@ def compare(model_path, task_folder, out, methods=None, config: CompareConfig | 
             report=print) -> list[dict]:
     """Run each method in a fresh process (results kept in OUT/<method>/result.json and reused), then write
     comparison.json, comparison.md and comparison.png; returns the rows."""
-    from .files import atomic_write
-    from .methods.registry import REGISTRY
-    from .plot import write_compare_chart, write_compare_csv
 
     config = config or CompareConfig()
     methods = default_methods() if methods is None else list(methods)
     if unknown := [m for m in methods if m not in all_methods()]:
         raise ValueError(f"unknown method {unknown}; choose from {', '.join(all_methods())}")
-    # A method registered from outside the package: its worker imports the module that registers it.
-    imports = sorted({REGISTRY[m].apply.__module__ for m in methods if m in REGISTRY})
-    imports = [name for name in imports if not name.startswith("minicustom.")]
+    # A method registered from outside the package: its worker imports the module that registered it.
+    imports = sorted({ORIGINS[m] for m in methods if m in ORIGINS})
+    if "__main__" in imports:
+        raise ValueError("a method registered by the main script cannot reach compare's worker processes: "
+                         "register it in a module and import that")
     task = load_task(task_folder)  # errors in the task come now, not from a worker
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +224,7 @@ def compare(model_path, task_folder, out, methods=None, config: CompareConfig | 
 
 
 def markdown(rows: list[dict], task: str, n_test: int) -> str:
-    lines = [f"Task `{task}`, test accuracy on {rows[0]['n_test'] if rows else n_test} questions.", "",
+    lines = [f"TaskFolder `{task}`, test accuracy on {rows[0]['n_test'] if rows else n_test} questions.", "",
              "| method | test accuracy | trainable params | training time (s) | peak memory (MB) | training tokens "
              "| prompt tokens / question |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -249,7 +242,6 @@ def _worker(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--config", required=True)
     args = p.parse_args(argv)
-    from .files import atomic_write
 
     for name in args.imports:  # modules that register methods defined outside the package
         importlib.import_module(name)

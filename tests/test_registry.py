@@ -15,7 +15,16 @@ from test_compare import record
 import minicustom as mc
 from minicustom.cli import main
 from minicustom.compare import CompareConfig, compare, default_methods
-from minicustom.methods import REGISTRY, apply_method
+from minicustom.methods import (
+    REGISTRY,
+    Method,
+    Option,
+    adapter_configs,
+    adapter_layers,
+    apply_method,
+    register,
+)
+from minicustom.methods.registry import check_options
 
 # "Scale every linear by a learned scalar": y = g (W x + b), g starting at `init`. Its own file, and one
 # registry line: the `register(...)` at the end.
@@ -47,7 +56,7 @@ TOY = textwrap.dedent('''
             self.active, self.merged = [], {}
 
         def forward(self, x):
-            y = self._base_forward(x)
+            y = self.base_forward(x)
             for name in self.active:
                 y = y * self.scale[name]
             return y
@@ -125,7 +134,8 @@ def test_a_method_joins_through_the_registry_and_trains(setup, toy, tmp_path, ca
     assert json.loads((out / "adapter_config.json").read_text()) == {"peft_type": "SCALE", "init": 0.5,
                                                                       "base_model_name_or_path": str(path)}
     # No --lr: the method's own (1e-2, from its entry) at the first step of a cosine schedule without warmup.
-    assert json.loads((out / "train_config.json").read_text())["lr"] is None
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert recorded["lr"] == 1e-2 and recorded["init"] == 0.5 and recorded["method"] == "scale"
     assert next(r for r in rows if "loss" in r)["lr"] == pytest.approx(1e-2)
     model = mc.load_model(path)
     mc.load_adapter(model, out)  # the registry's dispatch finds the toy's load_peft by peft_type
@@ -171,3 +181,69 @@ def test_the_command_line_imports_the_module_in_a_fresh_process(setup, toy):
     out = subprocess.run([sys.executable, "-m", "minicustom", "--import", toy, "train", "sft", "--help"],
                          capture_output=True, text=True, check=True)
     assert "every linear scaled by one learned scalar" in out.stdout
+
+
+BUILT_IN = list(REGISTRY)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_each_entry_says_what_its_method_does(setup, tmp_path, name):
+    """An entry's PEFT type and mergeable flag are those of what its apply attaches, and the registry's
+    dispatch writes the adapter and reads it back onto a fresh base: the same logits."""
+    _, path = setup
+    entry = REGISTRY[name]
+    base = dict(quantize="nf4") if name == "qlora" else {}
+    model = mc.load_model(path, **base)
+    torch.manual_seed(0)
+    apply_method(model, name)
+    with torch.no_grad():  # move every trainable tensor off its (often identity) start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    if entry.peft_type is None:
+        assert adapter_configs(model) == {} and all(p.requires_grad for p in model.parameters())
+        return
+    assert [c.peft_type for c in adapter_configs(model).values()] == [entry.peft_type]
+    assert entry.mergeable == all(layer.mergeable for _, layer in adapter_layers(model))
+    if name == "qlora-loftq":
+        return  # its adapter fits LoftQ's own 4-bit base, which is saved with the model, not the adapter
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(ids)
+    mc.save_adapter(model, tmp_path / name)
+    fresh = mc.load_adapter(mc.load_model(path, **base), tmp_path / name)
+    # PiSSA and OLoRA are saved as PEFT's conversion, rank 2r on the original base: W0 - s B0 A0 + s B0 A0 is W0
+    # only up to the fp32 rounding of the subtraction at init (a few ulps of W0, summed over the layers).
+    tol = 1e-4 if name in ("pissa", "olora") else 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), expected, atol=tol, rtol=tol)
+
+
+def test_a_shared_option_means_one_thing():
+    for m in REGISTRY.values():
+        check_options(m, [x for x in REGISTRY.values() if x is not m])
+    odd = Method("odd-dropout", lambda model, dropout="x": model, "a clash", lr=1e-3, mergeable=False,
+                 options=(Option("dropout", "x", "not a number", choices=("x", "y")),))
+    with pytest.raises(ValueError, match="option 'dropout' differs from method adapter's"):
+        register(odd)
+    assert "odd-dropout" not in REGISTRY
+
+
+def test_an_option_that_takes_a_trainer_flag_is_named(monkeypatch, capsys):
+    monkeypatch.setitem(REGISTRY, "seedy", Method("seedy", lambda model, seed=1: model, "a clash", lr=1e-3,
+                                                 mergeable=False, options=(Option("seed", 1, "its seed", type=int),)))
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("minicustom: method seedy: option --seed is already a flag of the "
+                                              "train command; rename the option")
+
+
+def test_merge_refuses_a_method_the_registry_calls_unmergeable(setup, tmp_path, capsys):
+    _, path = setup
+    model = apply_method(mc.load_model(path), "prefix")
+    mc.save_adapter(model, tmp_path / "prefix")
+    with pytest.raises(SystemExit):
+        main(["merge", "--model", path, "--adapter", tmp_path / "prefix", "--out", tmp_path / "merged"])
+    assert "a prefix adapter has nothing to fold into the base weights" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()

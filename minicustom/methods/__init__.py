@@ -16,6 +16,7 @@ base.py holds what they share (the adapter-layer protocol, targets, named adapte
 from .base import (
     Method,
     Option,
+    adapter_configs,
     adapter_layers,
     count_parameters,
     delete_adapter,
@@ -31,7 +32,7 @@ from .lora import add_weighted_adapter, lora_plus_param_groups
 from .peft_format import AdapterError
 from .registry import REGISTRY, apply_method, get_method, load_adapter, register, save_adapter
 
-__all__ = ["Method", "Option", "adapter_layers", "count_parameters", "delete_adapter", "disable_adapters",
+__all__ = ["Method", "Option", "adapter_configs", "adapter_layers", "count_parameters", "delete_adapter", "disable_adapters",
            "find_targets", "merge_adapter", "merge_adapters", "set_adapter", "unload", "unmerge_adapters",
            "add_weighted_adapter", "lora_plus_param_groups", "AdapterError", "REGISTRY", "apply_method", "get_method",
            "load_adapter", "register", "save_adapter"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..argtypes import COUNT
 from ..quant.linear4bit import Linear4bit
 
 
@@ -235,7 +236,7 @@ class LinearAdapterLayer(AdapterLayer):
             self.base_layer = None
             self.weight, self.bias = base.weight, base.bias  # W (out, in), b (out,): frozen
 
-    def _base_forward(self, x):
+    def base_forward(self, x):
         return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
 
     def factory(self) -> dict:
@@ -355,8 +356,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 # -- the registry entry each method file declares (methods/registry.py lists them) ------------------
 
 def targets_option(text: str):
-    """--targets on the command line: all-linear, one name, or names separated by commas."""
-    return text.split(",") if "," in text else text
+    """--targets on the command line: all-linear, or module names separated by commas (each equal to, or
+    the end of, a module's name: q_proj selects every layer's)."""
+    return text if text == "all-linear" else [t for t in text.split(",") if t]
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,11 @@ class Option:
     @property
     def cli(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+# An option several methods share, declared once so that its flag means one thing.
+VIRTUAL_TOKENS = Option("num_virtual_tokens", 20, "virtual tokens: the learned prompt's (or prefix's) length",
+                        type=COUNT)
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ class BottleneckLinear(_Bottleneck, LinearAdapterLayer):
         return self.base()
 
     def forward(self, x):
-        h = self._base_forward(x)  # (B, T, C)
+        h = self.base_forward(x)  # (B, T, C)
         for name in self.active:
             h = h + self.branch(name, h)
         return h

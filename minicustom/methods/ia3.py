@@ -119,10 +119,10 @@ class IA3Linear(LinearAdapterLayer):
                 l = self.ia3_l[name].flatten()  # (in,) or (out,)
                 scaling = l if scaling is None else scaling * l
         if scaling is None:
-            return self._base_forward(x)  # no multiply at all: exactly the base
+            return self.base_forward(x)  # no multiply at all: exactly the base
         if self.is_feedforward:
-            return self._base_forward((x * scaling).to(x.dtype))  # W (l ⊙ x) + b
-        y = self._base_forward(x)
+            return self.base_forward((x * scaling).to(x.dtype))  # W (l ⊙ x) + b
+        y = self.base_forward(x)
         return (y * scaling).to(y.dtype)  # l ⊙ (W x + b)
 
     @torch.no_grad()
@@ -233,11 +233,11 @@ def apply_ia3(model: nn.Module, targets=None, feedforward=None, layers=None, ada
     return model
 
 
-# -- PEFT adapter folders (adapters_io dispatches here on peft_type "IA3") ----------------------------
+# -- PEFT adapter folders (the registry dispatches here on peft_type "IA3") ----------------------------
 
 # PEFT options minicustom does not implement: (field, the value that means "off").
 _UNSUPPORTED = (("fan_in_fan_out", False), ("exclude_modules", None), ("modules_to_save", None))
-# adapter_config.json fields an IA3 folder is read with, and their kinds (adapters_io.check_fields).
+# adapter_config.json fields an IA3 folder is read with, and their kinds (peft_format.check_fields).
 _FIELDS = {"target_modules": "names", "feedforward_modules": "names", "fan_in_fan_out": "bool",
            "init_ia3_weights": "bool", "exclude_modules": "names", "modules_to_save": "name list"}
 

@@ -27,8 +27,10 @@ pissa, olora).
 
 PiSSA and OLoRA change the base weights at init (W0 -> W0 - s B0 A0). Saving such an adapter writes
 PEFT's conversion instead, a plain LoRA of rank 2r that applies to the original base:
-A' = [A; A0], B' = [B, -B0], alpha doubled (× √2 with rsLoRA) so the scaling is unchanged. Left out: LoRA on Conv layers, fan_in_fan_out (GPT-2's Conv1D), bias
-training, and PEFT's many other init schemes (EVA, CorDA, ...).
+A' = [A; A0], B' = [B, -B0], alpha doubled (× √2 with rsLoRA) so the scaling is unchanged.
+
+Left out: LoRA on Conv layers, fan_in_fan_out (GPT-2's Conv1D), bias training, and PEFT's many other
+init schemes (EVA, CorDA, ...).
 
 Dimensions: r rank, in/out features, V vocabulary, C hidden.
 """
@@ -183,8 +185,7 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, wei
     ) if g["params"]]
 
 
-
-# -- PEFT's files
+# -- PEFT's files ---------------------------------------------------------------------------------------
 
 _INITS_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 # PEFT options that change the math in ways minicustom does not implement: (field, harmless value).
@@ -230,8 +231,6 @@ def to_peft(model: nn.Module, adapter_name: str):
             lora_modules.append(name)
         state.update({f"{PREFIX}{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
     return _lora_peft_config(adapter_configs(model)[adapter_name], lora_modules, converted), state, {}
-
-
 
 
 # adapter_config.json fields a LoRA folder is read with, and their kinds (check_fields).

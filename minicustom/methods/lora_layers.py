@@ -31,7 +31,7 @@ INITS = ("default", "gaussian", "pissa", "olora")
 
 @dataclass
 class LoraConfig:
-    """Hyperparameters of one LoRA adapter (field names are minicustom's; adapters_io writes PEFT's)."""
+    """Hyperparameters of one LoRA adapter (field names are minicustom's; lora.to_peft writes PEFT's)."""
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -162,7 +162,7 @@ class LoRALinear(LinearAdapterLayer):
         return torch.linalg.norm(self.base_weight() + self.delta(name).detach(), dim=1).detach()
 
     def forward(self, x):
-        y = self._base_forward(x)
+        y = self.base_forward(x)
         for name in self.active:
             if name in self.merged:
                 continue

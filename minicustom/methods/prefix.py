@@ -35,9 +35,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..argtypes import COUNT
 from ..model import Prefix
 from .base import (
+    VIRTUAL_TOKENS,
     Method,
     Option,
     PrefixLayer,
@@ -151,7 +151,7 @@ def to_peft(model: nn.Module, adapter_name: str):
         return peft, {"prompt_embeddings": encoder()}, extra
 
 
-# adapter_config.json fields a PREFIX_TUNING folder is read with, and their kinds (adapters_io.check_fields).
+# adapter_config.json fields a PREFIX_TUNING folder is read with, and their kinds (peft_format.check_fields).
 _FIELDS = {"num_virtual_tokens": "positive int", "token_dim": "positive int", "num_layers": "positive int",
            "num_attention_heads": "positive int", "num_transformer_submodules": "positive int",
            "encoder_hidden_size": "positive int", "prefix_projection": "bool", "modules_to_save": "name list"}
@@ -202,6 +202,6 @@ def _apply(model: nn.Module, num_virtual_tokens=20, prefix_projection=False) -> 
 
 PREFIX_TUNING = Method("prefix", _apply, "prefix tuning: learned keys and values before every layer's sequence",
                        lr=1e-2, mergeable=False, peft_type="PREFIX_TUNING", options=(
-                           Option("num_virtual_tokens", 20, "learned prefix length", type=COUNT),
+                           VIRTUAL_TOKENS,
                            Option("prefix_projection", False, "reparameterise the prefix through an MLP", flag=True)),
                        to_peft=to_peft, load_peft=load_peft)

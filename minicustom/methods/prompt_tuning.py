@@ -42,9 +42,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..argtypes import COUNT
 from ..model import Prefix
 from .base import (
+    VIRTUAL_TOKENS,
     Method,
     Option,
     PrefixLayer,
@@ -262,7 +262,7 @@ def to_peft(model: nn.Module, adapter_name: str):
 
 
 # adapter_config.json fields a PROMPT_TUNING or P_TUNING folder is read with, and their kinds
-# (adapters_io.check_fields).
+# (peft_format.check_fields).
 _FIELDS = {"num_virtual_tokens": "positive int", "token_dim": "positive int", "num_layers": "positive int",
            "num_attention_heads": "positive int", "num_transformer_submodules": "positive int",
            "modules_to_save": "name list", "prompt_tuning_init": "str", "prompt_tuning_init_text": "str",
@@ -338,15 +338,14 @@ def _apply_ptuning(model: nn.Module, num_virtual_tokens=20, encoder="mlp") -> nn
     return apply_p_tuning(model, num_virtual_tokens=num_virtual_tokens, encoder=encoder)
 
 
-_VIRTUAL_TOKENS = Option("num_virtual_tokens", 20, "learned prompt length", type=COUNT)
 PROMPT_TUNING = Method("prompt", _apply_prompt, "prompt tuning: learned input embeddings before the prompt",
                        lr=3e-2, mergeable=False, peft_type="PROMPT_TUNING", uses_tokenizer=True, options=(
-                           _VIRTUAL_TOKENS,
+                           VIRTUAL_TOKENS,
                            Option("prompt_init", "random", "how the prompt starts", choices=tuple(INITS)),
                            Option("prompt_init_text", None, "prompt_init text: the text whose token embeddings "
                                   "start the prompt")),
                        to_peft=to_peft, load_peft=load_peft)
 P_TUNING = Method("ptuning", _apply_ptuning, "p-tuning: virtual tokens made by a small encoder", lr=1e-3,
                   mergeable=False, peft_type="P_TUNING", options=(
-                      _VIRTUAL_TOKENS, Option("encoder", "mlp", "the prompt encoder", choices=tuple(ENCODERS))),
+                      VIRTUAL_TOKENS, Option("encoder", "mlp", "the prompt encoder", choices=tuple(ENCODERS))),
                   to_peft=to_peft, load_peft=load_peft)

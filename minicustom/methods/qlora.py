@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..quant import nf4
-from ..quant.linear4bit import Linear4bit, quantize_model
+from ..quant.linear4bit import Linear4bit, memory_report, quantize_model  # noqa: F401 (mc.qlora.memory_report)
 from .base import Method, adapter_configs
 from .lora import OPTIONS, apply_lora, load_peft, to_peft
 from .lora_layers import LoraConfig, LoRALinear

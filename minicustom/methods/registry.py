@@ -3,13 +3,15 @@ adapter folders to the method that reads and writes them.
 
 Each method's file declares its entry (a `Method`: name, apply, options with defaults and help, default
 lr, mergeable, PEFT type, file code); the list below is the only place that names them. Adding a method
-is its file and one line here. A method defined outside the package (a research idea, a test's toy
-method) joins with `register(entry)`; `minicustom --import MODULE ...` imports such a module first.
+is its file and two lines here (its import, and its place in the ladder). A method defined outside the
+package (a research idea, a test's toy method) joins with `register(entry)`; `minicustom --import MODULE`
+imports such a module first.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -54,11 +56,28 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+# name -> the module that registered a method from outside the package (compare's workers import it).
+ORIGINS: dict[str, str] = {}
+
+
+def check_options(method: Method, others) -> None:
+    """An option that several methods take is one command-line flag: its type, choices and kind must agree."""
+    for o in method.options:
+        for m in others:
+            for q in m.options:
+                if q.name == o.name and (q.type, q.choices, q.flag) != (o.type, o.choices, o.flag):
+                    raise ValueError(f"method {method.name}: option {o.name!r} differs from method {m.name}'s "
+                                     "(type, choices or switch); give it another name")
+
+
 def register(method: Method) -> Method:
-    """Add a method defined outside the package; its name must be new."""
+    """Add a method defined outside the package; its name must be new, and an option it shares with another
+    method must parse the same way. The calling module is recorded, so that compare's workers import it."""
     if method.name in REGISTRY and REGISTRY[method.name] is not method:
         raise ValueError(f"a method named {method.name!r} is already registered")
+    check_options(method, [m for m in REGISTRY.values() if m is not method])
     REGISTRY[method.name] = method
+    ORIGINS[method.name] = sys._getframe(1).f_globals.get("__name__", "__main__")
     return method
 
 
@@ -78,7 +97,7 @@ def apply_method(model: nn.Module, method: str, tokenizer=None, **options) -> nn
     return entry.apply(model, **options)
 
 
-def _file_code(peft_type) -> Method | None:
+def method_for(peft_type) -> Method | None:
     """The registered method that reads and writes adapter folders of `peft_type` (None: unsupported)."""
     return next((m for m in REGISTRY.values() if m.peft_type == peft_type and m.load_peft), None)
 
@@ -89,7 +108,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", base_mod
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(configs)}")
-    peft, state, extra = _file_code(configs[adapter_name].peft_type).to_peft(model, adapter_name)
+    peft, state, extra = method_for(configs[adapter_name].peft_type).to_peft(model, adapter_name)
     peft["base_model_name_or_path"] = base_model_name_or_path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -107,7 +126,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", is_train
     """Attach the adapter saved at `path` (PEFT format) under `adapter_name` and activate it."""
     config, tensors, meta = read_adapter(path)
     peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or (code := _file_code(peft_type)) is None:
+    if not isinstance(peft_type, str) or (code := method_for(peft_type)) is None:
         supported = sorted({m.peft_type for m in REGISTRY.values() if m.peft_type and m.load_peft})
         raise NotImplementedError(f"{Path(path) / CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
                                   f"supported: {', '.join(supported)}")

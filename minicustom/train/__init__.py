@@ -8,6 +8,7 @@
     export.py  the run's result: an adapter folder, or a checkpoint folder
 """
 
+from ..methods import apply_method  # where the README imported it before the registry held it
 from .dpo import DPOConfig, train_dpo
 from .export import export
 from .loop import TrainConfig, run
@@ -15,4 +16,4 @@ from .sft import train
 from .state import Interrupted, TrainingError
 from .task import Task
 
-__all__ = ["DPOConfig", "train_dpo", "export", "TrainConfig", "run", "train", "Interrupted", "TrainingError", "Task"]
+__all__ = ["apply_method", "DPOConfig", "train_dpo", "export", "TrainConfig", "run", "train", "Interrupted", "TrainingError", "Task"]

@@ -51,6 +51,8 @@ class DPOConfig(TrainConfig):
     """TrainConfig plus the preference loss (see losses.preference_loss). batch_size counts pairs."""
 
     lr: float = 5e-5  # for adapters; full fine-tuning wants far less (TRL's default is 1e-6)
+    # Pairs are never packed: TrainConfig's switch is off, and left out of the run record (repr=False).
+    packing: bool = field(default=False, repr=False)
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     beta: float = 0.1
@@ -264,7 +266,7 @@ class DPOLoss(nn.Module):
 
 
 class DPOTask:
-    """DPO as the training loop (train.run) sees it: a row unit is one pair, the weight of a batch is its
+    """DPO as the training loop (loop.run) sees it, the `Task` protocol (task.py): a row unit is one pair, the weight of a batch is its
     number of pairs (the loss is the mean over the pairs of the global batch)."""
 
     weight_name = "pairs"
@@ -334,7 +336,7 @@ def train_dpo(model: nn.Module, pairs: list[PreferencePair], config: DPOConfig, 
     `reference` must be named: 'base', 'snapshot', 'precomputed', a checkpoint folder or a model (see the
     module docstring); only reference-free losses (simpo, orpo) go without. 'precomputed' caches under
     reference_cache (default out/reference-logps). Outputs, checkpoints, resume (and data_files and
-    options) are those of train.train."""
+    options) are those of sft.train."""
     if config.reference_free:
         live, ref, eval_ref = None, None, None
     elif reference is None:

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import save_model
-from ..methods import save_adapter
+from ..methods import adapter_configs, save_adapter
 from .loop import rank_and_world
 
 
@@ -16,7 +16,7 @@ def export(model: nn.Module, out: str | Path, base_model_name_or_path: str | Non
     """The result of a run: a PEFT-style adapter folder, or (full fine-tuning) a checkpoint folder.
     Under FSDP2 every process must call it (the full weights are gathered); process 0 writes."""
     rank, _ = rank_and_world()
-    if model.adapter_configs:
+    if adapter_configs(model):
         if rank == 0:
             save_adapter(model, out, base_model_name_or_path=base_model_name_or_path)
         return

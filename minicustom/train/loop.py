@@ -76,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int | None = None  # and at the end, when eval data is given
-    save_every: int | None = None  # None: run_state.default_save_every (a tenth of the run); 0: at the end only
+    save_every: int | None = None  # None: state.default_save_every (a tenth of the run); 0: at the end only
     keep_checkpoints: int = 2
     exact_match: int = 32  # eval examples to answer greedily for exact match (0: none)
     max_new_tokens: int = 64
@@ -248,7 +248,7 @@ class Run:
     wrapper: nn.Module  # the task's loss module, wrapped by DDP or FSDP2 under torchrun
     optimizer: torch.optim.Optimizer
     out: Path
-    identity: dict  # the record a checkpoint keeps (run_state.run_record)
+    identity: dict  # the record a checkpoint keeps (state.run_record)
     history: list[dict]
     step: int
     total: int
@@ -257,7 +257,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    progress: Progress
+    progress: Progress | None = None
 
     @property
     def config(self) -> TrainConfig:
@@ -298,76 +298,76 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     device = next(p for p in model.parameters() if p.requires_grad).device
-    r = Run(task, model, wrapper, optimizer, out, identity, [], 0, total, per_epoch, full, rank, world, device,
-            Progress(total, saved["step"], enabled=rank == 0))
+    job = Run(task, model, wrapper, optimizer, out, identity, [], 0, total, per_epoch, full, rank, world, device)
     if rank == 0:
-        r.folder.mkdir(parents=True, exist_ok=True)
-        remove_partial_saves(r.folder, r.say)
+        job.folder.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(job.folder, job.say)
     if latest:
-        r.history = read_metrics(out / "metrics.jsonl", saved["step"], r.say)
-        r.step = load_checkpoint(latest, wrapper, optimizer)
+        job.history = read_metrics(out / "metrics.jsonl", saved["step"], job.say)
+        job.step = load_checkpoint(latest, wrapper, optimizer)
         for group, fresh in zip(optimizer.param_groups, param_groups(model, config)):  # this run's options
             group.update(peak_lr=fresh.get("lr", config.lr), weight_decay=fresh["weight_decay"], betas=config.betas)
         for change in changes:
-            r.say(f"resume: {change}")
-        r.say(f"resuming from {latest} (step {r.step} of {total})")
-    if r.step == 0 and task.eval_items:  # the starting point, for comparison
-        r.history = [{"step": 0, **evaluate_objective(task, model, wrapper, full)}]
+            job.say(f"resume: {change}")
+        job.say(f"resuming from {latest} (step {job.step} of {total})")
+    if job.step == 0 and task.eval_items:  # the starting point, for comparison
+        job.history = [{"step": 0, **evaluate_objective(task, model, wrapper, full)}]
     if rank == 0:
-        atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(x) + "\n" for x in r.history)))
-    return r
+        atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(x) + "\n" for x in job.history)))
+    job.progress = Progress(total, job.step, enabled=rank == 0)  # the clock starts with the first step
+    return job
 
 
-def train_step(r: Run, units: list[int]) -> dict:
+def train_step(job: Run, units: list[int]) -> dict:
     """One optimizer step over `units` (every process's rows of the step); returns its metrics record. A
     non-finite loss or gradient stops the run before the optimizer touches the weights."""
-    config, t0 = r.config, time.perf_counter()
-    for group in r.optimizer.param_groups:
-        group["lr"] = group["peak_lr"] * lr_factor(r.step, r.total, config)
-    micros = step_batches(r.task, units, config, r.rank, r.world)
-    loss, n_weight, n_tokens, stats = accumulate_gradients(r.wrapper, micros, r.device, r.world, r.task.weight)
-    grad_norm = _clip(r.model, config.max_grad_norm)
+    config, t0 = job.config, time.perf_counter()
+    for group in job.optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * lr_factor(job.step, job.total, config)
+    micros = step_batches(job.task, units, config, job.rank, job.world)
+    loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world, job.task.weight)
+    grad_norm = _clip(job.model, config.max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        latest = r.folder / "latest"
-        kept = r.folder / latest.read_text().strip() if latest.exists() else "none yet"
-        raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {r.step + 1}; the weights "
+        latest = job.folder / "latest"
+        kept = job.folder / latest.read_text().strip() if latest.exists() else "none yet"
+        raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {job.step + 1}; the weights "
                             f"were not updated. Last good checkpoint: {kept}. Lower the learning rate, check the "
                             "data, or train in float32.")
-    r.optimizer.step()
-    r.optimizer.zero_grad(set_to_none=True)
-    r.step += 1
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.step += 1
     seconds = time.perf_counter() - t0
-    return {"step": r.step, "epoch": round(r.step / r.per_epoch, 4), "loss": loss, **stats,
-            "lr": r.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, r.task.weight_name: n_weight,
+    return {"step": job.step, "epoch": round(job.step / job.per_epoch, 4), "loss": loss, **stats,
+            "lr": job.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, job.task.weight_name: n_weight,
             "tokens": n_tokens, "tokens_per_s": n_tokens / seconds}
 
 
-def save(r: Run):
+def save(job: Run):
     """A checkpoint of the step just taken (every process writes its share), then the loss chart."""
-    save_checkpoint(r.folder, r.wrapper, r.optimizer, r.step, r.rank, r.identity)
-    if r.rank == 0:
-        prune_checkpoints(r.folder, r.config.keep_checkpoints)
-        write_loss_chart(r.out, r.history)
+    save_checkpoint(job.folder, job.wrapper, job.optimizer, job.step, job.rank, job.identity)
+    if job.rank == 0:
+        prune_checkpoints(job.folder, job.config.keep_checkpoints)
+        write_loss_chart(job.out, job.history)
 
 
-def log_and_save(r: Run, record: dict) -> bool:
+def log_and_save(job: Run, record: dict) -> bool:
     """Evaluate when due, append the record to metrics.jsonl, update the progress line, and save a
     checkpoint when due (always after the last step); returns whether it saved."""
-    config, last = r.config, r.step == r.total
-    if r.task.eval_items and ((config.eval_every and r.step % config.eval_every == 0) or last):
-        record.update(evaluate_objective(r.task, r.model, r.wrapper, r.full))
-    r.history.append(record)
-    if r.rank == 0:
-        with open(r.out / "metrics.jsonl", "a") as f:
+    config, last = job.config, job.step == job.total
+    if job.task.eval_items and ((config.eval_every and job.step % config.eval_every == 0) or last):
+        record.update(evaluate_objective(job.task, job.model, job.wrapper, job.full))
+    job.history.append(record)
+    if job.rank == 0:
+        with open(job.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if r.step % config.log_every == 0 or last or "eval_loss" in record:
+        if job.step % config.log_every == 0 or last or "eval_loss" in record:
             extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
-            r.progress.update(r.step, f"loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} | "
+            job.progress.update(job.step, f"loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} | "
                                       f"{record['tokens_per_s']:,.0f} tok/s")
-    every = default_save_every(r.total) if config.save_every is None else config.save_every
-    due = bool(every and r.step % every == 0) or last
+    every = default_save_every(job.total) if config.save_every is None else config.save_every
+    due = bool(every and job.step % every == 0) or last
     if due:
-        save(r)
+        save(job)
     return due
 
 
@@ -377,25 +377,25 @@ def run(task: Task, model: nn.Module, out: str | Path, *, resume: bool = False,
     """Train the parameters of `model` that require grad on `task`; returns the logged metrics (see
     sft.train for the folder it writes). Ctrl-C stops at the next step boundary, saves a checkpoint and
     raises Interrupted (a KeyboardInterrupt)."""
-    r = setup(task, model, out, resume, data_files, options)
+    job = setup(task, model, out, resume, data_files, options)
     plan_epoch, plan = -1, []
     with StopRequest() as stop:
-        while r.step < r.total:
-            epoch, index = divmod(r.step, r.per_epoch)
+        while job.step < job.total:
+            epoch, index = divmod(job.step, job.per_epoch)
             if epoch != plan_epoch:
-                plan, plan_epoch = epoch_steps(len(task.units), epoch, r.config, r.world), epoch
-            record = train_step(r, plan[index])
-            saved = log_and_save(r, record)
+                plan, plan_epoch = epoch_steps(len(task.units), epoch, job.config, job.world), epoch
+            record = train_step(job, plan[index])
+            saved = log_and_save(job, record)
             if on_step is not None:
-                on_step(r.step, record)
-            if r.step < r.total and stop.agreed(r.world, r.device):  # after the step: a regular checkpoint
+                on_step(job.step, record)
+            if job.step < job.total and stop.agreed(job.world, job.device):  # after the step: a regular checkpoint
                 if not saved:
-                    save(r)
-                r.progress.close()
-                raise Interrupted(f"interrupted at step {r.step} of {r.total}; the run is saved in "
-                                  f"{r.folder / f'checkpoint-{r.step:06d}'}")
-    r.progress.close()
-    return r.history
+                    save(job)
+                job.progress.close()
+                raise Interrupted(f"interrupted at step {job.step} of {job.total}; the run is saved in "
+                                  f"{job.folder / f'checkpoint-{job.step:06d}'}")
+    job.progress.close()
+    return job.history
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:

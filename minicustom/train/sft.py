@@ -45,7 +45,7 @@ class SFTLoss(nn.Module):
 class SFTTask:
     """What the loop needs to know of its objective, for SFT: the rows (packed examples), a micro-batch of
     rows, its weight (trained tokens: the loss of a step is a sum over them divided by their count), the
-    loss module, and the eval metrics. The DPO task (dpo.py) answers the same questions for pairs (the `Task` protocol, task.py)."""
+    loss module, and the eval metrics: the `Task` protocol (task.py), which DPO (dpo.py) answers for pairs."""
 
     weight_name = "trained_tokens"
 
@@ -123,12 +123,12 @@ def train(model: nn.Module, examples: list[Example], config: TrainConfig, out: s
           options: dict | None = None) -> list[dict]:
     """Train the parameters of `model` that require grad on `examples`; returns the logged metrics.
 
-    out/ receives metrics.jsonl, loss.png and checkpoints/: every save_every steps (None: a tenth of the
-    run, at most 100 steps; 0: none) and at the end. Each records the run (see run_state): resume=True
+    out/ receives metrics.jsonl, loss.csv, loss.png (with matplotlib) and checkpoints/: every save_every steps (None: a tenth of the
+    run, at most 100 steps; 0: none) and at the end. Each records the run (see state.py): resume=True
     continues from out/checkpoints/latest, refusing another base model, other examples or another method,
     and applies and prints any changed TrainConfig field. data_files (the files the examples came from)
     and options (the method and its options, say) are recorded too. Ctrl-C stops at the next step
-    boundary, saves a checkpoint and raises run_state.Interrupted (a KeyboardInterrupt). A non-finite loss
+    boundary, saves a checkpoint and raises state.Interrupted (a KeyboardInterrupt). A non-finite loss
     stops the run with a TrainingError before the optimizer touches the weights; the last checkpoint
     stays as it was."""
     task = SFTTask(examples, config, pad_id, eval_examples, tokenizer, stop_ids)
