@@ -247,3 +247,23 @@ def test_merge_refuses_a_method_the_registry_calls_unmergeable(setup, tmp_path, 
         main(["merge", "--model", path, "--adapter", tmp_path / "prefix", "--out", tmp_path / "merged"])
     assert "a prefix adapter has nothing to fold into the base weights" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "q_proj,nope"])
+def test_targets_that_name_no_layer_are_refused_by_name(setup, tmp_path, capsys, value):
+    root, path = setup
+    with pytest.raises(SystemExit):
+        main(["train", "sft", "--model", path, "--data", root / "train.jsonl", "--out", tmp_path / "run",
+              "--targets", value, "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert f"--targets {value}: no linear or embedding layer of the model is named" in err
+    assert "(its layers: " in err and "q_proj" in err and not (tmp_path / "run").exists()
+
+
+def test_targets_by_name_select_every_layer_s_module(setup, tmp_path):
+    """--targets q_proj,v_proj: the names match the end of module names (a lone name is not a regex)."""
+    root, path = setup
+    main(["train", "sft", "--model", path, "--data", root / "train.jsonl", "--out", tmp_path / "run",
+          "--targets", "q_proj", "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--exact-match", "0"])
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj"]
