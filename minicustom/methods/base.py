@@ -128,7 +128,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def report(model: nn.Module, what: str):
     trainable, total = count_parameters(model)
-    print(f"{what}: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    print(f"{what}, trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
 
 def set_adapter(model: nn.Module, names: str | list[str]):

@@ -42,10 +42,10 @@ from .base import (
     Method,
     Option,
     adapter_configs,
-    count_parameters,
     find_targets,
     linear_like,
     register_config,
+    report,
     set_adapter,
     targets_option,
 )
@@ -227,9 +227,7 @@ def apply_ia3(model: nn.Module, targets=None, feedforward=None, layers=None, ada
     register_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
     if verbose:
-        trainable, total = count_parameters(model)
-        print(f"IA3 '{adapter_name}': {len(plan)} modules ({sum(ff for _, ff in plan)} feedforward), trainable "
-              f"parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+        report(model, f"IA3 '{adapter_name}': {len(plan)} modules ({sum(ff for _, ff in plan)} feedforward)")
     return model
 
 

@@ -52,9 +52,9 @@ from .base import (
     TrainableCopy,
     adapter_configs,
     adapter_layers,
-    count_parameters,
     find_targets,
     register_config,
+    report,
     set_adapter,
     targets_option,
 )
@@ -102,9 +102,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-l
     register_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
     if verbose:
-        trainable, total = count_parameters(model)
-        print(f"LoRA '{adapter_name}': {len(names)} modules, trainable parameters {trainable:,} of {total:,} "
-              f"({100 * trainable / total:.3f}%)")
+        report(model, f"LoRA '{adapter_name}': {len(names)} modules")
     return model
 
 
