@@ -19,6 +19,10 @@ Left out: label smoothing and z-loss.
 DPO needs log p(completion | prompt) per sequence rather than one sum (`sequence_logps`), and then one
 of the preference losses below, each a function of four (B,) log-probs and two (B,) lengths, all behind
 `preference_loss`.
+
+The RLHF rung's objectives close the file: the reward model's Bradley–Terry loss (`reward_loss`), the
+group and leave-one-out advantages of GRPO and RLOO, the clipped token-level policy loss with its four
+aggregations (`policy_loss`), and KTO's loss for unpaired feedback (`kto_loss`, `kto_kl`).
 """
 
 from __future__ import annotations
@@ -364,3 +368,181 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     else:
         chosen_rewards, rejected_rewards = beta * p.c, beta * p.r
     return PreferenceLosses(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+# -- the RLHF rung: reward models, policy-gradient objectives, KTO ----------------------------------------
+#
+# Shapes: B completions (G consecutive per prompt for the group methods), T completion positions; `mask` is 1
+# on a completion's tokens and 0 on padding. Every function returns what one batch on one process contributes;
+# the trainer's loop does the accumulation.
+
+def reward_loss(chosen, rejected, margin=None, center_coefficient=None):
+    """Bradley–Terry (Stiennon et al. 2020, Ouyang et al. 2022): the reward model r scores the chosen
+    completion above the rejected one,
+
+        L = mean(−log σ(r_w − r_l − m)) + c · mean((r_w + r_l)²)
+
+    with an optional per-pair margin m (Llama 2's) and centering coefficient c (Eisenstein et al. 2023,
+    TRL's center_rewards_coefficient), which pulls the rewards toward zero mean. chosen, rejected (B,)."""
+    diff = chosen - rejected - (0 if margin is None else margin)
+    loss = -F.logsigmoid(diff).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def _grouped(rewards, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards has shape {tuple(rewards.shape)}; expected (B,), one reward per completion")
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the batch of {rewards.shape[0]} completions "
+                         "(G completions per prompt, one after another)")
+    return rewards.view(-1, group_size)  # (prompts, G)
+
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards, group_size: int, scale: str = "group"):
+    """GRPO's critic-free advantage (Shao et al. 2024): each completion's reward against its group's mean,
+
+        A_i = (r_i − mean_group(r)) / (std + 1e-4)
+
+    std: the group's ("group"), the whole batch's ("batch", Hu et al.'s REINFORCE++ / Liu et al.), or no
+    division ("none": Dr. GRPO, Liu et al. 2025, which finds the division biases toward easy and hard
+    prompts). The std is the unbiased one and the 1e-4 sits outside it, as TRL computes them. rewards (B,),
+    G consecutive per prompt; returns (B,)."""
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale {scale!r}: expected one of {', '.join(ADVANTAGE_SCALES)}")
+    grouped = _grouped(rewards, group_size)  # (P, G)
+    centered = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # (B,)
+    if scale == "none":
+        return centered
+    if scale == "group":
+        std = (grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped))
+        std = std.expand_as(grouped).reshape(-1)
+    else:
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
+    return centered / (std + 1e-4)
+
+
+def rloo_advantages(rewards, group_size: int):
+    """RLOO (Ahmadian et al. 2024, after Kool et al. 2019): each completion's baseline is the mean reward of
+    the other G − 1 completions of its prompt, A_i = r_i − (Σ_j r_j − r_i) / (G − 1). rewards (B,); (B,)."""
+    grouped = _grouped(rewards, group_size)  # (P, G)
+    if group_size == 1:
+        raise ValueError("RLOO needs at least two completions per prompt (group_size >= 2)")
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def policy_loss(logps, old_logps, advantages, mask, loss_type: str = "grpo", epsilon_low: float = 0.2,
+                epsilon_high: float | None = None, beta: float = 0.0, ref_logps=None,
+                max_completion_length: int | None = None):
+    """The clipped policy-gradient objective of PPO (Schulman et al. 2017) at the token level, as GRPO uses
+    it, with an optional KL penalty to the reference:
+
+        ρ_t = exp(log π(y_t) − log π_old(y_t))
+        ℓ_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β (e^{δ_t} − δ_t − 1),  δ_t = log π_ref − log π
+
+    The KL term is Schulman's k3 estimate, unbiased and ≥ 0; ε_high > ε_low is DAPO's clip-higher (Yu et
+    al. 2025). The token losses are aggregated by loss_type:
+      grpo     mean over completions of each one's token mean (long completions weigh no more than short ones)
+      bnpo     token mean over the batch
+      dr_grpo  token sum / (B · max_completion_length): Dr. GRPO's constant normalizer, no length bias
+      dapo     token sum / completion tokens in the batch (one process, no accumulation: = bnpo here)
+    logps, old_logps, ref_logps, mask (B, T); advantages (B,). A completion with no token contributes 0."""
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(POLICY_LOSS_TYPES)}")
+    if logps.dim() != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape:
+        raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask "
+                         f"{tuple(mask.shape)} must share one (B, T) shape")
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected ({logps.shape[0]},)")
+    if beta and (ref_logps is None or ref_logps.shape != logps.shape):
+        raise ValueError(f"beta={beta} needs ref_logps of shape {tuple(logps.shape)}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type 'dr_grpo' needs max_completion_length (its constant normalizer)")
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    A = advantages[:, None]  # (B, 1)
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * A)
+    if beta:
+        delta = ref_logps - logps
+        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+    mask = mask.to(per_token.dtype)
+    total = per_token * mask
+    if loss_type == "grpo":
+        return (total.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return total.sum() / (logps.shape[0] * max_completion_length)
+    return total.sum() / mask.sum().clamp(min=1.0)  # bnpo, dapo
+
+
+def clip_fraction(logps, old_logps, advantages, mask, epsilon_low: float = 0.2, epsilon_high: float | None = None):
+    """The share of completion tokens whose ratio the clip holds back (a metric of the policy's step size)."""
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logps - old_logps)
+    A = advantages[:, None]
+    clipped = ((ratio < 1 - epsilon_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    mask = mask.bool()
+    return (clipped & mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class UnpairedLosses:
+    losses: torch.Tensor  # (B,) per completion, weighted; the trainer reduces it
+    rewards: torch.Tensor  # (B,) β (log π(y|x) − log π_ref(y|x)); detached
+
+
+def kto_kl(policy_kl_logps, ref_kl_logps):
+    """KTO's reference point z0: the batch estimate of KL(π ‖ π_ref) from mismatched (prompt, completion)
+    pairs, mean(log π − log π_ref), detached and clamped at 0 (the KL is ≥ 0; its estimate need not be)."""
+    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy_logps, ref_logps, desirable, kl, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> UnpairedLosses:
+    """KTO (Ethayarajh et al. 2024, Eq. 7): prospect-theoretic value of each completion against the
+    reference point z0 (`kl`, from kto_kl), for unpaired thumbs-up/down feedback,
+
+        desirable:    λ_D (1 − σ(β (log-ratio − z0)))
+        undesirable:  λ_U (1 − σ(β (z0 − log-ratio))),    log-ratio = log π(y|x) − log π_ref(y|x)
+
+    policy_logps, ref_logps (B,) sequence log-probs; desirable (B,) bool."""
+    if not (policy_logps.shape == ref_logps.shape == desirable.shape) or policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and "
+                         f"desirable {tuple(desirable.shape)} must each be (B,)")
+    logratio = policy_logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio)))
+    return UnpairedLosses(torch.where(desirable.bool(), good, bad), (beta * logratio).detach())
+
+
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """PPO's advantages by generalized advantage estimation (Schulman et al. 2016), per completion token:
+
+        δ_t = r_t + γ V_{t+1} − V_t,   A_t = δ_t + γ λ A_{t+1},   returns_t = A_t + V_t
+
+    with V and A zero past a completion's last token. rewards, values, mask (B, T), the rewards already
+    holding InstructGPT's per-token KL penalty and the score on the last token. Returns (A, returns)."""
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages, next_value, next_adv = torch.zeros_like(values), torch.zeros_like(values[:, 0]), 0.0
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def value_loss(values, old_values, returns, mask, clip: float = 0.2):
+    """PPO's clipped value loss: 0.5 · max((V − R)², (V_old + clip(V − V_old, ±c) − R)²), token mean."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    per_token = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
