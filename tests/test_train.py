@@ -169,6 +169,22 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
     assert len(metrics(tmp_path)) == 4
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_new_run_that_fails_at_its_first_step_leaves_no_trace(setup, tmp_path, existed):
+    """A NaN at step 1 of a new run keeps nothing (no checkpoint exists to resume from): the folders and the
+    metrics file it made are removed, and an output folder that was there before stays, empty."""
+    model, tok, examples = model_and_examples(setup, "lora", r=4)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    out = tmp_path / "run"
+    if existed:
+        out.mkdir()
+    config = TrainConfig(max_steps=3, batch_size=2, max_length=256)
+    with pytest.raises(TrainingError, match=r"at step 1; the weights were not updated\. Last good checkpoint: none"):
+        train(model, examples, config, out, eval_examples=examples[:2])
+    assert (list(out.iterdir()) == []) if existed else not out.exists()
+
+
 def test_cli_outputs(setup, tmp_path):
     root, path = setup
     run(setup, tmp_path / "lora", "--method", "dora")

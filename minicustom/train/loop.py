@@ -377,7 +377,22 @@ def run(task: Task, model: nn.Module, out: str | Path, *, resume: bool = False,
     """Train the parameters of `model` that require grad on `task`; returns the logged metrics (see
     sft.train for the folder it writes). Ctrl-C stops at the next step boundary, saves a checkpoint and
     raises Interrupted (a KeyboardInterrupt)."""
+    made = [d for d in (Path(out), Path(out) / "checkpoints") if not d.exists()]
     job = setup(task, model, out, resume, data_files, options)
+    try:
+        return _steps(job, on_step)
+    except TrainingError:
+        if job.rank == 0 and not (job.folder / "latest").exists():  # a new run that kept nothing: leave no trace
+            (job.out / "metrics.jsonl").unlink(missing_ok=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+def _steps(job: Run, on_step) -> list[dict]:
+    """The loop of run(): the epochs' plans, a step, its log and checkpoint, a Ctrl-C between steps."""
+    task = job.task
     plan_epoch, plan = -1, []
     with StopRequest() as stop:
         while job.step < job.total:
