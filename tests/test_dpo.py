@@ -435,3 +435,14 @@ def test_cli_loss_options(prefs, tmp_path):
     assert rows[0]["eval_loss"] > math.log(2)  # the NLL term adds to log 2
     with pytest.raises(SystemExit, match="unknown loss type"):
         dpo_cli(prefs, tmp_path / "b", "--loss", "sigmoid,nope")
+
+
+def test_label_smoothing_bounds_follow_the_loss():
+    """A flip rate stays below 0.5 (chosen and rejected alike at 0.5); exo_pair's epsilon may reach past it."""
+    assert DPOConfig(loss_type="exo_pair", label_smoothing=0.7).label_smoothing == 0.7
+    for kw, says in [(dict(label_smoothing=0.5), r"\[0, 0.5\) for sigmoid"),
+                     (dict(loss_type=["exo_pair", "sigmoid"], label_smoothing=0.7), r"\[0, 0.5\) for exo_pair\+sigmoid"),
+                     (dict(loss_type="exo_pair", label_smoothing=1.0), r"\[0, 1\) for exo_pair"),
+                     (dict(loss_type="exo_pair", label_smoothing=0.0), r"'exo_pair' ε, e.g. 1e-3\) must be in \(0, 1\)")]:
+        with pytest.raises(ValueError, match=says):
+            DPOConfig(**kw)

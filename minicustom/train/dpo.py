@@ -45,6 +45,9 @@ from ..progress import Progress
 from .loop import TrainConfig, run
 from .state import examples_digest
 
+# The losses whose label_smoothing is the probability that a pair's labels are flipped.
+FLIP_RATE_LOSSES = {"sigmoid", "robust", "aot", "aot_unpaired", "simpo"}
+
 
 @dataclass
 class DPOConfig(TrainConfig):
@@ -67,8 +70,12 @@ class DPOConfig(TrainConfig):
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if unknown := [t for t in types if t not in LOSS_TYPES]:
             raise ValueError(f"unknown loss type {unknown}; choose from {', '.join(LOSS_TYPES)}")
-        if not 0 <= self.label_smoothing < 0.5:  # cDPO's flip rate: 0.5 makes chosen and rejected alike
-            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        # A flip rate (cDPO, robust, AOT, SimPO): 0.5 makes chosen and rejected alike. exo_pair's ε is another
+        # quantity, in (0, 1) (preference_loss checks it), allowed past 0.5 when no flip-rate loss shares it.
+        upper = 1 if "exo_pair" in types and not set(types) & FLIP_RATE_LOSSES else 0.5
+        if not 0 <= self.label_smoothing < upper:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, {upper}) for {'+'.join(types)}, got "
+                             f"{self.label_smoothing!r}")
         self.loss_options = dict(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
                                  loss_weights=self.loss_weights, rpo_alpha=self.rpo_alpha,
                                  simpo_gamma=self.simpo_gamma, discopop_tau=self.discopop_tau)
