@@ -22,7 +22,7 @@ from .files import write_json
 from .gguf import cache_root
 from .losses import LOSS_TYPES
 from .methods import adapter_configs, load_adapter
-from .methods.base import Method, Option, linear_like
+from .methods.base import Method, Option, find_targets, linear_like
 from .methods.registry import REGISTRY, apply_method, get_method
 from .prompting import default_stop_ids
 from .train import DPOConfig, TrainConfig, export, train, train_dpo
@@ -86,9 +86,12 @@ def _run_options(args, method: Method | None, given: dict, **extra) -> dict:
 
 def _attach(model, tok, method: Method, given: dict, seed: int):
     if isinstance(targets := given.get("targets"), list):  # names the user typed: each must name a layer
-        layers = [n for n, m in model.named_modules() if linear_like(m) or isinstance(m, torch.nn.Embedding)]
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
-        if unknown := [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]:
+        def layer(name: str) -> bool:
+            module = model.get_submodule(name)
+            return linear_like(module) or isinstance(module, torch.nn.Embedding)
+
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and layer(n)})
+        if unknown := [t for t in targets if not any(layer(n) for n in find_targets(model, [t]))]:
             raise ValueError(f"--targets {','.join(targets)}: no linear or embedding layer of the model is named "
                              f"{', '.join(unknown)} (its layers: {', '.join(leaves)}, or all-linear)")
     torch.manual_seed(seed)  # the method's initialisation is part of the run
