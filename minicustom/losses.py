@@ -116,19 +116,32 @@ def sequence_logps(hidden, labels, lm_head: nn.Module, chunk: int = 512):
     time under activation checkpointing, so a chunk's (N_c, V) logits are recomputed in backward rather
     than kept; the fused path of sft_loss cannot serve here, since each row's gradient is scaled by its own
     incoming gradient (the preference loss's d loss / d logp_b), known only in backward."""
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE
-    h, y = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
+    values, keep = _trained_logps(hidden, labels, lm_head, chunk)
     row = keep.nonzero()[:, 0]  # (N,) the sequence of each trained position
-    parts = [torch.utils.checkpoint.checkpoint(_chunk_logps, lm_head, h[i:i + chunk], y[i:i + chunk],
-                                               use_reentrant=False) for i in range(0, y.numel(), chunk)]
-    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32).index_add(0, row, token_logps)
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32).index_add(0, row, values)
     return sums, keep.sum(1)
 
 
-def _chunk_logps(lm_head, h, y):
-    return -F.cross_entropy(lm_head(h).float(), y, reduction="none")  # (N_c,) log p(y)
+def token_logps(hidden, labels, lm_head: nn.Module, chunk: int = 512, temperature: float = 1.0):
+    """Per-token log p(labels[:, t + 1]) (B, T - 1), 0 where the label is -100: the RL losses' log-probs, of
+    the logits divided by the sampling temperature (the distribution the completions were drawn from)."""
+    values, keep = _trained_logps(hidden, labels, lm_head, chunk, temperature)
+    return hidden.new_zeros(keep.shape, dtype=torch.float32).masked_scatter(keep, values)
+
+
+def _trained_logps(hidden, labels, lm_head, chunk, temperature: float = 1.0):
+    """(N,) log-probs of the trained next tokens in row-major order, and where they are (B, T - 1)."""
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    h, y = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
+    parts = [torch.utils.checkpoint.checkpoint(_chunk_logps, lm_head, h[i:i + chunk], y[i:i + chunk], temperature,
+                                               use_reentrant=False) for i in range(0, y.numel(), chunk)]
+    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), keep
+
+
+def _chunk_logps(lm_head, h, y, temperature: float = 1.0):
+    logits = lm_head(h).float()
+    return -F.cross_entropy(logits / temperature if temperature != 1.0 else logits, y, reduction="none")  # log p(y)
 
 
 # -- preference losses --------------------------------------------------------------------------------
@@ -454,20 +467,22 @@ def policy_loss(logps, old_logps, advantages, mask, loss_type: str = "grpo", eps
       bnpo     token mean over the batch
       dr_grpo  token sum / (B · max_completion_length): Dr. GRPO's constant normalizer, no length bias
       dapo     token sum / completion tokens in the batch (one process, no accumulation: = bnpo here)
-    logps, old_logps, ref_logps, mask (B, T); advantages (B,). A completion with no token contributes 0."""
+    logps, old_logps, ref_logps, mask (B, T); advantages (B,), one per completion, or (B, T), one per token
+    (PPO's, from gae). A completion with no token contributes 0."""
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(POLICY_LOSS_TYPES)}")
     if logps.dim() != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape:
         raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask "
                          f"{tuple(mask.shape)} must share one (B, T) shape")
-    if advantages.shape != logps.shape[:1]:
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected ({logps.shape[0]},)")
+    if advantages.shape not in (logps.shape[:1], logps.shape):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected ({logps.shape[0]},) or "
+                         f"{tuple(logps.shape)}")
     if beta and (ref_logps is None or ref_logps.shape != logps.shape):
         raise ValueError(f"beta={beta} needs ref_logps of shape {tuple(logps.shape)}")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("loss_type 'dr_grpo' needs max_completion_length (its constant normalizer)")
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    A = advantages[:, None]  # (B, 1)
+    A = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     ratio = torch.exp(logps - old_logps)  # (B, T)
     per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * A)
     if beta:
@@ -486,10 +501,22 @@ def clip_fraction(logps, old_logps, advantages, mask, epsilon_low: float = 0.2, 
     """The share of completion tokens whose ratio the clip holds back (a metric of the policy's step size)."""
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     ratio = torch.exp(logps - old_logps)
-    A = advantages[:, None]
+    A = advantages[:, None] if advantages.dim() == 1 else advantages
     clipped = ((ratio < 1 - epsilon_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
     mask = mask.bool()
     return (clipped & mask).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_policy_loss(logps, old_logps, advantages, epsilon_low: float = 0.2, epsilon_high: float | None = None):
+    """RLOO's clipped objective (TRL's RLOOTrainer), on whole completions rather than tokens:
+
+        ρ = exp(log π(y) − log π_old(y)),   L = mean_b −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A)
+
+    logps, old_logps (B,) summed over each completion's tokens; advantages (B,). A KL penalty, if any, is
+    already in the rewards (rl.py), not in this loss."""
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logps - old_logps)
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high) * advantages).mean()
 
 
 @dataclass

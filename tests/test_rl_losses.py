@@ -41,7 +41,15 @@ import types
 import pytest
 import torch
 
-from minicustom.losses import group_advantages, kto_kl, kto_loss, policy_loss, reward_loss, rloo_advantages
+from minicustom.losses import (
+    group_advantages,
+    kto_kl,
+    kto_loss,
+    policy_loss,
+    reward_loss,
+    rloo_advantages,
+    sequence_policy_loss,
+)
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 STD_TOL = dict(rtol=5e-8, atol=1e-9)  # TRL's fp32 Bessel factor, see above
@@ -128,6 +136,49 @@ def test_policy_loss_matches_trl_grpo(loss_type, beta, eps_low, eps_high, B, T, 
     ours.backward()
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, **TOL)
     assert theirs_in.grad[1].abs().sum() == 0 and theirs_in.grad[2].abs().sum() > 0  # the empty row, a full one
+
+
+def trl_rloo_loss(logps, old_seq, mask, advantages, eps_low, eps_high):
+    """RLOOTrainer._compute_loss (rloo_trainer.py:1794-1833), one process: the per-token log-probs come from a
+    stubbed _get_per_token_logps_and_entropies; TRL sums them over the completion mask itself."""
+    from trl import RLOOTrainer
+
+    B, T = logps.shape
+    stub = types.SimpleNamespace(
+        epsilon_low=eps_low, epsilon_high=eps_low if eps_high is None else eps_high, aux_loss_enabled=False,
+        model=types.SimpleNamespace(training=True), accelerator=accelerator(), _metrics=metrics(),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": advantages, "old_logps": old_seq}
+    return RLOOTrainer._compute_loss(stub, None, inputs)
+
+
+@pytest.mark.parametrize("eps_low,eps_high", [(0.2, None), (0.2, 0.28)], ids=["eps0.2", "eps0.2-0.28"])
+def test_sequence_policy_loss_matches_trl_rloo(eps_low, eps_high):
+    """RLOO's clipped ratio of whole completions: log π summed over each completion's tokens (padding garbage
+    left out), against TRL's, forward and backward; the sequence ratios straddle both clip edges."""
+    logps, _, _, mask, advantages = policy_batch(6, 9, 3)
+    advantages = torch.tensor([0.0, -0.7, 1.0, 0.0, -0.6, 0.9], dtype=DT)
+    ratios = torch.tensor([0.5, 0.6, 1.5, 1.0, 1.25, 1.1], dtype=DT)  # clipped low, high, inside the band
+    old_seq = (logps * mask).sum(-1) - ratios.log()
+    theirs_in, ours_in = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+    theirs = trl_rloo_loss(theirs_in, old_seq, mask, advantages, eps_low, eps_high)
+    ours = sequence_policy_loss((ours_in * mask).sum(-1), old_seq, advantages, eps_low, eps_high)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    theirs.backward()
+    ours.backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, **TOL)
+    ratio = torch.exp((logps * mask).sum(-1) - old_seq)
+    assert ((ratio < 1 - eps_low) & (advantages != 0)).any() and ((ratio > 1.28) & (advantages != 0)).any()
+
+
+def test_policy_loss_takes_per_token_advantages():
+    """PPO's per-token advantages (B, T): a (B,) advantage broadcast to every token gives the same loss."""
+    logps, old, _, mask, advantages = policy_batch(5, 7, 0)
+    for loss_type in ("grpo", "bnpo"):
+        torch.testing.assert_close(policy_loss(logps, old, advantages[:, None].expand(5, 7), mask, loss_type),
+                                   policy_loss(logps, old, advantages, mask, loss_type), **TOL)
 
 
 def test_policy_batch_clips_on_both_sides():

@@ -112,9 +112,15 @@ class BaseReference:
             raise ValueError("reference 'base' disables the policy's adapters, but this model has none (full "
                              "fine-tuning): name a reference model folder, 'snapshot' or 'precomputed'")
 
-    def __call__(self, model, input_ids, labels, attention_mask, chunk):
+    @contextlib.contextmanager
+    def scope(self, model):
+        """The reference as a model to run (the RL trainers take per-token log-probs from it)."""
         with disable_adapters(model):
-            return _logps(model, input_ids, labels, attention_mask, chunk)
+            yield model
+
+    def __call__(self, model, input_ids, labels, attention_mask, chunk):
+        with self.scope(model) as m:
+            return _logps(m, input_ids, labels, attention_mask, chunk)
 
 
 class SnapshotReference:
@@ -143,9 +149,14 @@ class SnapshotReference:
             for n, t in live.items():
                 params[n].data = t
 
-    def __call__(self, model, input_ids, labels, attention_mask, chunk):
+    @contextlib.contextmanager
+    def scope(self, model):
         with self.swapped(model):
-            return _logps(model, input_ids, labels, attention_mask, chunk)
+            yield model
+
+    def __call__(self, model, input_ids, labels, attention_mask, chunk):
+        with self.scope(model) as m:
+            return _logps(m, input_ids, labels, attention_mask, chunk)
 
 
 class ModelReference:
@@ -158,6 +169,10 @@ class ModelReference:
             raise ValueError(f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the "
                              f"policy's ({policy.config.vocab_size}): they must share a tokenizer")
         self.model = reference.requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def scope(self, model):
+        yield self.model
 
     def __call__(self, model, input_ids, labels, attention_mask, chunk):
         return _logps(self.model, input_ids, labels, attention_mask, chunk)

@@ -142,6 +142,14 @@ def epoch_steps(n_units: int, epoch: int, config: TrainConfig, world: int) -> li
     return [order[i:i + per_step] for i in range(0, n_units, per_step)]
 
 
+def step_plan(task, epoch: int, config: TrainConfig, world: int) -> list[list[int]]:
+    """The units of each step of an epoch: the task's own plan (an RL task's steps over its rollouts) or
+    the seeded shuffle of epoch_steps."""
+    if hasattr(task, "epoch_plan"):
+        return task.epoch_plan(epoch, world)
+    return epoch_steps(len(task.units), epoch, config, world)
+
+
 def micro_batches(step_units: list[int], config: TrainConfig, rank: int, world: int) -> list[list[int]]:
     """This process's micro-batches of a step: micro-batch m of process r holds rows
     (m * world + r) * batch_size ..., so one process with batch_size * world sees the same rows. In a
@@ -165,6 +173,8 @@ def evaluate_objective(task, model: nn.Module, wrapper: nn.Module, full: bool) -
     forward needs each of them), then its answer metrics (greedy generation) on process 0 alone, except
     under FSDP."""
     rank, world = rank_and_world()
+    if hasattr(task, "evaluate"):  # an RL task: its held-out prompts are answered, not scored by a loss
+        return task.evaluate(model) if world == 1 or (rank == 0 and not full) else {}
     config = task.config
     share = task.eval_items[rank::world]
     was_training = model.training
@@ -280,7 +290,7 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("no parameter requires grad: apply a method (e.g. apply_lora) first")
     full = all(p.requires_grad for p in model.parameters())
-    per_epoch = len(epoch_steps(len(task.units), 0, config, world))
+    per_epoch = len(step_plan(task, 0, config, world))
     if per_epoch == 0:
         raise TrainingError(f"{len(task.units)} rows cannot fill one step of {config.batch_size} rows x "
                             f"{config.grad_accum} micro-batches x {world} processes")
@@ -293,8 +303,9 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
     torch.manual_seed(config.seed)
     model.train()
     model.gradient_checkpointing = config.gradient_checkpointing
-    wrapper = _wrap(model, task.loss_module(model), full)
-    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=config.betas)
+    module = task.loss_module(model)  # its own parameters (PPO's value head) train beside the model's
+    wrapper = _wrap(model, module, full)
+    optimizer = torch.optim.AdamW(param_groups(module, config), lr=config.lr, betas=config.betas)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -304,8 +315,8 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
         remove_partial_saves(job.folder, job.say)
     if latest:
         job.history = read_metrics(out / "metrics.jsonl", saved["step"], job.say)
-        job.step = load_checkpoint(latest, wrapper, optimizer)
-        for group, fresh in zip(optimizer.param_groups, param_groups(model, config)):  # this run's options
+        job.step = load_checkpoint(latest, wrapper, optimizer, getattr(task, "load_state", None))
+        for group, fresh in zip(optimizer.param_groups, param_groups(module, config)):  # this run's options
             group.update(peak_lr=fresh.get("lr", config.lr), weight_decay=fresh["weight_decay"], betas=config.betas)
         for change in changes:
             job.say(f"resume: {change}")
@@ -326,6 +337,8 @@ def train_step(job: Run, units: list[int]) -> dict:
         group["lr"] = group["peak_lr"] * lr_factor(job.step, job.total, config)
     micros = step_batches(job.task, units, config, job.rank, job.world)
     loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world, job.task.weight)
+    if hasattr(job.task, "step_metrics"):  # metrics that are ratios of the step's sums (KTO's per-label means)
+        stats = job.task.step_metrics(stats)
     grad_norm = _clip(job.model, config.max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         latest = job.folder / "latest"
@@ -344,7 +357,8 @@ def train_step(job: Run, units: list[int]) -> dict:
 
 def save(job: Run):
     """A checkpoint of the step just taken (every process writes its share), then the loss chart."""
-    save_checkpoint(job.folder, job.wrapper, job.optimizer, job.step, job.rank, job.identity)
+    save_checkpoint(job.folder, job.wrapper, job.optimizer, job.step, job.rank, job.identity,
+                    job.task.state() if hasattr(job.task, "state") else None)
     if job.rank == 0:
         prune_checkpoints(job.folder, job.config.keep_checkpoints)
         write_loss_chart(job.out, job.history)
@@ -398,8 +412,10 @@ def _steps(job: Run, on_step) -> list[dict]:
         while job.step < job.total:
             epoch, index = divmod(job.step, job.per_epoch)
             if epoch != plan_epoch:
-                plan, plan_epoch = epoch_steps(len(task.units), epoch, job.config, job.world), epoch
+                plan, plan_epoch = step_plan(task, epoch, job.config, job.world), epoch
+            before = task.before_step(job) if hasattr(task, "before_step") else {}  # an RL task's rollout
             record = train_step(job, plan[index])
+            record.update(before)
             saved = log_and_save(job, record)
             if on_step is not None:
                 on_step(job.step, record)

@@ -230,9 +230,10 @@ def _trainable(wrapper: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in inner.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank: int, record: dict | None = None
-                    ) -> Path:
-    """Write checkpoint-{step}: trainable tensors, optimizer state, RNG, step and the run's record."""
+def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank: int, record: dict | None = None,
+                    task_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint-{step}: trainable tensors, optimizer state, RNG, step and the run's record, and
+    the task's own state when it has one (an RL task's current rollout, task.safetensors)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -258,6 +259,8 @@ def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank
         tensors, meta = _flatten_optimizer(optim_state)
         tensors["\x1frng"] = torch.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
+        if task_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, tmp / "task.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "run": record}))
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
@@ -279,9 +282,9 @@ def prune_checkpoints(folder: Path, keep: int):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
+def load_checkpoint(path: Path, wrapper: nn.Module, optimizer, load_task_state=None) -> int:
     """Restore a checkpoint written by save_checkpoint; returns its step. Every name and shape is checked
-    before a tensor is copied."""
+    before a tensor is copied. load_task_state receives the task's saved tensors (an empty dict if none)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -294,6 +297,10 @@ def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
             weights = {k: f.get_tensor(k) for k in f.keys()}
         with safe_open(path / "optimizer.safetensors", "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        task_state = {}
+        if (path / "task.safetensors").exists():
+            with safe_open(path / "task.safetensors", "pt") as f:
+                task_state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise TrainingError(f"{path}: cannot read the checkpoint ({e})") from None
     params = _trainable(wrapper)
@@ -313,6 +320,8 @@ def load_checkpoint(path: Path, wrapper: nn.Module, optimizer) -> int:
         with torch.no_grad():
             for name, t in weights.items():
                 params[name].copy_(t)
+    if load_task_state is not None:
+        load_task_state(task_state)
     torch.set_rng_state(tensors.pop("\x1frng"))
     set_optimizer_state_dict(wrapper, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
                              options=options)

@@ -1,5 +1,15 @@
-"""What the training loop needs to know of an objective: the `Task` protocol that SFT (sft.py) and DPO
-(dpo.py) implement, and the RL trainers will. The loop never looks inside a batch; it asks the task."""
+"""What the training loop needs to know of an objective: the `Task` protocol that SFT (sft.py), DPO
+(dpo.py), KTO (kto.py), reward models (rm.py) and the RL trainers (rl.py, ppo.py) implement. The loop
+never looks inside a batch; it asks the task.
+
+Optional members, which the online RL tasks (rollout.RolloutTask) add:
+    epoch_plan(epoch, world) -> the units of each step of an epoch (default: loop.epoch_steps' shuffle)
+    before_step(job) -> metrics: runs before each step (samples a rollout when one is due)
+    state() -> tensors saved with each checkpoint; load_state(tensors) on resume (the rollout in use)
+    evaluate(model) -> eval metrics, in place of the eval batches' loss (held-out prompts answered)
+    step_metrics(stats) -> a step's metrics from its statistics summed and divided by the weight (KTO's
+        per-label means, which need their own counts)
+"""
 
 from __future__ import annotations
 
