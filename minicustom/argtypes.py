@@ -34,6 +34,9 @@ SEED = checked(int, lambda v: v >= 0, ">= 0", most=2**63 - 1)  # torch.manual_se
 POSITIVE = checked(float, lambda v: v > 0, "> 0")
 NONNEGATIVE = checked(float, lambda v: v >= 0, ">= 0")
 FINITE = checked(float, lambda v: True, "finite")
+UNIT = checked(float, lambda v: 0 < v < 1, "in (0, 1)")
+PROBABILITY = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def float_list(text: str) -> list[float]:

@@ -28,7 +28,7 @@ from .prompting import default_stop_ids
 from .train import DPOConfig, TrainConfig, export, train, train_dpo
 
 
-def _init_distributed(args) -> int:
+def init_distributed(args) -> int:
     """Under torchrun: join the process group (nccl on CUDA, gloo on CPU); returns this process's rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():  # launched by torchrun
@@ -39,15 +39,19 @@ def _init_distributed(args) -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _load_for_training(args):
+def load_for_training(args):
     model, tok = load(args)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}: they do not belong together")
+    check_vocab(tok, model)
     return model, tok
 
 
-def _train_options(args, default_lr: float) -> dict:
+def check_vocab(tok, model):
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}: they do not belong together")
+
+
+def train_options(args, default_lr: float) -> dict:
     """The TrainConfig fields both trainers take from the command line; no --lr: `default_lr` (the method's,
     or DPO's), written back into args for train_config.json."""
     args.lr = args.lr or default_lr
@@ -77,14 +81,14 @@ def method_options(args, method: Method, rank: int) -> dict:
     return given
 
 
-def _run_options(args, method: Method | None, given: dict, **extra) -> dict:
+def run_options(args, method: Method | None, given: dict, **extra) -> dict:
     """What a checkpoint records beside the TrainConfig: the model folder, the method and its options
     (None for DPO continuing an adapter, whose method is the adapter's)."""
     chosen = {"method": method.name, **method.defaults(), **given} if method else {"method": None}
     return {"model": str(model_path(args).resolve()), **chosen, **extra}
 
 
-def _attach(model, tok, method: Method, given: dict, seed: int):
+def attach(model, tok, method: Method, given: dict, seed: int):
     if isinstance(targets := given.get("targets"), list):  # names the user typed: each must name a layer
         def layer(name: str) -> bool:
             module = model.get_submodule(name)
@@ -98,7 +102,7 @@ def _attach(model, tok, method: Method, given: dict, seed: int):
     apply_method(model, method.name, tokenizer=tok, **given)
 
 
-def _finish(args, model, rank: int, full: bool):
+def finish(args, model, rank: int, full: bool):
     """Export the adapter (or the checkpoint), the tokenizer files of a full model and the command's options."""
     out = Path(args.out)
     export(model, out, base_model_name_or_path=str(model_path(args)))
@@ -115,6 +119,51 @@ def _finish(args, model, rank: int, full: bool):
         dist.destroy_process_group()
 
 
+def start_adapter(args) -> str | None:
+    """The adapter a preference or RL run continues (--adapter), taken off args: the model loads bare and
+    the adapter is loaded trainable after the method options are read."""
+    start, args.adapter = args.adapter, None
+    if start and args.method:
+        raise ValueError("--adapter continues that adapter's method; --method is for a new adapter, not both")
+    return start
+
+
+def named_reference(args, start: str | None, trainer: str, precomputed: bool = False) -> str:
+    """--reference -> 'base' (the default for a new adapter), 'snapshot', 'precomputed' (where the trainer
+    takes it) or a folder; a run starting from an adapter or from full fine-tuning must name it."""
+    choices = "adapter-snapshot (that starting point, frozen), base (the model underneath, adapters disabled), " + \
+        ("a checkpoint folder, or precomputed" if precomputed else "or a checkpoint folder")
+    if args.reference is None and (start or args.method == "full"):
+        raise ValueError(f"starting {trainer} from " + (f"the adapter {start}" if start else "a fully fine-tuned "
+                         "model") + f" needs an explicit reference: --reference {choices}")
+    reference = {None: "base", "adapter-snapshot": "snapshot"}.get(args.reference, args.reference)
+    if not (reference in ("base", "snapshot") or reference == "precomputed" and precomputed
+            or Path(reference).is_dir()):
+        raise ValueError(f"--reference {args.reference}: not base, adapter-snapshot{', precomputed' * precomputed} "
+                         "or a folder")
+    return reference
+
+
+def prepare_run(args, start: str | None, reference: str | None):
+    """The opening the trainers that attach a new adapter or continue one share (dpo, kto, grpo, rloo,
+    ppo): the run folder checked, torchrun joined, the method's options read, the model loaded. Returns
+    (method or None, rank, the method's options given, report, model, tokenizer)."""
+    method = None if start else get_method(args.method or "lora")
+    folder = reference if reference not in (None, "base", "snapshot", "precomputed") else None
+    check_run_folder(args.out, args.resume, model=model_path(args), adapter=start, reference=folder)
+    rank = init_distributed(args)
+    given = method_options(args, method, rank) if method else {}
+    report = print if rank == 0 else (lambda *a, **k: None)
+    return (method, rank, given, report, *load_for_training(args))
+
+
+def attach_or_continue(model, tok, start: str | None, method: Method | None, given: dict, seed: int):
+    if start:
+        load_adapter(model, start, is_trainable=True)
+    else:
+        attach(model, tok, method, given, seed)
+
+
 def cmd_train_sft(args):
     """Load, attach the method, train, export; under torchrun each process runs this."""
     if args.adapter:
@@ -122,60 +171,43 @@ def cmd_train_sft(args):
                          "with the same --out)")
     check_run_folder(args.out, args.resume, model=model_path(args))
     method = get_method(args.method)
-    rank = _init_distributed(args)
+    rank = init_distributed(args)
     given = method_options(args, method, rank)
     report = print if rank == 0 else (lambda *a, **k: None)
-    config = TrainConfig(**_train_options(args, method.lr), packing=not args.no_packing,
+    config = TrainConfig(**train_options(args, method.lr), packing=not args.no_packing,
                          exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
-    model, tok = _load_for_training(args)
+    model, tok = load_for_training(args)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
                    vocab_size=model.config.vocab_size, report=report, **data_options(args))
     examples = load_examples(args.data, **options)
     eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
-    _attach(model, tok, method, given, args.seed)
+    attach(model, tok, method, given, args.seed)
     train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
           pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok), data_files=[args.data],
-          options=_run_options(args, method, given))
-    _finish(args, model, rank, full=not adapter_configs(model))
+          options=run_options(args, method, given))
+    finish(args, model, rank, full=not adapter_configs(model))
 
 
 def cmd_train_dpo(args):
     """Load, attach a new adapter or load the starting one (trainable), pick the reference, train, export."""
-    start, args.adapter = args.adapter, None
-    if start and args.method:
-        raise ValueError("--adapter continues that adapter's method; --method is for a new adapter, not both")
-    if args.reference is None and (start or args.method == "full"):
-        raise ValueError("starting DPO from " + (f"the adapter {start}" if start else "a fully fine-tuned model") +
-                         " needs an explicit reference: --reference adapter-snapshot (that starting point, frozen), "
-                         "base (the model underneath, adapters disabled), a checkpoint folder, or precomputed")
-    reference = {None: "base", "adapter-snapshot": "snapshot"}.get(args.reference, args.reference)
-    if reference not in ("base", "snapshot", "precomputed") and not Path(reference).is_dir():
-        raise ValueError(f"--reference {args.reference}: not base, adapter-snapshot, precomputed or a folder")
-    method = None if start else get_method(args.method or "lora")
+    start = start_adapter(args)
+    reference = named_reference(args, start, "DPO", precomputed=True)
     losses = args.loss.split(",")
-    config = DPOConfig(**_train_options(args, DPOConfig.lr), loss_type=losses if len(losses) > 1 else losses[0],
+    config = DPOConfig(**train_options(args, DPOConfig.lr), loss_type=losses if len(losses) > 1 else losses[0],
                        loss_weights=args.loss_weights, beta=args.beta, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, simpo_gamma=args.simpo_gamma, discopop_tau=args.discopop_tau)
-    check_run_folder(args.out, args.resume, model=model_path(args), adapter=start,
-                     reference=None if reference in ("base", "snapshot", "precomputed") else reference)
-    rank = _init_distributed(args)
-    given = method_options(args, method, rank) if method else {}
-    report = print if rank == 0 else (lambda *a, **k: None)
-    model, tok = _load_for_training(args)
+    method, rank, given, report, model, tok = prepare_run(args, start, reference)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
                    vocab_size=model.config.vocab_size, report=report, chat=args.chat_template)
     pairs = load_preferences(args.data, **options)
     eval_pairs = load_preferences(args.eval_data, **options) if args.eval_data else None
-    if start:
-        load_adapter(model, start, is_trainable=True)
-    else:
-        _attach(model, tok, method, given, args.seed)
+    attach_or_continue(model, tok, start, method, given, args.seed)
     cache = args.reference_cache or cache_root() / "reference-logps"
     train_dpo(model, pairs, config, Path(args.out), reference=reference, eval_pairs=eval_pairs,
               pad_id=pad_id_for(tok), resume=args.resume, reference_cache=cache, report=report,
-              data_files=[args.data], options=_run_options(args, method, given, reference=args.reference,
+              data_files=[args.data], options=run_options(args, method, given, reference=args.reference,
                                                           start=start))
-    _finish(args, model, rank, full=not adapter_configs(model))
+    finish(args, model, rank, full=not adapter_configs(model))
 
 
 def _all_options() -> list[Option]:
