@@ -32,6 +32,7 @@ from .model import KVCache, Transformer
 from .prompting import Shot, build_messages, select_shots
 from .quant import nf4
 from .quant.linear4bit import Linear4bit, memory_report, quantize_model
+from .reward_model import RewardModel, RewardModelError, load_reward_model, save_reward_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 # The LoRA-era names of merging and unmerging, which fold every mergeable method (IA3 too).
@@ -41,6 +42,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "RewardModel",
+    "RewardModelError",
+    "load_reward_model",
+    "save_reward_model",
     "BottleneckConfig",
     "IA3Config",
     "LlamaAdapterConfig",

@@ -205,12 +205,23 @@ def _check_layer_count(config: ModelConfig, tensors: dict, path: Path):
                               f"but the weights hold layers up to {max(held)} only")
 
 
+def _check_head(model_class: type[Transformer], tensors: dict, file: Path):
+    """A model class with its own head (a reward model's score) against weights that lack it: one line
+    naming the file and the tensor, and what the folder holds instead (a causal LM's lm_head)."""
+    head = getattr(model_class, "head_key", None)
+    if head and head not in tensors:
+        instead = "; it holds lm_head.weight, a language-model head" if "lm_head.weight" in tensors else ""
+        raise CheckpointError(f"{file}: no tensor {head}, the head a {model_class.__name__} reads{instead}")
+
+
 def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pickle: bool = False,
-               quantize: str | None = None) -> Transformer:
+               quantize: str | None = None, model_class: type[Transformer] = Transformer) -> Transformer:
     """Load a Hugging Face checkpoint folder into a `Transformer`, weights cast to `dtype` on `device`.
 
     Weights saved 4-bit by bitsandbytes load as Linear4bit (no bitsandbytes needed), computing in `dtype`;
-    `quantize="nf4"` (or "fp4") quantizes every other linear but lm_head after loading."""
+    `quantize="nf4"` (or "fp4") quantizes every other linear but lm_head after loading. `model_class` is the
+    Transformer subclass to build (reward_model.RewardModel: the decoder and a score head); one that names
+    a `head_key` refuses, naming it, a folder whose weights do not hold that tensor."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
@@ -218,12 +229,13 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     files, weight_map = _weight_files(path, allow_pickle)
     tensors, where = _read_all(files, weight_map, path / INDEX)
     _check_layer_count(config, tensors, path)
+    _check_head(model_class, tensors, path / INDEX if weight_map else files[0])
     with torch.device("meta"):
-        model = Transformer(config)
+        model = model_class(config)
     used = _load_4bit(model, tensors, where, dtype, device)
     expected = {k: v for k, v in model.state_dict().items() if k not in used}
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)  # a head other than lm_head has none to tie
     state, unexpected, wrong_shape = {}, [], []
     for name in list(tensors):  # popped as converted: one copy of each weight in memory at a time
         tensor = tensors.pop(name)
@@ -264,9 +276,10 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
 
 
 def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: torch.dtype | None = None,
-               state: dict[str, torch.Tensor] | None = None):
+               state: dict[str, torch.Tensor] | None = None, config_fields: dict | None = None):
     """Write `model` as a Hugging Face checkpoint folder (safetensors, sharded above max_shard_size bytes);
-    `state` replaces model.state_dict() (a full state gathered from sharded processes, say)."""
+    `state` replaces model.state_dict() (a full state gathered from sharded processes, say); config_fields
+    are written into config.json over the model's own (a reward model's architectures and label)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype=dtype if dtype and v.is_floating_point() and not is_quant_key(k) else v.dtype)
@@ -282,7 +295,7 @@ def save_model(model: Transformer, path, max_shard_size: int = 4 << 30, dtype: t
         shards[-1][name] = t
         size += nbytes
     meta = {"format": "pt"}
-    config = model.config.to_dict()
+    config = {**model.config.to_dict(), **(config_fields or {})}
     first = next(v for k, v in state.items() if v.is_floating_point() and not is_quant_key(k))
     config["torch_dtype"] = str(first.dtype).removeprefix("torch.")
     if quant := quantization_config(model):
