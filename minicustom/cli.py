@@ -1,4 +1,4 @@
-"""The `minicustom` command: generate, chat, train sft|dpo, compare, inspect-data, merge, quantize, convert-gguf, fetch-demo-model.
+"""The `minicustom` command: generate, chat, train sft|dpo|kto|rm|grpo|rloo|ppo, compare, inspect-data, merge, quantize, convert-gguf, fetch-demo-model.
 
 `--model` defaults to the demo model (SmolLM2-135M-Instruct), installed by `minicustom fetch-demo-model` (no
 other command installs anything). `python -m minicustom` is the same program. An error the user can act on
@@ -32,6 +32,9 @@ from .cli_common import (
     load,
     model_path,
 )
+from .cli_kto import add_train_kto
+from .cli_rl import add_train_rl
+from .cli_rm import add_train_rm
 from .cli_train import add_train_dpo, add_train_sft
 from .compare import CompareConfig, CompareError, all_methods, compare, default_methods
 from .data import IGNORE, DataError, make_example, read_jsonl
@@ -250,10 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("train", help="fine-tune: train sft | train dpo")
+    p = sub.add_parser("train", help="fine-tune: train sft | dpo | kto | rm | grpo | rloo | ppo")
     kinds = p.add_subparsers(dest="kind", required=True)
     add_train_sft(kinds)
     add_train_dpo(kinds)
+    add_train_kto(kinds)
+    add_train_rm(kinds)
+    add_train_rl(kinds)
     p = sub.add_parser("compare", help="every method side by side on one task: accuracy against cost")
     p.add_argument("--model", help="checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
     p.add_argument("--task", required=True, help="task folder with task.json and train/test JSONL "

@@ -252,6 +252,17 @@ def default_stop_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def turn_tail(tokenizer) -> list[int]:
+    """The ids a chat template writes after an assistant turn's end-of-turn token (ChatML's newline): what
+    follows every completion of a rendered conversation. [] without a template or an EOS."""
+    eos = tokenizer.eos_token_id
+    if not tokenizer.chat_template or eos is None:
+        return []
+    ids = list(tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                             add_generation_prompt=False, tokenize=True))
+    return ids[len(ids) - ids[::-1].index(eos):] if eos in ids else []
+
+
 def completion_text(tokenizer, ids: Sequence[int], stop_ids: Iterable[int] = (), stop_text: str | None = None) -> str:
     """Generated ids -> text: cut before the first stop id (padding follows it), decode without special
     tokens, and cut at stop_text (e.g. PLAIN_STOP, where a plain-text prompt's next question begins)."""

@@ -22,8 +22,9 @@ def args(setup, out, batch_size, method):
             "--lr", "1e-3", "--exact-match", "0"]
 
 
-def launch(argv, nproc):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def launch(argv, nproc, extra_path=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [ROOT, *([extra_path] if extra_path else [])])),
+           "OMP_NUM_THREADS": "1"}
     runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     proc = subprocess.run([sys.executable, *runner, "-m", "minicustom.cli", *argv], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -96,3 +97,28 @@ def test_dpo_two_processes_match_one(setup, tmp_path, method):
             for k in logps:
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a["step"])
     assert abs(one[0]["eval_loss"] - 0.6931471805599453) < 1e-6 and one[-1]["eval_loss"] != one[0]["eval_loss"]
+
+
+def test_grpo_two_processes_match_one(setup, tmp_path):
+    """GRPO on the same loop: each process samples the whole rollout (one seed: the same completions) and
+    trains on its half of the rows; the curve is the one-process run's."""
+    root, path = setup
+    rows = [{"prompt": f"Name city {i}.", "answer": "Paris"} for i in range(8)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rl_reward.py").write_text("def spread(prompts, completions, records):\n"
+                                           "    return [sum(map(ord, c)) % 101 / 10 for c in completions]\n")
+
+    def grpo(out, batch_size):
+        return ["train", "grpo", "--model", str(path), "--data", str(tmp_path / "prompts.jsonl"), "--reward",
+                "rl_reward:spread", "--out", str(out), "--batch-size", str(batch_size),
+                "--num-generations", "2", "--max-steps", "3", "--num-iterations", "2", "--max-new-tokens", "6",
+                "--max-length", "64", "--lr", "1e-3", "--beta", "0.1", "--log-completions", "0"]
+    launch(grpo(tmp_path / "one", 4), 1, tmp_path)
+    launch(grpo(tmp_path / "two", 2), 2, tmp_path)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r.get("weight") for r in one] == [r.get("weight") for r in two] == [4, 4, 4]
+    for a, b in zip(one, two):
+        assert a.get("reward") == b.get("reward")  # the same samples
+        for key in ("loss", "grad_norm", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (key, a["step"])
+    assert one[1]["grad_norm"] > 0

@@ -50,7 +50,7 @@ def test_an_unusable_reward_is_named(returned, says):
     ("nosuch:fn", "--reward nosuch:fn: cannot import nosuch"),
     ("math:nosuch", "--reward math:nosuch: math has no function 'nosuch'"),
     ("number,", "an empty entry"),
-    ("numbr", "--reward numbr: expected module:function"),
+    ("numbr", r"--reward numbr: expected a scorer \(exact, label, number\), module:function, or a reward model folder"),
 ])
 def test_a_bad_reward_spec_is_named(spec, says):
     with pytest.raises(RewardError, match=says):
