@@ -1,0 +1,141 @@
+"""The RLHF rung on SmolLM2-135M-Instruct on a CPU: a reward model, GRPO with a verifiable reward, PPO
+against the reward model, and KTO on unpaired labels, each run through the `minicustom train` commands,
+before and after figures printed with the time each took.
+
+    python examples/rlhf_demo.py [PART ...] [--out runs/rlhf]      # PART: rm grpo ppo kto (default: all)
+
+(a) rm    a LoRA reward model on the shipped sentiment and city preference pairs; held-out pairwise
+          accuracy (the validation pairs) before and after.
+(b) grpo  a LoRA SFT warm start on the arithmetic task (its accuracy is GRPO's starting point), then GRPO
+          with the `number` scorer as verifiable reward; greedy test accuracy before and after.
+(c) ppo   PPO on the sentiment prompts with the reward model of (a) as the reward; the mean reward of greedy
+          answers to the held-out prompts before and after, and the KL to the reference.
+(d) kto   KTO on unpaired thumbs-up/down records (each sentiment prompt keeps one of its two completions);
+          held-out preference accuracy (the validation pairs) before and after.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minicustom.gguf import fetch_demo_model
+
+ROOT = Path(__file__).parents[1]
+TASKS = ROOT / "examples/data/tasks"
+
+
+def cpu() -> str:
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.exists() else []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {len(names) or '?'} cores, torch " \
+           f"{torch.__version__}, {torch.get_num_threads()} threads, ATen CPU capability " \
+           f"{torch.backends.cpu.get_cpu_capability()}, float32"
+
+
+def train(kind: str, out: Path, *args) -> tuple[list[dict], float]:
+    """Run `minicustom train KIND ... --out OUT` (a finished run is reused, an interrupted one resumed); returns
+    its metrics and the seconds this call took."""
+    done = out / "metrics.done.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        return saved["metrics"], saved["seconds"]
+    argv = [sys.executable, "-m", "minicustom", "train", kind, *map(str, args), "--out", str(out)]
+    if (out / "checkpoints" / "latest").exists():  # an interrupted run of this script: continue it
+        argv.append("--resume")
+    print("$", " ".join(argv[2:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True)
+    seconds = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    done.write_text(json.dumps({"metrics": metrics, "seconds": seconds}))
+    return metrics, seconds
+
+
+def first_last(metrics: list[dict], key: str) -> tuple[float, float]:
+    values = [m[key] for m in metrics if key in m]
+    return values[0], values[-1]
+
+
+def concat(out: Path, *files: Path) -> Path:
+    out.write_text("".join(f.read_text() for f in files))
+    return out
+
+
+def part_rm(model: Path, out: Path):
+    data = concat(out / "rm_train.jsonl", TASKS / "sentiment/prefs_train.jsonl", TASKS / "city/prefs_train.jsonl")
+    held = concat(out / "rm_validation.jsonl", TASKS / "sentiment/prefs_validation.jsonl",
+                  TASKS / "city/prefs_validation.jsonl")
+    metrics, seconds = train("rm", out / "rm", "--model", model, "--data", data, "--eval-data", held, "--epochs", 1,
+                             "--batch-size", 8, "--lr", 5e-4, "--log-every", 5)
+    before, after = first_last(metrics, "eval_accuracy")
+    print(f"(a) reward model: held-out pairwise accuracy {before:.3f} -> {after:.3f} on {held.read_text().count(chr(10))}"
+          f" pairs, {len(metrics) - 1} steps in {seconds / 60:.1f} min")
+
+
+def part_grpo(model: Path, out: Path):
+    task = TASKS / "arithmetic"
+    _, sft_seconds = train("sft", out / "arith-sft", "--model", model, "--data", task / "train.jsonl", "--epochs", 2,
+                           "--batch-size", 8, "--lr", 1e-3, "--exact-match", 0)
+    metrics, seconds = train("grpo", out / "grpo", "--model", model, "--adapter", out / "arith-sft", "--data",
+                             task / "train.jsonl", "--eval-data", task / "test.jsonl", "--reward", "number",
+                             "--max-steps", GRPO_STEPS, "--batch-size", 32, "--num-generations", 8, "--lr", 1e-4,
+                             "--num-iterations", 2, "--beta", 0.04, "--reference", "adapter-snapshot",
+                             "--temperature", 0.7, "--max-new-tokens", 80, "--eval-every", 24, "--log-completions", 5)
+    before, after = first_last(metrics, "eval_reward")
+    print(f"(b) GRPO: greedy test accuracy {before:.3f} -> {after:.3f} (+{100 * (after - before):.1f} points) on "
+          f"90 arithmetic problems; {len(metrics) - 1} steps in {seconds / 60:.1f} min (after a {sft_seconds / 60:.1f}"
+          " min LoRA SFT warm start)")
+
+
+def part_ppo(model: Path, out: Path):
+    task = TASKS / "sentiment"
+    metrics, seconds = train("ppo", out / "ppo", "--model", model, "--data", task / "train.jsonl", "--eval-data",
+                             task / "validation.jsonl", "--reward", out / "rm", "--max-steps", PPO_STEPS,
+                             "--batch-size", 8, "--num-ppo-epochs", 2, "--lr", 1e-4, "--max-new-tokens", 16,
+                             "--beta", 0.05, "--log-completions", 10)
+    before, after = first_last(metrics, "eval_reward")
+    kl = [m["kl"] for m in metrics if "kl" in m]
+    print(f"(c) PPO: mean reward-model score of greedy answers to {task.name}'s 60 held-out prompts {before:+.3f} -> "
+          f"{after:+.3f}; KL to the reference per completion (last rollout) {kl[-1]:.3f}; {len(metrics) - 1} steps "
+          f"in {seconds / 60:.1f} min")
+
+
+def part_kto(model: Path, out: Path):
+    task = TASKS / "sentiment"
+    records = []
+    for i, line in enumerate((task / "prefs_train.jsonl").read_text().splitlines()):
+        pair = json.loads(line)  # each prompt keeps one completion: thumbs up or down, never both
+        keep = "chosen" if i % 2 == 0 else "rejected"
+        records.append({"prompt": pair["prompt"], "completion": pair[keep], "label": keep == "chosen"})
+    unpaired = out / "kto_unpaired.jsonl"
+    unpaired.write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics, seconds = train("kto", out / "kto", "--model", model, "--data", unpaired, "--eval-data",
+                             task / "prefs_validation.jsonl", "--reference", "base", "--epochs", 2, "--batch-size", 8,
+                             "--lr", 5e-5)
+    before, after = first_last(metrics, "eval_policy_accuracy")
+    implicit = metrics[-1]["eval_rewards/accuracies"]
+    print(f"(d) KTO: held-out preference accuracy (log pi(chosen) > log pi(rejected)) {before:.3f} -> {after:.3f} "
+          f"on 60 validation pairs; implicit-reward accuracy after {implicit:.3f}; {len(records)} unpaired records, "
+          f"{len(metrics) - 1} steps in {seconds / 60:.1f} min")
+
+
+GRPO_STEPS, PPO_STEPS = 48, 40
+PARTS = {"rm": part_rm, "grpo": part_grpo, "ppo": part_ppo, "kto": part_kto}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", choices=[*PARTS, []], default=list(PARTS))
+    parser.add_argument("--out", type=Path, default=Path("runs/rlhf"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = fetch_demo_model()
+    print(f"SmolLM2-135M-Instruct on {cpu()}")
+    for name in args.parts or PARTS:
+        PARTS[name](model, args.out)
