@@ -271,14 +271,16 @@ def test_reference_point_is_the_mean_over_processes_then_clamped(tmp_path):
         "dist.init_process_group('gloo')\n"
         "r = dist.get_rank()\n"
         "policy, ref = torch.tensor([[1.0, 2.0], [0.5, -3.0]])[r], torch.zeros(2)\n"
-        "print(r, reference_point(policy, ref).item(), reference_point(policy, ref, real=r == 0).item())\n"
+        "values = [reference_point(policy, ref).item(), reference_point(policy, ref, real=r == 0).item()]\n"
+        f"open(f'{tmp_path}/z0-{{r}}.txt', 'w').write(' '.join(map(str, values)))\n"
         "dist.destroy_process_group()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script)], capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = sorted(line.split() for line in proc.stdout.splitlines() if line[:2] in ("0 ", "1 "))
-    assert [[float(x) for x in line[1:]] for line in lines] == [[0.125, 1.5], [0.125, 1.5]]
+    # each process writes its own file: two processes printing to one pipe can interleave their lines
+    values = [[float(x) for x in (tmp_path / f"z0-{r}.txt").read_text().split()] for r in (0, 1)]
+    assert values == [[0.125, 1.5], [0.125, 1.5]]
 
 
 # -- the trainer --------------------------------------------------------------------------------------
