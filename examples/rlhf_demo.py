@@ -118,7 +118,7 @@ def part_kto(model: Path, out: Path):
     unpaired.write_text("".join(json.dumps(r) + "\n" for r in records))
     metrics, seconds = train("kto", out / "kto", "--model", model, "--data", unpaired, "--eval-data",
                              task / "prefs_validation.jsonl", "--reference", "base", "--epochs", 2, "--batch-size", 8,
-                             "--lr", 5e-5)
+                             "--lr", 2e-4)
     before, after = first_last(metrics, "eval_policy_accuracy")
     implicit = metrics[-1]["eval_rewards/accuracies"]
     print(f"(d) KTO: held-out preference accuracy (log pi(chosen) > log pi(rejected)) {before:.3f} -> {after:.3f} "
@@ -131,9 +131,11 @@ PARTS = {"rm": part_rm, "grpo": part_grpo, "ppo": part_ppo, "kto": part_kto}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", choices=[*PARTS, []], default=list(PARTS))
+    parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/rlhf"))
     args = parser.parse_args()
+    if unknown := [p for p in args.parts if p not in PARTS]:
+        parser.error(f"unknown part {unknown[0]!r}; parts: {', '.join(PARTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     model = fetch_demo_model()
     print(f"SmolLM2-135M-Instruct on {cpu()}")
