@@ -16,12 +16,12 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 
 from . import prompting
 from .generate import generate
+from .model import eval_mode
 from .progress import Progress
 from .prompting import Shot, extract_answer
 
@@ -94,17 +94,6 @@ def _extractor(extract) -> Callable:
     return lambda text: extract_answer(text, extract)
 
 
-@contextmanager
-def _eval_mode(model):
-    """Generation runs in eval mode (no dropout); the caller's mode comes back even on an error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def evaluate_generation(model, tokenizer, prompts: Sequence[Sequence[int]], references: Sequence[str], *,
                         scorer="exact", labels: Sequence[str] | None = None, extract=None, batch_size: int = 8,
                         max_new_tokens: int = 32, stop_ids: Sequence[int] | None = None, progress: bool = True,
@@ -124,7 +113,7 @@ def evaluate_generation(model, tokenizer, prompts: Sequence[Sequence[int]], refe
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     records: list[dict | None] = [None] * len(prompts)
     bar, total = Progress(len(prompts), 0, progress), 0.0
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             rows = [list(prompts[i]) for i in batch]
@@ -206,7 +195,7 @@ def _vote(model, tokenizer, prompts, references, questions, scorer, labels, kind
     """Self-consistency for each prompt in turn (its n samples are the batch)."""
     score = _scorer(scorer, labels, references)
     bar, total, records = Progress(len(prompts), 0, progress), 0.0, []
-    with _eval_mode(model):
+    with eval_mode(model):
         for i, (ids, ref) in enumerate(zip(prompts, references)):
             pred, chains = prompting.self_consistency(model, tokenizer, ids, n=n, temperature=temperature,
                                                       max_new_tokens=max_new_tokens, kind=kind, seed=seed + i)

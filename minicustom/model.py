@@ -24,6 +24,8 @@ heads, hs head dim, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -321,3 +323,15 @@ class Transformer(nn.Module):
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the block in eval mode (no dropout): generation, log-probs without a graph, held-out loss. The
+    caller's mode comes back, even on an error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

@@ -13,7 +13,7 @@ from conftest import make_checkpoint
 
 import minicustom as mc
 from minicustom.generate import left_pad
-from minicustom.model import packed_position_ids
+from minicustom.model import eval_mode, packed_position_ids
 
 
 def _ids(B, T, seed=1, vocab=131):
@@ -250,3 +250,17 @@ def test_greedy_tokens_equal_an_uncached_loop(tmp_path):
         for _ in range(15):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, seq)
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_eval_mode_turns_dropout_off_and_gives_the_mode_back_even_on_an_error(start):
+    block = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    block.train(start)
+    with eval_mode(block):
+        assert not block.training and not block[0].training
+        x = torch.ones(64)
+        assert torch.equal(block(x), x)
+    assert block.training is start and block[0].training is start
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(block):
+        raise RuntimeError("boom")
+    assert block.training is start and block[0].training is start

@@ -41,6 +41,7 @@ from ..data import PreferencePair, collate
 from ..files import atomic_write
 from ..losses import LOSS_TYPES, REFERENCE_FREE, preference_loss, sequence_logps
 from ..methods import adapter_layers, disable_adapters
+from ..model import eval_mode
 from ..progress import Progress
 from .loop import TrainConfig, run
 from .state import examples_digest
@@ -93,13 +94,9 @@ class DPOConfig(TrainConfig):
 @torch.no_grad()
 def _logps(model: nn.Module, input_ids, labels, attention_mask, chunk: int) -> torch.Tensor:
     """Sequence log-probs of the rows, in eval mode (no dropout) and without a graph."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         h = model.forward_hidden(input_ids, attention_mask=attention_mask)  # (2B, T, C)
         return sequence_logps(h, labels, model.lm_head, chunk)[0]
-    finally:
-        model.train(was_training)
 
 
 class BaseReference:

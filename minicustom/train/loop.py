@@ -37,6 +37,7 @@ from torch import nn
 from ..data import trained_tokens
 from ..files import atomic_write
 from ..methods import lora_plus_param_groups
+from ..model import eval_mode
 from ..plot import write_loss_chart
 from ..progress import Progress
 from .state import (
@@ -177,17 +178,15 @@ def evaluate_objective(task, model: nn.Module, wrapper: nn.Module, full: bool) -
         return task.evaluate(model) if world == 1 or (rank == 0 and not full) else {}
     config = task.config
     share = task.eval_items[rank::world]
-    was_training = model.training
-    wrapper.eval()
     loss_sum, weight, stats = 0.0, 0, {}
-    for i in range(0, max(len(task.eval_items[0::world]), 1), config.batch_size):
-        part = share[i:i + config.batch_size]
-        batch = task.eval_batch(part or task.eval_items[:1], filler=not part)  # every process runs as many
-        s, st = wrapper(**batch)
-        loss_sum, weight = loss_sum + float(s), weight + task.weight(batch)
-        for k, v in st.items():
-            stats[k] = stats.get(k, 0.0) + float(v)
-    wrapper.train(was_training)
+    with eval_mode(wrapper):
+        for i in range(0, max(len(task.eval_items[0::world]), 1), config.batch_size):
+            part = share[i:i + config.batch_size]
+            batch = task.eval_batch(part or task.eval_items[:1], filler=not part)  # every process runs as many
+            s, st = wrapper(**batch)
+            loss_sum, weight = loss_sum + float(s), weight + task.weight(batch)
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
     if world > 1:
         sums = torch.tensor([loss_sum, weight, *stats.values()], dtype=torch.float64)
         dist.all_reduce(sums)

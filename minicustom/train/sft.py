@@ -19,6 +19,7 @@ from torch import nn
 from ..data import IGNORE, Example, collate, pack, trained_tokens
 from ..generate import generate
 from ..losses import sft_loss
+from ..model import eval_mode
 from .loop import TrainConfig, run
 from .state import examples_digest
 
@@ -97,23 +98,21 @@ def exact_match_rate(model, examples: list[Example], config: TrainConfig, pad_id
                      ) -> float:
     """The fraction of the first `config.exact_match` examples whose greedy answer, stripped, equals the
     reference, stripped."""
-    was_training = model.training
-    model.eval()
     chosen = [e for e in examples if e.answer_start > 0][:config.exact_match]
     hits = 0
-    for i in range(0, len(chosen), config.batch_size):
-        part = chosen[i:i + config.batch_size]
-        prompts = [e.input_ids[:e.answer_start] for e in part]
-        T = max(len(p) for p in prompts)  # prompts are left-padded to T; new tokens follow
-        room = model.config.max_position_embeddings - T  # a prompt near the context leaves fewer new tokens
-        out = generate(model, prompts, max(1, min(config.max_new_tokens, room)), stop=list(stop_ids),
-                       pad_token_id=pad_id)
-        for e, row in zip(part, out[:, T:].tolist()):
-            answer = tokenizer.decode(row, skip_special_tokens=True)
-            reference = tokenizer.decode([y for y in e.labels[e.answer_start:] if y != IGNORE],
-                                         skip_special_tokens=True)
-            hits += answer.strip() == reference.strip()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(chosen), config.batch_size):
+            part = chosen[i:i + config.batch_size]
+            prompts = [e.input_ids[:e.answer_start] for e in part]
+            T = max(len(p) for p in prompts)  # prompts are left-padded to T; new tokens follow
+            room = model.config.max_position_embeddings - T  # a prompt near the context leaves fewer new tokens
+            out = generate(model, prompts, max(1, min(config.max_new_tokens, room)), stop=list(stop_ids),
+                           pad_token_id=pad_id)
+            for e, row in zip(part, out[:, T:].tolist()):
+                answer = tokenizer.decode(row, skip_special_tokens=True)
+                reference = tokenizer.decode([y for y in e.labels[e.answer_start:] if y != IGNORE],
+                                             skip_special_tokens=True)
+                hits += answer.strip() == reference.strip()
     return hits / max(len(chosen), 1)
 
 
