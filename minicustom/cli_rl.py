@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .argtypes import COUNT, FRACTION, NONNEGATIVE, POSITIVE, PROBABILITY, UNIT, checked, float_list
+from .argtypes import COUNT, COUNT0, FRACTION, NONNEGATIVE, POSITIVE, PROBABILITY, UNIT, checked, float_list
 from .cli_common import add_model_args
 from .cli_train import (
     add_method_args,
@@ -61,7 +61,7 @@ def _config(args, kind: str):
                          gamma=args.gamma, lam=args.lam, vf_coef=args.vf_coef, cliprange_value=args.cliprange_value)
     config = RLConfig(**common, algorithm=kind, num_generations=args.num_generations,
                       num_iterations=args.num_iterations, loss_type=args.loss_type, scale=args.scale,
-                      normalize_advantages=args.normalize_advantages)
+                      normalize_advantages=args.normalize_advantages, dynamic_sampling=args.dynamic_sampling)
     check_group(config)
     return config
 
@@ -141,6 +141,9 @@ def add_train_rl(sub):
             p.add_argument("--num-generations", type=COUNT, default=4, help="completions per prompt (G); must divide "
                            "batch-size x grad-accum x processes")
             p.add_argument("--num-iterations", type=COUNT, default=1, help="optimizer steps per rollout")
+            p.add_argument("--dynamic-sampling", type=COUNT0, default=0, metavar="ROUNDS",
+                           help="DAPO's dynamic sampling: up to ROUNDS draws of fresh prompts replace the groups "
+                           "whose rewards are all equal (default 0: off)")
         if kind == "grpo":
             p.add_argument("--loss-type", choices=POLICY_LOSS_TYPES, default="grpo", help="token aggregation")
             p.add_argument("--scale", choices=ADVANTAGE_SCALES, default="group",

@@ -207,18 +207,47 @@ def run_metrics(rl, out, train_fn, config, stop_after=None, resume=False, refere
             for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+@pytest.mark.parametrize("kind", ["grpo", "grpo-dynamic", "ppo"])
 def test_resume_reproduces_the_run_bit_for_bit(rl, tmp_path, kind):
     """A run stopped after step 3 (mid-rollout: GRPO reuses each rollout twice, PPO four times) and resumed
-    logs what the uninterrupted run logged, every float equal."""
-    train_fn, config = ((train_rl, rl_config(num_iterations=2, max_steps=6, save_every=1, beta=0.05))
-                        if kind == "grpo" else (train_ppo, ppo_config(max_steps=6, save_every=1)))
+    logs what the uninterrupted run logged, every float equal (with dynamic sampling's extra draws too)."""
+    dynamic = 2 if kind == "grpo-dynamic" else 0
+    train_fn, config = ((train_rl, rl_config(num_iterations=2, max_steps=6, save_every=1, beta=0.05,
+                                             dynamic_sampling=dynamic))
+                        if kind != "ppo" else (train_ppo, ppo_config(max_steps=6, save_every=1)))
     whole = run_metrics(rl, tmp_path / "a", train_fn, config, reference=True)
     run_metrics(rl, tmp_path / "b", train_fn, config, stop_after=3, reference=True)
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-000003" / "task.safetensors").exists()
     resumed = run_metrics(rl, tmp_path / "b", train_fn, config, resume=True, reference=True)
     assert len(whole) == 7 and resumed == whole
     assert any("reward" in r for r in whole[2:]) and whole[-1]["loss"] != whole[1]["loss"]
+
+
+def oslo_only_reward(prompts, completions, records):
+    """Unequal rewards for the "Oslo" prompts' completions, 0 for every other prompt's (a group of equal
+    rewards)."""
+    return [spread_reward(None, [c], None)[0] if r["answer"] == "Oslo" else 0.0 for c, r in zip(completions, records)]
+
+
+@pytest.mark.parametrize("rounds,reserve_from,replaced", [(0, 10, 0), (3, 10, 2), (3, 2, 0)])
+def test_dynamic_sampling_replaces_the_groups_with_equal_rewards(rl, rounds, reserve_from, replaced):
+    """DAPO's dynamic sampling: the two "Paris" prompts' groups (all rewards 0) give their places to groups
+    of fresh "Oslo" prompts (unequal rewards), drawn from the reserve in order, as many per round as the
+    rollout holds; with no such prompt in the reserve every round is drawn and the equal groups stay. The
+    reward metrics are the first draw's."""
+    model, task = rollout_task(rl, rl_config(dynamic_sampling=rounds), reward=oslo_only_reward)
+    reserve = task.prompts[reserve_from:reserve_from + 6]
+    table, texts, metrics = task.make_rollout(model, task.prompts[:2], torch.Generator().manual_seed(5), reserve)
+    assert metrics["frac_reward_zero_std"] == 1.0 and metrics["reward"] == 0.0
+    assert metrics.get("groups_replaced", 0) == replaced
+    assert metrics.get("groups_drawn", 2) == (4 if replaced else 2 + 2 * rounds)
+    prompt_of = [task.tokenizer.decode(table["input_ids"][i].tolist()) for i in range(4)]
+    rewards = table["rewards"].view(2, 2)
+    if replaced:  # the first two reserve prompts, in order, each with its two completions
+        assert all("Where is city 0?" in t for t in prompt_of[:2]) and all("city 1?" in t for t in prompt_of[2:])
+        assert (rewards[:, 0] != rewards[:, 1]).all() and (table["advantages"] != 0).all()
+    else:
+        assert all("Name city" in t for t in prompt_of) and (table["advantages"] == 0).all()
 
 
 def test_reward_that_returns_nan_or_the_wrong_count_is_named(rl, tmp_path):

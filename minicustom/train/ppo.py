@@ -135,7 +135,7 @@ class PPOTask(RolloutTask):
     def loss_module(self, model: nn.Module) -> nn.Module:
         return self.loss
 
-    def make_rollout(self, model, prompts, generator):
+    def make_rollout(self, model, prompts, generator, reserve=()):  # PPO draws no more
         c = self.config
         ids, texts = sample(model, self.tokenizer, prompts, c, self.stop_ids, self.pad_id, generator)
         scores, means = score(self.reward, self.tokenizer, prompts, ids, texts)

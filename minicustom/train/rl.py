@@ -22,11 +22,17 @@ and π_old is the policy itself, detached). Rewards come from rewards.CombinedRe
 scorers, Python functions, a reward model). The reference for β > 0 is named as in DPO: "base"
 (adapters disabled), "snapshot", or a model folder. Under torchrun every process samples the whole
 rollout (the same seed: the same completions) and trains on its share.
+Dynamic sampling (DAPO, Yu et al. 2025, §3.2): a group whose G rewards are all equal has zero advantage
+and teaches nothing, so up to `dynamic_sampling` more rounds draw fresh prompts (as many as a rollout's,
+from the others in a seeded order) and put their groups with unequal rewards in the equal ones' places;
+groups still equal after the last round are trained as they are. The rollout's reward metrics are those
+of its first draw, the policy's own; `groups_drawn` and `groups_replaced` count the rest.
 Left out: vLLM generation, entropy masking, importance-sampling correction, multi-turn tool use.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +63,7 @@ class RLConfig(SamplingConfig):
     loss_type: str = "grpo"  # GRPO's token aggregation: grpo | bnpo | dr_grpo | dapo
     scale: str = "group"  # GRPO's advantage scale: group | batch | none
     normalize_advantages: bool = False  # RLOO: whiten the advantages of a rollout
+    dynamic_sampling: int = 0  # DAPO: rounds of fresh prompts that replace groups with equal rewards
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +79,7 @@ class RLConfig(SamplingConfig):
             "scale": (self.scale in ADVANTAGE_SCALES and (grpo or self.scale == "group"),
                       "one of " + ", ".join(ADVANTAGE_SCALES) + " (GRPO's; RLOO: normalize_advantages)"),
             "normalize_advantages": (not (grpo and self.normalize_advantages), "False for GRPO (its scale option)"),
+            "dynamic_sampling": (self.dynamic_sampling >= 0, ">= 0 (extra sampling rounds)"),
         })
 
 
@@ -146,16 +154,45 @@ class RLTask(RolloutTask):
     def loss_module(self, model: nn.Module) -> nn.Module:
         return PolicyLoss(model, self.config)
 
-    def make_rollout(self, model, prompts, generator):
-        c, G = self.config, self.config.num_generations
+    def _draw(self, model, prompts, generator) -> tuple[list[tuple], dict[str, float]]:
+        """G completions of each prompt, scored: one (rows, ids, texts, rewards) per prompt, and each reward
+        source's mean."""
+        G = self.config.num_generations
         rows = [p for p in prompts for _ in range(G)]
-        ids, texts = sample(model, self.tokenizer, rows, c, self.stop_ids, self.pad_id, generator)
+        ids, texts = sample(model, self.tokenizer, rows, self.config, self.stop_ids, self.pad_id, generator)
         rewards, means = score(self.reward, self.tokenizer, rows, ids, texts)
+        return [(rows[i:i + G], ids[i:i + G], texts[i:i + G], rewards[i:i + G]) for i in range(0, len(rows), G)], means
+
+    def _refill(self, model, groups: list[tuple], generator, reserve) -> dict:
+        """Dynamic sampling: groups of fresh prompts from `reserve` take the places of groups whose rewards
+        are all equal (in `groups`, in place), for up to config.dynamic_sampling rounds."""
+        reserve, drawn, replaced = iter(reserve), len(groups), 0
+        for _ in range(self.config.dynamic_sampling):
+            slots = [i for i, g in enumerate(groups) if bool((g[3] == g[3][0]).all())]
+            fresh = list(itertools.islice(reserve, len(groups))) if slots else []
+            if not fresh:
+                break
+            drawn += len(fresh)
+            unequal = [g for g in self._draw(model, fresh, generator)[0] if not bool((g[3] == g[3][0]).all())]
+            for i, g in zip(slots, unequal):
+                groups[i], replaced = g, replaced + 1
+        return {"groups_drawn": drawn, "groups_replaced": replaced}
+
+    def make_rollout(self, model, prompts, generator, reserve=()):
+        c, G = self.config, self.config.num_generations
+        groups, means = self._draw(model, prompts, generator)
+        first = torch.cat([g[3] for g in groups])
+        std = first.view(-1, G).std(dim=1)
+        metrics = {"reward": float(first.mean()), **means, "reward_std": float(std.mean()),
+                   "frac_reward_zero_std": float((std == 0).float().mean())}
+        if c.dynamic_sampling:
+            metrics.update(self._refill(model, groups, generator, reserve))
+        rows, ids, texts = ([x for g in groups for x in g[k]] for k in range(3))
+        rewards = torch.cat([g[3] for g in groups])
         table = rows_table([p.ids for p in rows], ids, self.pad_id)
         mask = table["labels"][:, 1:] != IGNORE
         if c.num_iterations > 1 or (c.algorithm == "rloo" and c.beta):
             table["old_logps"] = table_logps(model, table, c)
-        metrics = {"reward": float(rewards.mean()), **means}
         if self.reference is not None:
             with self.reference.scope(model) as ref_model:
                 table["ref_logps"] = table_logps(ref_model, table, c)
@@ -170,9 +207,7 @@ class RLTask(RolloutTask):
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
         else:
             advantages = group_advantages(shaped, G, c.scale)
-        std = rewards.view(-1, G).std(dim=1)
-        metrics.update({"reward_std": float(std.mean()), "frac_reward_zero_std": float((std == 0).float().mean()),
-                        "completion_length": float(mask.sum(-1).float().mean()),
+        metrics.update({"completion_length": float(mask.sum(-1).float().mean()),
                         "clipped_completions": sum(len(i) == c.max_new_tokens and i[-1] not in self.stop_ids
                                                    for i in ids) / len(ids)})
         table.update(rewards=rewards, advantages=advantages.float())

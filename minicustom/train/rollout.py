@@ -23,6 +23,7 @@ from torch import nn
 from ..data import IGNORE, DataError, read_jsonl
 from ..generate import generate
 from ..losses import token_logps
+from ..model import eval_mode
 from ..prompting import completion_text, render
 from ..rewards import CombinedReward
 from .loop import TrainConfig
@@ -129,14 +130,10 @@ def rows_table(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 @torch.no_grad()
 def over_rows(model: nn.Module, input_ids, batch_size: int, fn) -> torch.Tensor:
     """fn(hidden states, row slice) over the rows, batch_size at a time, in eval mode (no dropout), on CPU."""
-    was_training = model.training
-    model.eval()
     device = model.model.embed_tokens.weight.device
-    try:
+    with eval_mode(model):
         return torch.cat([fn(model.forward_hidden(input_ids[i:i + batch_size].to(device)), slice(i, i + batch_size))
                           .cpu() for i in range(0, input_ids.shape[0], batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def table_logps(model: nn.Module, table: dict, config) -> torch.Tensor:
@@ -151,15 +148,11 @@ def sample(model, tokenizer, prompts: list[Prompt], config, stop_ids, pad_id: in
            greedy: bool = False) -> tuple[list[list[int]], list[str]]:
     """One completion per prompt (repeat a prompt for several): its ids up to and including the first stop
     token, and its text (special tokens left out)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = generate(model, [p.ids for p in prompts], config.max_new_tokens,
                        temperature=0.0 if greedy else config.temperature, top_k=None if greedy else config.top_k,
                        top_p=None if greedy else config.top_p, stop=list(stop_ids), pad_token_id=pad_id,
                        generator=generator)
-    finally:
-        model.train(was_training)
     T, stops, ids = max(len(p.ids) for p in prompts), set(stop_ids), []
     for row in out[:, T:].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
@@ -227,8 +220,10 @@ class RolloutTask:
         """What a micro-batch's summed loss is divided by, summed over the step (task.Task.weight)."""
         raise NotImplementedError
 
-    def make_rollout(self, model, prompts: list[Prompt], generator) -> tuple[dict, list[str], dict]:
-        """(the table of rows: tensors (N, L), (N, L - 1) or (N,); the completions' texts; metrics)."""
+    def make_rollout(self, model, prompts: list[Prompt], generator, reserve: Sequence[Prompt] = ()
+                     ) -> tuple[dict, list[str], dict]:
+        """(the table of rows: tensors (N, L), (N, L - 1) or (N,); the completions' texts; metrics).
+        `reserve`: the other prompts, in a seeded order, for a rollout that draws more (dynamic sampling)."""
         raise NotImplementedError
 
     # -- the plan -------------------------------------------------------------------------------------
@@ -264,7 +259,11 @@ class RolloutTask:
         chunk = self._rollouts(epoch, job.world)[r]
         g = torch.Generator(device=job.model.model.embed_tokens.weight.device)
         g.manual_seed(self._seed("sample", epoch, r))
-        self.rollout, self.rollout_texts, metrics = self.make_rollout(job.model, [self.prompts[i] for i in chunk], g)
+        taken, shuffle = set(chunk), torch.Generator().manual_seed(self._seed("reserve", epoch, r))
+        reserve = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=shuffle).tolist()
+                   if i not in taken]
+        self.rollout, self.rollout_texts, metrics = self.make_rollout(job.model, [self.prompts[i] for i in chunk], g,
+                                                                      reserve)
         self.rollout_key = (epoch, r)
         every = self.config.log_completions
         if job.rank == 0 and every and (job.step // self.updates) % every == 0:
