@@ -124,6 +124,11 @@ class PolicyLoss(nn.Module):
         return loss * w + h.sum() * 0.0, {k: v * w for k, v in stats.items()}  # h.sum() * 0: a filler's graph
 
 
+def _all_equal(rewards: torch.Tensor) -> bool:
+    """A group whose rewards are all equal: every advantage 0, no gradient."""
+    return bool((rewards == rewards[0]).all())
+
+
 class RLTask(RolloutTask):
     """GRPO and RLOO as a `Task` of the loop: rollouts of G completions per prompt, reused num_iterations
     times."""
@@ -168,12 +173,12 @@ class RLTask(RolloutTask):
         are all equal (in `groups`, in place), for up to config.dynamic_sampling rounds."""
         reserve, drawn, replaced = iter(reserve), len(groups), 0
         for _ in range(self.config.dynamic_sampling):
-            slots = [i for i, g in enumerate(groups) if bool((g[3] == g[3][0]).all())]
+            slots = [i for i, g in enumerate(groups) if _all_equal(g[3])]
             fresh = list(itertools.islice(reserve, len(groups))) if slots else []
             if not fresh:
                 break
             drawn += len(fresh)
-            unequal = [g for g in self._draw(model, fresh, generator)[0] if not bool((g[3] == g[3][0]).all())]
+            unequal = [g for g in self._draw(model, fresh, generator)[0] if not _all_equal(g[3])]
             for i, g in zip(slots, unequal):
                 groups[i], replaced = g, replaced + 1
         return {"groups_drawn": drawn, "groups_replaced": replaced}
