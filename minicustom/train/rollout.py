@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,7 +220,7 @@ class RolloutTask:
         """What a micro-batch's summed loss is divided by, summed over the step (task.Task.weight)."""
         raise NotImplementedError
 
-    def make_rollout(self, model, prompts: list[Prompt], generator, reserve: Sequence[Prompt] = ()
+    def make_rollout(self, model, prompts: list[Prompt], generator, reserve: Iterable[Prompt] = ()
                      ) -> tuple[dict, list[str], dict]:
         """(the table of rows: tensors (N, L), (N, L - 1) or (N,); the completions' texts; metrics).
         `reserve`: the other prompts, in a seeded order, for a rollout that draws more (dynamic sampling)."""
@@ -245,6 +245,13 @@ class RolloutTask:
             self._orders = {(epoch, world): [order[i:i + P] for i in range(0, len(order) - P + 1, P)]}
         return self._orders[(epoch, world)]
 
+    def _reserve(self, epoch: int, r: int, chunk: list[int]) -> Iterator[Prompt]:
+        """The prompts outside rollout r's chunk, in an order seeded by (seed, epoch, r); lazy: nothing is
+        shuffled unless a rollout draws from it."""
+        taken, shuffle = set(chunk), torch.Generator().manual_seed(self._seed("reserve", epoch, r))
+        yield from (self.prompts[i] for i in torch.randperm(len(self.prompts), generator=shuffle).tolist()
+                    if i not in taken)
+
     def epoch_plan(self, epoch: int, world: int) -> list[list[int]]:
         return [rows for r, chunk in enumerate(self._rollouts(epoch, world))
                 for rows in self.step_rows(epoch, r, len(chunk) * getattr(self.config, "num_generations", 1))]
@@ -259,11 +266,8 @@ class RolloutTask:
         chunk = self._rollouts(epoch, job.world)[r]
         g = torch.Generator(device=job.model.model.embed_tokens.weight.device)
         g.manual_seed(self._seed("sample", epoch, r))
-        taken, shuffle = set(chunk), torch.Generator().manual_seed(self._seed("reserve", epoch, r))
-        reserve = [self.prompts[i] for i in torch.randperm(len(self.prompts), generator=shuffle).tolist()
-                   if i not in taken]
         self.rollout, self.rollout_texts, metrics = self.make_rollout(job.model, [self.prompts[i] for i in chunk], g,
-                                                                      reserve)
+                                                                      self._reserve(epoch, r, chunk))
         self.rollout_key = (epoch, r)
         every = self.config.log_completions
         if job.rank == 0 and every and (job.step // self.updates) % every == 0:
