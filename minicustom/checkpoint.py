@@ -17,6 +17,7 @@ any other file, and a later write into the folder removes those an interrupted r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -32,6 +33,7 @@ from .files import atomic_write_all, read_json
 from .model import Transformer
 from .quant import nf4
 from .quant.linear4bit import Linear4bit, is_quant_key, quantization_config, quantize_model
+from .rope import RoPE
 
 
 class CheckpointError(ValueError):
@@ -228,6 +230,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     config = ModelConfig.from_file(path)
     files, weight_map = _weight_files(path, allow_pickle)
     tensors, where = _read_all(files, weight_map, path / INDEX)
+    if config.num_experts and any(name.endswith(".experts.gate_up_proj") for name in tensors):
+        config = dataclasses.replace(config, fused_experts=True)  # 3-D experts, as transformers >= 5 holds them
     _check_layer_count(config, tensors, path)
     _check_head(model_class, tensors, path / INDEX if weight_map else files[0])
     with torch.device("meta"):
@@ -264,7 +268,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys and set(result.missing_keys) <= missing_ok, result
     model.tie_weights()
-    model.inv_freq = config.inv_freq().to(device)  # buffers are not in the checkpoint
+    model.rope = RoPE(config).to(device)  # buffers are not in the checkpoint
     if quantize and used:  # already 4-bit: nothing to do, unless the format asked for is another
         stored = {m.state.quant_type for m in model.modules() if isinstance(m, Linear4bit)}
         if stored != {quantize}:

@@ -175,7 +175,8 @@ def cmd_train_sft(args):
     given = method_options(args, method, rank)
     report = print if rank == 0 else (lambda *a, **k: None)
     config = TrainConfig(**train_options(args, method.lr), packing=not args.no_packing,
-                         exact_match=args.exact_match, max_new_tokens=args.max_new_tokens)
+                         exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
+                         router_aux_loss_coef=args.router_aux_loss_coef)
     model, tok = load_for_training(args)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
                    vocab_size=model.config.vocab_size, report=report, **data_options(args))
@@ -293,6 +294,9 @@ def add_train_sft(sub):
     p.add_argument("--no-packing", action="store_true")
     p.add_argument("--exact-match", type=COUNT0, default=32, help="eval examples to answer for exact match")
     p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    p.add_argument("--router-aux-loss-coef", type=NONNEGATIVE, default=None,
+                   help="Mixture-of-Experts models: weight of the routers' load-balancing loss (default: the config's "
+                        "router_aux_loss_coef if it sets output_router_logits, as transformers; else 0)")
     add_method_options(p)
     p.set_defaults(func=cmd_train_sft, method="lora")
 

@@ -95,10 +95,11 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, temperature: float =
     padded = bool((attention_mask == 0).any())
 
     cache = model.new_kv_cache(B, T + max_new_tokens)
+    long_at = model.rope.original_context  # longrope only: its tables change past this length
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
     h = model.forward_hidden(input_ids, attention_mask=attention_mask if padded else None,
                              position_ids=position_ids, kv_cache=cache)
-    logits = model.lm_head(h[:, -1])  # (B, V): only the last position is needed
+    logits = model.head()(h[:, -1])  # (B, V): only the last position is needed
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
@@ -116,8 +117,17 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, temperature: float =
         if done.all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)  # (B, S)
-        h = model.forward_hidden(token[:, None], attention_mask=attention_mask if padded else None,
-                                 position_ids=next_pos, kv_cache=cache)
-        logits = model.lm_head(h[:, -1])
+        if long_at is not None and attention_mask.shape[1] > long_at >= cache.length - cache.prefix_length:
+            # family: longrope has just switched to its long factors (Phi-3). As transformers does, drop the
+            # cache, whose keys were rotated with the short ones, and run the whole sequence again.
+            cache = model.new_kv_cache(B, T + max_new_tokens)
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            h = model.forward_hidden(torch.cat(out, dim=1), attention_mask=attention_mask if padded else None,
+                                     position_ids=position_ids, kv_cache=cache)
+            next_pos = position_ids[:, -1:]
+        else:
+            h = model.forward_hidden(token[:, None], attention_mask=attention_mask if padded else None,
+                                     position_ids=next_pos, kv_cache=cache)
+        logits = model.head()(h[:, -1])
         next_pos = next_pos + 1
     return torch.cat(out, dim=1)

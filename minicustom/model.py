@@ -1,12 +1,23 @@
-"""A Llama-family decoder-only transformer, with Hugging Face's parameter names and math.
+"""A decoder-only transformer for the Llama family and its relatives, with Hugging Face's parameter names and math.
 
     h   = x + o_proj(Attention(RoPE(q_proj(n1(x))), RoPE(k_proj(n1(x))), v_proj(n1(x))))
-    out = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))          n1, n2: RMSNorm
+    out = h + down_proj(act(gate_proj(n2(h))) * up_proj(n2(h)))          n1, n2: RMSNorm, act: silu
 
-Covers Llama 2/3 (llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (q/k/v bias), Qwen3
-(per-head q/k RMSNorm) and SmolLM/SmolLM2; grouped-query attention runs through
-`F.scaled_dot_product_attention`. Module names are transformers' (`model.layers.0.self_attn.q_proj`,
-...), so a checkpoint loads without a key map and a PEFT key is "base_model.model." + name.
+What each family changes, as config fields read in the places marked `# family:` below:
+- Llama 2/3, SmolLM/SmolLM2: the equations above; Llama 3.1 scales RoPE (`rope.py` has every scaling).
+- Mistral: sliding-window attention (a key is seen by the next `sliding_window` queries only).
+- Qwen2/2.5: q/k/v biases. Qwen3: RMSNorm over each head of q and k before RoPE.
+- Gemma 2/3: GeGLU (act = tanh-GELU); RMSNorm times (1 + w); embeddings times sqrt(C); "sandwich" norms
+  (the attention's and the MLP's outputs are normed too); scores scaled by query_pre_attn_scalar^-1/2;
+  sliding and global layers by `layer_types`. Gemma 2 soft-caps scores and logits (cap * tanh(x / cap));
+  Gemma 3 norms q/k per head, and its sliding layers use a RoPE base of their own.
+- Phi-3/Phi-4-mini: fused qkv_proj = [q; k; v] and gate_up_proj = [gate; up] as the checkpoint stores them;
+  only the first part of each head rotates (partial_rotary_factor); longrope scaling.
+- Qwen3-MoE, Mixtral: a sparse Mixture-of-Experts block (`moe.py`) in place of the MLP, in the layers the
+  config names; Mixtral calls it block_sparse_moe and its experts' linears w1, w3, w2.
+Grouped-query attention runs through `F.scaled_dot_product_attention` (soft-capped scores, which SDPA
+cannot cap, are written out). Module names are transformers' (`model.layers.0.self_attn.q_proj`, ...), so
+a checkpoint loads without a key map and a PEFT key is "base_model.model." + name.
 
 This file knows nothing about LoRA, quantization or prompts. Methods attach by swapping modules, or
 through two seams: `inputs_embeds`, and `kv_prefix`, a module that gives each layer extra keys/values
@@ -14,9 +25,9 @@ through two seams: `inputs_embeds`, and `kv_prefix`, a module that gives each la
 p-tuning, whose virtual tokens' keys/values it is) sits before the tokens under one softmax: it shifts
 token positions by P, is always visible whatever the attention mask says, and is written once into
 the KV cache when the cache is made. A *gated* prefix (LLaMA-Adapter) gets its own softmax whose
-output, scaled by a gate, is added to the attention's. Left out on purpose: tensor parallelism, fused
-QKV (it would move the checkpoint keys), and FlashAttention (packed batches use a block-diagonal mask
-on plain SDPA instead).
+output, scaled by a gate, is added to the attention's. Left out on purpose: tensor parallelism, fusing
+q/k/v where the checkpoint keeps them apart (it would move the keys), and FlashAttention (packed batches
+use a block-diagonal mask on plain SDPA instead).
 
 Dimensions: B batch, T new tokens, S keys (cached + new), C hidden, nh query heads, nkv key/value
 heads, hs head dim, V vocabulary.
@@ -27,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,36 +46,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .moe import SparseMoE
+from .rope import RoPE, apply_rope
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight, as HF does."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight, as HF does.
 
-    def __init__(self, dim: int, eps: float):
+    family: Gemma (plus_one) scales by (1 + w), w stored around 0, and multiplies before the cast back."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
 
     def forward(self, x):
+        w = 1.0 + self.weight.float() if self.plus_one else self.weight
         if x.dtype == torch.float32:  # the same math in one fused op: about 1.8x faster forward + backward on CPU
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_cos_sin(inv_freq, position_ids, dtype):
-    """cos/sin tables for positions (B, T): angle[b, t, i] = pos[b, t] * inv_freq[i], duplicated to hs."""
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs/2), fp32 like HF
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): HF's rotate_half layout
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x (B, n, T, hs) rotated by RoPE: x*cos + rotate_half(x)*sin, rotate_half([a, b]) = [-b, a]."""
-    a, b = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * w).to(dtype) if self.plus_one else w * y.to(dtype)
 
 
 @dataclass
@@ -123,19 +126,33 @@ class Attention(nn.Module):
         c, hs = config, config.head_dim
         self.layer_idx = layer_idx
         self.nh, self.nkv, self.hs = c.num_attention_heads, c.num_key_value_heads, hs
-        self.q_proj = nn.Linear(c.hidden_size, self.nh * hs, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.nkv * hs, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.nkv * hs, bias=c.qkv_bias)
+        if c.fused_projections:  # family: Phi-3 stores [q; k; v] as one matrix
+            self.qkv_proj = nn.Linear(c.hidden_size, (self.nh + 2 * self.nkv) * hs, bias=c.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.nh * hs, bias=c.qkv_bias)
+            self.k_proj = nn.Linear(c.hidden_size, self.nkv * hs, bias=c.qkv_bias)
+            self.v_proj = nn.Linear(c.hidden_size, self.nkv * hs, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.nh * hs, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
-            self.q_norm = RMSNorm(hs, c.rms_norm_eps)
-            self.k_norm = RMSNorm(hs, c.rms_norm_eps)
+            self.q_norm = RMSNorm(hs, c.rms_norm_eps, c.norm_plus_one)
+            self.k_norm = RMSNorm(hs, c.rms_norm_eps, c.norm_plus_one)
+        # family: Gemma scales scores by query_pre_attn_scalar^-1/2 (None: SDPA's head_dim^-1/2); Gemma 2 caps them
+        self.qk_scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None
+        self.softcap = c.attn_logit_softcapping
+
+    def qkv(self, x):
+        """q (B, T, nh, hs), k and v (B, T, nkv, hs)."""
+        B, T, _ = x.shape
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q.view(B, T, self.nh, self.hs), k.view(B, T, self.nkv, self.hs), v.view(B, T, self.nkv, self.hs)
 
     def forward(self, x, cos, sin, mask, kv_cache, prefix: Prefix | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs)  # (B, T, nh, hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs)  # (B, T, nkv, hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.qkv(x)
+        v = v.transpose(1, 2)  # (B, nkv, T, hs)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
@@ -148,43 +165,82 @@ class Attention(nn.Module):
         # mask: None (no constraint), "causal" (square, no cache), or a bool tensor (B, 1, T, S).
         is_causal = isinstance(mask, str)
         gqa = self.nkv != self.nh
-        if gqa and torch.is_tensor(mask) and T > 1:
+        if gqa and (self.softcap or torch.is_tensor(mask) and T > 1):
             # Measured on CPU (torch 2.13): with a mask tensor and many queries, SDPA's GQA path is slower
             # than giving each query head its own copy of its key/value head, so copy.
             k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))  # (B, nh, S, hs)
             gqa = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=gqa
-        )  # (B, nh, T, hs)
+        if self.softcap:  # family: Gemma 2, scores -> cap * tanh(scores / cap) before the mask, written out
+            scores = q @ k.transpose(2, 3) * (self.qk_scale or self.hs ** -0.5)  # (B, nh, T, S)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+            if is_causal:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=gqa, scale=self.qk_scale
+            )  # (B, nh, T, hs)
         if prefix is not None and prefix.gate is not None:  # gated prefix: its own softmax, no mask
             y = y + prefix.gate * F.scaled_dot_product_attention(
-                q, prefix.k.expand(B, -1, -1, -1), prefix.v.expand(B, -1, -1, -1), enable_gqa=self.nkv != self.nh)
+                q, prefix.k.expand(B, -1, -1, -1), prefix.v.expand(B, -1, -1, -1), enable_gqa=self.nkv != self.nh,
+                scale=self.qk_scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
+
+
+def activation(config: ModelConfig):
+    """The gate's nonlinearity. family: Gemma's GeGLU uses the tanh approximation of GELU ("gelu_pytorch_tanh")."""
+    return F.silu if config.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         C, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(C, I, bias=bias)
-        self.up_proj = nn.Linear(C, I, bias=bias)
+        if config.fused_projections:  # family: Phi-3 stores [gate; up] as one matrix
+            self.gate_up_proj = nn.Linear(C, 2 * I, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(C, I, bias=bias)
+            self.up_proj = nn.Linear(C, I, bias=bias)
         self.down_proj = nn.Linear(I, C, bias=bias)
+        self.act = activation(config)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        C, eps, one = config.hidden_size, config.rms_norm_eps, config.norm_plus_one
+        self.input_layernorm = RMSNorm(C, eps, one)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(C, eps, one)
+        if config.sandwich_norms:  # family: Gemma 2/3, post_attention_layernorm norms the attention's output
+            self.pre_feedforward_layernorm = RMSNorm(C, eps, one)
+            self.post_feedforward_layernorm = RMSNorm(C, eps, one)
+        # family: Qwen3-MoE and Mixtral route tokens to experts (moe.py), in every layer or those the config says
+        ffn = SparseMoE(config, activation(config)) if config.sparse_layers[layer_idx] else MLP(config)
+        if config.model_type == "mixtral" and not config.fused_experts:
+            self.block_sparse_moe = ffn  # Mixtral's checkpoint name for it
+        else:
+            self.mlp = ffn
+
+    def feed_forward(self, x):
+        return self.mlp(x) if hasattr(self, "mlp") else self.block_sparse_moe(x)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, prefix=None):
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache,
+                                                                 prefix))
+            return x + self.post_feedforward_layernorm(self.feed_forward(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -196,7 +252,13 @@ class Decoder(nn.Module):
         pad = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_plus_one)
+        # family: Gemma multiplies the embeddings by sqrt(C), rounded to fp32 then to the weights' dtype, as HF
+        self.embed_scale = float(torch.tensor(config.hidden_size ** 0.5, device="cpu")) if config.embed_scale else None
+
+    def embed(self, input_ids):
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        return x if self.embed_scale is None else x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
 
 def build_mask(T, S, past, device, attention_mask=None, seq_ids=None, window=None, prefix=0):
@@ -239,6 +301,17 @@ def packed_position_ids(seq_ids):
     return idx - start
 
 
+class SoftCapped(nn.Module):
+    """family: Gemma 2's logits, cap * tanh(head(h) / cap). Made on demand by `Transformer.head`; holds no weights."""
+
+    def __init__(self, head: nn.Module, cap: float):
+        super().__init__()
+        self.inner, self.cap = head, cap
+
+    def forward(self, h):
+        return torch.tanh(self.inner(h) / self.cap) * self.cap
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -247,7 +320,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", config.inv_freq(), persistent=False)
+        self.rope = RoPE(config)
         self.gradient_checkpointing = False
         # The seam for prefix methods: a module called as kv_prefix(batch_size) -> one Prefix or None per
         # layer (or None when it has nothing active). Set by prefix tuning, prompt tuning, p-tuning and
@@ -275,7 +348,7 @@ class Transformer(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         if T == 0:
             raise ValueError("empty input: at least one token is needed")
@@ -295,23 +368,29 @@ class Transformer(nn.Module):
                             else torch.arange(past, S, device=x.device).expand(B, T))
         else:
             position_ids = position_ids + P
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)  # (B, T, hs)
+        kinds = set(self.config.layer_types)  # family: Gemma alternates sliding and global layers
         masks = {kind: build_mask(T, S, past, x.device, attention_mask, seq_ids,
                                   self.config.sliding_window if kind == "sliding_attention" else None, P)
-                 for kind in set(self.config.layer_types)}
+                 for kind in kinds}
+        tables = {kind: self.rope.tables(position_ids, kind, x.dtype) for kind in kinds}  # cos, sin (B, T, d)
         for i, (layer, kind) in enumerate(zip(self.model.layers, self.config.layer_types)):
             prefix = prefixes[i] if prefixes is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, masks[kind], kv_cache, prefix, use_reentrant=False)
+                x = checkpoint(layer, x, *tables[kind], masks[kind], kv_cache, prefix, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[kind], kv_cache, prefix)
+                x = layer(x, *tables[kind], masks[kind], kv_cache, prefix)
         if kv_cache is not None:
             kv_cache.length = S
         return self.model.norm(x)
 
     def forward(self, input_ids=None, **kwargs):
         """Logits (B, T, V); keyword arguments as in `forward_hidden`."""
-        return self.lm_head(self.forward_hidden(input_ids, **kwargs))
+        return self.head()(self.forward_hidden(input_ids, **kwargs))
+
+    def head(self) -> nn.Module:
+        """The module that maps hidden states to logits: lm_head, soft-capped where the family says so."""
+        cap = self.config.final_logit_softcapping
+        return self.lm_head if cap is None else SoftCapped(self.lm_head, cap)
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A cache for max_length tokens, holding the active prefix (if any) besides them."""

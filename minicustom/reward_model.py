@@ -103,7 +103,7 @@ class RewardModel(Transformer):
         with torch.device("meta"):
             rm = cls(config)
         w = lm.model.embed_tokens.weight
-        rm.model, rm.inv_freq, rm.kv_prefix = lm.model, lm.inv_freq, lm.kv_prefix
+        rm.model, rm.rope, rm.kv_prefix = lm.model, lm.rope, lm.kv_prefix
         rm.adapter_configs = lm.adapter_configs
         rm.model.embed_tokens.padding_idx = pad  # as transformers builds the embedding: no gradient to that row
         rm.score = ScoreHead(config.hidden_size, device=w.device, dtype=w.dtype)

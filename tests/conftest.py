@@ -43,6 +43,35 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
     # Qwen3: per-head q/k RMSNorm, head_dim (24) unrelated to hidden / heads (16).
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24)),
+    # Qwen3 with YaRN: the band ramp lies inside the 12 bands of head_dim 24, attention scaling 1.139.
+    "qwen3-yarn": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=64, rope_theta=10000.0))),
+    # Gemma 2: GeGLU, (1 + w) norms, sandwich norms, scaled embeddings, [sliding, global] layers, caps low
+    # enough that tanh bends the scores and logits of these weights (eager attention: SDPA cannot cap).
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=7, attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0, attn_implementation="eager")),
+    # Gemma 3: q/k norms, three layers (sliding, global, sliding), each kind with its own RoPE (linear on global).
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=20, sliding_window=7, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # Phi-3: fused qkv_proj and gate_up_proj.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False)),
+    # Phi-4-mini style: 3/4 of each head rotates, longrope past an original context of 8 (every test sequence
+    # but the short-factor test's is longer, so cached decoding and a full forward use the same tables).
+    "phi4mini": ("Phi3Config", "Phi3ForCausalLM", dict(
+        tie_word_embeddings=True, head_dim=16, original_max_position_embeddings=8, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+            short_factor=[1.0, 1.1, 1.3, 1.7, 2.2, 3.0], long_factor=[1.0, 1.5, 2.5, 4.0, 7.0, 12.0]))),
+    # Qwen3-MoE: 4 experts, top-2 renormalized, q/k norms; layer 1 dense (mlp_only_layers).
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        tie_word_embeddings=False, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        norm_topk_prob=True, mlp_only_layers=[1])),
+    # Mixtral: 4 experts (w1, w3, w2 under block_sparse_moe), top-2, a sliding window.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, sliding_window=7)),
 }
 
 
@@ -80,6 +109,21 @@ def make_checkpoint(path, family: str, seed: int = 0, **overrides):
     model = make_hf_model(family, seed, **overrides)
     model.save_pretrained(path)
     return path, model
+
+
+def fused_copy(path, hf, to=None):
+    """A copy of a MoE checkpoint with its experts as transformers >= 5 holds them in memory (3-D gate_up_proj
+    and down_proj, Mixtral's block under `mlp`): hf.state_dict() itself, so every name is transformers'."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    to = to or path.parent / (path.name + "-fused")
+    shutil.copytree(path, to)
+    (to / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(to / "model.safetensors"),
+              metadata={"format": "pt"})
+    return to
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -26,7 +26,7 @@ DELETE = object()
 def templates(tmp_path_factory):
     """Tiny checkpoints written once per module; each test copies the one it needs."""
     root = tmp_path_factory.mktemp("templates")
-    for family in ("llama3", "mistral", "qwen2", "smollm"):
+    for family in ("llama3", "mistral", "qwen2", "smollm", "gemma3", "phi4mini", "qwen3-yarn", "qwen3moe", "mixtral"):
         make_checkpoint(root / family, family)
     mc.save_model(mc.load_model(root / "llama3"), root / "sharded", max_shard_size=20_000)
     mc.save_model(mc.load_model(root / "smollm", quantize="nf4"), root / "nf4")
@@ -80,7 +80,56 @@ def _rope(**changes):
 
 nan, inf = float("nan"), float("inf")
 
+GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+PHI4_ROPE = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+             "short_factor": [1.0] * 6, "long_factor": [2.0] * 6, "original_max_position_embeddings": 8}
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}
+
 BAD_CONFIGS = [
+    # -- the families beyond Llama's: layer patterns, rope types and scalings, what a family cannot do
+    ("gemma3", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+     ["'layer_types'", "chunked_attention"]),
+    ("gemma3", {"layer_types": ["sliding_attention", "full_attention"]}, ["layer_types has 2 entries", "3 layers"]),
+    ("gemma3", {"layer_types": DELETE, "sliding_window_pattern": 0}, ["'sliding_window_pattern'"]),
+    ("gemma3", {"layer_types": "alternating"}, ["'layer_types'", "list"]),
+    ("gemma3", {"hidden_activation": "relu"}, ["hidden_activation 'relu'", "gelu_pytorch_tanh"]),
+    ("gemma3", {"use_bidirectional_attention": True}, ["'use_bidirectional_attention'"]),
+    ("gemma3", {"query_pre_attn_scalar": 0}, ["'query_pre_attn_scalar'"]),
+    ("gemma3", {"final_logit_softcapping": -30.0}, ["'final_logit_softcapping'"]),
+    ("gemma3", {"rope_parameters": {**GEMMA3_ROPE, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     ["'rope_parameters.sliding_attention.rope_type'", "'linear'"]),
+    ("gemma3", {"rope_parameters": {**GEMMA3_ROPE, "full_attention": {"rope_type": "dynamic", "factor": 2.0}}},
+     ["'rope_parameters.full_attention.rope_type'", "'dynamic'"]),
+    ("gemma3", {"rope_parameters": {**GEMMA3_ROPE, "sliding_attention": "default"}},
+     ["'rope_parameters.sliding_attention'", "object"]),
+    ("qwen3-yarn", {"rope_parameters": {**YARN_ROPE, "rope_type": "dynamic"}}, ["rope type 'dynamic'", "yarn"]),
+    ("qwen3-yarn", {"rope_parameters": {k: v for k, v in YARN_ROPE.items() if k != "factor"}},
+     ["'rope_parameters.factor'", "missing"]),
+    ("qwen3-yarn", {"rope_parameters": {**YARN_ROPE, "beta_fast": "32"}}, ["'rope_parameters.beta_fast'"]),
+    ("qwen3-yarn", {"rope_parameters": {**YARN_ROPE, "truncate": "no"}}, ["'rope_parameters.truncate'"]),
+    ("qwen3-yarn", {"rope_parameters": {**YARN_ROPE, "partial_rotary_factor": 0.5}}, ["'partial_rotary_factor'",
+                                                                                       "phi3"]),
+    ("phi4mini", {"rope_parameters": {**PHI4_ROPE, "short_factor": [1.0] * 5}},
+     ["'rope_parameters.short_factor'", "6 positive numbers", "5 entries"]),
+    ("phi4mini", {"rope_parameters": {k: v for k, v in PHI4_ROPE.items() if k != "long_factor"}},
+     ["'rope_parameters.long_factor'"]),
+    ("phi4mini", {"rope_parameters": {**PHI4_ROPE, "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, -6.0]}},
+     ["'rope_parameters.long_factor'"]),
+    ("phi4mini", {"rope_parameters": {**PHI4_ROPE, "partial_rotary_factor": 1.5}}, ["'partial_rotary_factor'"]),
+    ("phi4mini", {"rope_parameters": {**PHI4_ROPE, "partial_rotary_factor": 0.7}}, ["partial_rotary_factor",
+                                                                                     "even"]),
+    ("phi4mini", {"original_max_position_embeddings": "8"}, ["'original_max_position_embeddings'"]),
+    ("qwen3moe", {"num_experts_per_tok": 5}, ["'num_experts_per_tok' (5)", "'num_local_experts' (4)"]),
+    ("qwen3moe", {"num_local_experts": DELETE, "num_experts": 4, "num_experts_per_tok": 6},
+     ["'num_experts_per_tok' (6)", "'num_experts' (4)"]),
+    ("qwen3moe", {"num_local_experts": 0}, ["'num_local_experts'", "positive"]),
+    ("qwen3moe", {"mlp_only_layers": [2]}, ["'mlp_only_layers'", "[0, 2)"]),
+    ("qwen3moe", {"decoder_sparse_step": 0}, ["'decoder_sparse_step'"]),
+    ("qwen3moe", {"norm_topk_prob": "yes"}, ["'norm_topk_prob'", "boolean"]),
+    ("mixtral", {"num_experts_per_tok": 9}, ["'num_experts_per_tok' (9)", "'num_local_experts' (4)"]),
+    ("mixtral", {"router_jitter_noise": 0.1}, ["'router_jitter_noise'"]),
+    ("mixtral", {"router_aux_loss_coef": -1}, ["'router_aux_loss_coef'"]),
     # (template, edits, words the message must hold besides the file)
     ("smollm", {"tie_word_embeddings": "false"}, ["'tie_word_embeddings'", "boolean", "'false'"]),
     ("smollm", {"tie_word_embeddings": 0}, ["'tie_word_embeddings'", "boolean"]),
@@ -118,7 +167,8 @@ BAD_CONFIGS = [
     ("llama3", {"rope_parameters": _rope(original_max_position_embeddings="64")},
      ["'rope_parameters.original_max_position_embeddings'"]),
     ("llama3", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, ["'rope_parameters.factor'"]),
-    ("llama3", {"rope_parameters": DELETE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    ("llama3", {"rope_parameters": DELETE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                             "original_max_position_embeddings": 64}},
      ["'rope_scaling.low_freq_factor'"]),
     ("llama3", {"rope_parameters": DELETE, "rope_scaling": {"type": "linear", "factor": "2"}},
      ["'rope_scaling.factor'"]),
@@ -162,7 +212,7 @@ BAD_CONFIGS = [
     ("llama3", {"bos_token_id": 131}, ["'bos_token_id'"]),
     ("llama3", {"pad_token_id": [1, 2]}, ["'pad_token_id'", "[-1, 131)"]),
     ("llama3", {"pad_token_id": -2}, ["'pad_token_id'"]),
-    ("llama3", {"rope_parameters": _rope(rope_type="yarn")}, ["'rope_parameters.rope_type'", "'yarn'"]),
+    ("llama3", {"rope_parameters": _rope(rope_type="dynamic")}, ["'rope_parameters.rope_type'", "'dynamic'"]),
 ]
 
 

@@ -106,7 +106,7 @@ def test_unknown_model_type(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("hidden_act", "gelu", "hidden_act 'gelu'"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope type 'yarn'"),
+    ("rope_parameters", {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}, "rope type 'dynamic'"),
     ("num_key_value_heads", 3, "not a multiple"),
     ("hidden_size", 0, "'hidden_size' must be a positive integer"),
 ])

@@ -444,3 +444,45 @@ def test_merge_adapter_matches_peft_merge_and_unload(tmp_path, case):
         out = merged(ids)
         torch.testing.assert_close(out, ref(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
         assert (out - mc.load_model(path)(ids)).abs().max() > 0.1
+
+
+# -- 5. the families beyond Llama's -----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "phi3", "phi4mini"])
+def test_new_families_match_peft_and_files_travel_both_ways(tmp_path, family):
+    """LoRA on every linear of Gemma 2/3 (scaled embeddings, sandwich norms, caps) and of Phi-3's fused qkv_proj
+    and gate_up_proj, which PEFT treats as ordinary linears: same weights, PEFT's logits and gradients; our
+    folder loads in PEFT and PEFT's in ours with the same logits. Tolerances as in the module docstring."""
+    path, hf = make_checkpoint(tmp_path / family, family)
+    peft = _peft(hf, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    _perturb(peft.named_parameters())
+    model = mc.load_model(path)
+    mc.apply_lora(model, r=8, alpha=16, dropout=0.0, verbose=False, targets="all-linear")
+    _copy_peft_into(model, peft)
+    linears = {n for n, _ in _lora_layers(model).items()}
+    assert _lora_layers(model) == _lora_layers(peft)
+    if family.startswith("phi"):
+        assert {n.rsplit(".", 1)[-1] for n in linears} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    model.train()
+    peft.train()
+    ids = _ids()
+    out, ref = model(ids), peft(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    _assert_adapter_matters(model, ids, out)
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    theirs = {_ours(n): p for n, p in peft.named_parameters() if p.requires_grad}
+    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        scale = theirs[name].grad.abs().max()
+        torch.testing.assert_close(p.grad / scale, theirs[name].grad / scale, atol=GATOL, rtol=0, msg=name)
+
+    model.eval()
+    mc.save_adapter(model, tmp_path / "ours")
+    peft.save_pretrained(tmp_path / "theirs")
+    _, fresh_hf = make_checkpoint(tmp_path / "again", family)
+    in_peft = PeftModel.from_pretrained(fresh_hf, tmp_path / "ours").eval()
+    in_ours = mc.load_adapter(mc.load_model(path), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        expected = model(ids)
+        torch.testing.assert_close(in_peft(input_ids=ids).logits, expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(in_ours(ids), peft.eval()(input_ids=ids).logits, atol=ATOL, rtol=RTOL)

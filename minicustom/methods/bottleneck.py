@@ -200,6 +200,7 @@ class ParallelAdapterMLP(_Bottleneck):
             self.add_module(n, child)
         for n, p in mlp.named_parameters(recurse=False):
             self.register_parameter(n, p)
+        self.act = mlp.act  # the MLP's nonlinearity, which its forward reads
         self._init_adapters(mlp.down_proj.out_features)
 
     def _output_linear(self):
@@ -234,13 +235,14 @@ def _sites(model: nn.Module, config: BottleneckConfig) -> tuple[list[str], int]:
     parallel = config.placement == "parallel"
     for name in names:
         module = model.get_submodule(name)
-        if parallel:
-            ok = isinstance(module, ParallelAdapterMLP) or not isinstance(module, AdapterLayer)
+        if parallel:  # a dense MLP (a Mixture-of-Experts block has no down_proj of its own)
+            ok = isinstance(module, ParallelAdapterMLP) or not isinstance(module, AdapterLayer) and hasattr(
+                module, "down_proj")
         else:
             ok = isinstance(module, (nn.Linear, Linear4bit, BottleneckLinear))
         if not ok:
             raise ValueError(f"module {name} is a {type(module).__name__}; bottleneck adapters ({config.placement}) "
-                             f"wrap {'an MLP' if parallel else 'nn.Linear or Linear4bit'}, and one module cannot carry two "
+                             f"wrap {'a dense MLP' if parallel else 'nn.Linear or Linear4bit'}, and one module cannot carry two "
                              "methods (the 'parallel' placement composes with LoRA on the MLP's projections)")
     return names, m
 

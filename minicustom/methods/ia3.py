@@ -14,7 +14,9 @@ weight, W <- l ⊙ W row-wise (and b <- l ⊙ b) or W <- W ⊙ l column-wise; un
 PEFT's formula (which guards l = 0 and is inexact then, as PEFT warns).
 
 Which modules: PEFT's defaults per family (peft/utils/constants.py): k_proj, v_proj, down_proj on
-Llama and Mistral; q_proj, v_proj, down_proj on Qwen2 and Qwen3; down_proj is the feedforward module.
+Llama and Mistral; q_proj, v_proj, down_proj on Qwen2, Qwen3 and Gemma 2/3; down_proj is the feedforward
+module (w2 in Mixtral's experts). PEFT has no default for Phi-3 or Qwen3-MoE; ours are Phi-3's fused
+qkv_proj (q, k and v scaled) and down_proj, and Qwen3's targets for Qwen3-MoE (every expert's down_proj).
 Targets are a list of names (equal to, or ending in '.' + name), one regex (full match) or "all-linear";
 feedforward modules are a list matched by PEFT's plain suffix rule (`name.endswith(f)`) or one regex.
 The file keys are PEFT's: "base_model.model." + module name + ".ia3_l". Left out: IA3 on nn.Embedding
@@ -55,8 +57,11 @@ __all__ = ["IA3Config", "IA3Linear", "apply_ia3", "to_peft", "load_peft"]
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING for our families.
 DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
-                   "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"]}
-DEFAULT_FEEDFORWARD = ["down_proj"]
+                   "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"],
+                   "gemma2": ["q_proj", "v_proj", "down_proj"], "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+                   "phi3": ["qkv_proj", "down_proj"], "qwen3_moe": ["q_proj", "v_proj", "down_proj"],
+                   "mixtral": ["k_proj", "v_proj", "w2"]}
+DEFAULT_FEEDFORWARD = {"mixtral": ["w2"]}  # Mixtral's experts' down projection; every other family's down_proj
 EPS = 1e-8  # PEFT's guard in unmerge: W / (l + 1e-8)
 
 
@@ -87,7 +92,8 @@ class IA3Config:
         targets = DEFAULT_TARGETS.get(model_type, DEFAULT_TARGETS["llama"]) if self.targets is None else self.targets
         feedforward = self.feedforward
         if feedforward is None:
-            feedforward = [f for f in DEFAULT_FEEDFORWARD if not isinstance(targets, list) or f in targets]
+            feedforward = [f for f in DEFAULT_FEEDFORWARD.get(model_type, ["down_proj"])
+                           if not isinstance(targets, list) or f in targets]
         return dc_replace(self, targets=list(targets) if isinstance(targets, list) else targets,
                           feedforward=feedforward)
 

@@ -92,9 +92,7 @@ class LlamaAdapter(PrefixLayer):
         for j, block in enumerate(layers[first:]):
             attn = block.self_attn
             A = a.prompt[j][None]  # (1, n, C)
-            n = A.shape[1]
-            k = attn.k_proj(A).view(1, n, attn.nkv, attn.hs)  # (1, n, nkv, hs)
-            v = attn.v_proj(A).view(1, n, attn.nkv, attn.hs)
+            _, k, v = attn.qkv(A)  # (1, n, nkv, hs) each
             if hasattr(attn, "k_norm"):
                 k = attn.k_norm(k)
             out.append(Prefix(k.transpose(1, 2), v.transpose(1, 2), gate=a.gate[j]))  # (1, nkv, n, hs)

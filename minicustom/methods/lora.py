@@ -58,28 +58,41 @@ from .base import (
     set_adapter,
     targets_option,
 )
-from .lora_layers import LoraConfig, LoRAEmbedding, LoRALinear
+from .lora_layers import LoraConfig, LoRAEmbedding, LoRAExperts, LoRALinear, parameter_targets
 from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-linear", dropout: float = 0.0,
                use_rslora: bool = False, use_dora: bool = False, init: str = "default", layers=None,
                modules_to_save=None, adapter_name: str = "default", rank_pattern=None, alpha_pattern=None,
-               verbose: bool = True, config: LoraConfig | None = None) -> nn.Module:
+               target_parameters=None, verbose: bool = True, config: LoraConfig | None = None) -> nn.Module:
     """Attach a LoRA adapter named `adapter_name`, make it the active one, and freeze everything else.
 
+    target_parameters names 3-D expert parameters ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") of a
+    MoE checkpoint that stores its experts fused, as PEFT's option of that name (targets may then be []).
     Returns the model (changed in place). Prints the trainable parameter count when verbose.
     """
     config = config or LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora,
                                   use_dora=use_dora, init=init, layers=layers, modules_to_save=modules_to_save,
-                                  rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
+                                  rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
+                                  target_parameters=list(target_parameters) if target_parameters else None)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
-    names = find_targets(model, config.targets, config.layers)
+    names = find_targets(model, config.targets, config.layers) if config.targets else []
     names = [n for n in names if not (config.modules_to_save and n in config.modules_to_save)]
-    if not names:
+    experts = parameter_targets(model, config.target_parameters, config.layers)
+    if config.target_parameters and not experts:
+        raise ValueError(f"target_parameters {config.target_parameters!r} name no parameter; fused experts are "
+                         "named like model.layers.0.mlp.experts.gate_up_proj (a checkpoint with one module per "
+                         "expert takes targets by name instead: experts.0.gate_proj)")
+    if not names and not experts:
         raise ValueError(f"targets {config.targets!r} match no module; linear modules are named like "
                          f"{_example_names(model)}")
+    for name, params in experts:
+        module = model.get_submodule(name)
+        module = module if isinstance(module, LoRAExperts) else LoRAExperts(module)
+        module.add(adapter_name, params, *config.rank_alpha(name), config)
+        model.set_submodule(name, module)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, (nn.Linear, Linear4bit)):
@@ -188,7 +201,7 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, wei
 _INITS_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 # PEFT options that change the math in ways minicustom does not implement: (field, harmless value).
 _UNSUPPORTED = (("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False), ("use_qalora", False),
-                ("layer_replication", None), ("target_parameters", None), ("trainable_token_indices", None),
+                ("layer_replication", None), ("trainable_token_indices", None),
                 ("alora_invocation_tokens", None), ("use_bdlora", None), ("exclude_modules", None))
 
 
@@ -210,6 +223,7 @@ def _lora_peft_config(config: LoraConfig, module_names: list[str], converted: bo
         "layers_to_transform": config.layers, "layers_pattern": "layers" if config.layers is not None else None,
         "modules_to_save": config.modules_to_save, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None,
+        "target_parameters": sorted(set(config.target_parameters)) if config.target_parameters else None,
     }
 
 
@@ -225,7 +239,7 @@ def to_peft(model: nn.Module, adapter_name: str):
             tensors = {"lora_A.weight": torch.cat([tensors["lora_A.weight"], A0], dim=0),  # (2r, in)
                        "lora_B.weight": torch.cat([tensors["lora_B.weight"], -B0], dim=1)}  # (out, 2r)
             converted = True
-        if not isinstance(layer, TrainableCopy):
+        if not isinstance(layer, (TrainableCopy, LoRAExperts)):
             lora_modules.append(name)
         state.update({f"{PREFIX}{name}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
     return _lora_peft_config(adapter_configs(model)[adapter_name], lora_modules, converted), state, {}
@@ -236,7 +250,8 @@ _LORA_FIELDS = {"r": "positive int", "lora_alpha": "number", "lora_dropout": "dr
                 "use_rslora": "bool", "use_dora": "bool", "fan_in_fan_out": "bool", "lora_bias": "bool",
                 "use_qalora": "bool", "layers_to_transform": "layers", "layers_pattern": "names",
                 "modules_to_save": "name list", "rank_pattern": "ranks", "alpha_pattern": "numbers",
-                "init_lora_weights": "bool or str", "bias": "str", "exclude_modules": "names"}
+                "init_lora_weights": "bool or str", "bias": "str", "exclude_modules": "names",
+                "target_parameters": "name list"}
 # init_lora_weights values whose adapter only fits a base rewritten at init (PEFT redoes the rewrite on
 # load; minicustom does not): PEFT's conversion for the original base is a plain LoRA, saved with True.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -261,6 +276,7 @@ def _lora_config_from_peft(config: dict, where: Path) -> LoraConfig:
         use_dora=bool(config.get("use_dora")), init="default",
         layers=[layers] if isinstance(layers, int) else layers, modules_to_save=config.get("modules_to_save"),
         rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
+        target_parameters=config.get("target_parameters") or None,
     )
 
 
@@ -307,7 +323,7 @@ def _coverage(model: nn.Module, config: LoraConfig, per_module: dict, copies: di
     return problems
 
 
-def _sort_keys(model: nn.Module, path: Path, config: LoraConfig, tensors: dict):
+def _sort_keys(model: nn.Module, path: Path, config: LoraConfig, tensors: dict, others: bool = False):
     """The file's tensors by owner: {module: {LoRA key: tensor}}, {modules_to_save copy: {param: tensor}},
     and problems found on the way; keys that match no module are an error at once."""
     modules = dict(model.named_modules())
@@ -336,7 +352,7 @@ def _sort_keys(model: nn.Module, path: Path, config: LoraConfig, tensors: dict):
     if unmatched:
         raise AdapterError(f"{path / WEIGHTS_FILE}: {len(unmatched)} keys match no module of this model: "
                            + ", ".join(sorted(unmatched)[:20]))
-    if not per_module:
+    if not per_module and not others:
         raise AdapterError(f"{path / WEIGHTS_FILE}: no LoRA tensors found")
     return per_module, copies, problems
 
@@ -383,11 +399,37 @@ def _plan(model: nn.Module, config: LoraConfig, per_module: dict, problems: list
     return plan
 
 
+def _expert_parts(model: nn.Module, config: LoraConfig, tensors: dict, problems: list) -> list:
+    """(module, its parameters, {parameter: (A, B)}) for each fused-experts module that target_parameters
+    selects, each tensor checked; their keys (PEFT's nesting: "base_layer." per wrapper inside) are popped."""
+    plan = []
+    for name, params in parameter_targets(model, config.target_parameters, config.layers):
+        module, parts = model.get_submodule(name), {}
+        E, (r, _) = module.gate_up_proj.shape[0], config.rank_alpha(name)
+        for i, p in enumerate(params):
+            key = f"{PREFIX}{name}." + "base_layer." * (len(params) - 1 - i)
+            out, in_ = getattr(module, p).shape[1:]
+            A, B = tensors.pop(key + "lora_A.weight", None), tensors.pop(key + "lora_B.weight", None)
+            for what, t, shape in (("lora_A", A, (E * r, in_)), ("lora_B", B, (out, r * E))):
+                if t is None:
+                    problems.append(f"{key}{what}.weight (target parameter {p}) is missing")
+                elif tuple(t.shape) != shape:
+                    problems.append(f"{key}{what}.weight: shape {tuple(t.shape)}, expected {shape} ({E} experts of "
+                                    f"rank {r} on {p})")
+            parts[p] = (A, B)
+        plan.append((name, params, parts))
+    if config.target_parameters and not plan:
+        problems.append(f"target_parameters {config.target_parameters!r} name no parameter of this model")
+    return plan
+
+
 def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_name: str):
     """Read a LORA folder's config and tensors into adapter `adapter_name`, everything checked first."""
     config = _lora_config_from_peft(peft, path)
-    per_module, copies, problems = _sort_keys(model, path, config, tensors)
-    problems += _coverage(model, config, per_module, copies)
+    tensors, problems = dict(tensors), []
+    experts = _expert_parts(model, config, tensors, problems)  # takes their keys out of `tensors`
+    per_module, copies, found = _sort_keys(model, path, config, tensors, bool(experts))
+    problems += found + _coverage(model, config, per_module, copies)
     plan = _plan(model, config, per_module, problems)
     if problems:
         raise AdapterError(f"{path}: the adapter does not fit this model:\n  " + "\n  ".join(problems))
@@ -403,6 +445,14 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
         with torch.no_grad():
             for k, t in parts.items():
                 module.adapter_state(adapter_name)[k].copy_(t)
+    for name, params, parts in experts:
+        module = modules[name] if isinstance(modules[name], LoRAExperts) else LoRAExperts(modules[name])
+        module.add(adapter_name, params, *config.rank_alpha(name), config)
+        with torch.no_grad():
+            for p, (A, B) in parts.items():
+                module.lora_A[adapter_name][p].copy_(A)
+                module.lora_B[adapter_name][p].copy_(B)
+        model.set_submodule(name, module)
     for name, params in copies.items():
         module = modules[name] if isinstance(modules[name], TrainableCopy) else TrainableCopy(modules[name])
         module.add(adapter_name)

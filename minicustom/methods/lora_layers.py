@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..moe import FusedExperts, swiglu
 from ..quant.linear4bit import Linear4bit
-from .base import AdapterLayer, LinearAdapterLayer
+from .base import AdapterLayer, LinearAdapterLayer, layer_index
 
 INITS = ("default", "gaussian", "pissa", "olora")
 
@@ -46,6 +47,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None  # fully trained copies (e.g. lm_head)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
+    target_parameters: list[str] | None = None  # 3-D expert parameters ("mlp.experts.gate_up_proj"): LoRAExperts
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -316,3 +318,130 @@ class LoRAEmbedding(AdapterLayer):
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
         emb.weight = self.weight
         return emb
+
+
+def parameter_targets(model: nn.Module, wanted: list[str] | None, layers=None) -> list[tuple[str, list[str]]]:
+    """(module name, the parameters named by `wanted`) for every fused-experts module, as PEFT's target_parameters
+    selects them (full name, or ending in '.' + an entry). The parameters come in the module's own order, which
+    is the order PEFT nests its wrappers in (the first innermost), whatever the order of `wanted`."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (FusedExperts, LoRAExperts)) or (layers is not None and layer_index(name) not in layers):
+            continue
+        params = [p for p in LoRAExperts.PARAMS
+                  if any(f"{name}.{p}" == w or f"{name}.{p}".endswith("." + w) for w in wanted or ())]
+        if params:
+            out.append((name, params))
+    return out
+
+
+class LoRAExperts(AdapterLayer):
+    """LoRA on the 3-D expert parameters of `FusedExperts` (PEFT's target_parameters, its ParamWrapper): for
+    each targeted parameter P (gate_up_proj (E, 2I, C), down_proj (E, C, I)) and each expert e,
+
+        P[e] <- P[e] + s B_e A_e,      A_e (r, in),  B_e (out, r),  in/out as P[e] is applied (F.linear)
+
+    kept as PEFT keeps them: A (E r, in), rows e r .. e r + r - 1 are A_e; B (out, r E), column j E + e is
+    column j of B_e. A_e starts Kaiming-uniform, B_e at zero. An expert no token chose gets no gradient in
+    that step; every expert has its own A_e, B_e. The parameters stay this module's own (keys do not move).
+    Left out, as PEFT: dropout, DoRA, bias, and the other inits.
+    """
+
+    PARAMS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, base: FusedExperts):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act = base.gate_up_proj, base.down_proj, base.act
+        self.E = base.gate_up_proj.shape[0]
+        self.lora_A = nn.ModuleDict()  # adapter name -> {parameter name: A (E r, in)}
+        self.lora_B = nn.ModuleDict()  # adapter name -> {parameter name: B (out, r E)}
+        self.scaling: dict[str, float] = {}
+        self.order: dict[str, list[str]] = {}  # adapter name -> its parameters, PEFT's innermost wrapper first
+        self.active: list[str] = []
+        self.merged: dict[str, None] = {}
+
+    def shape(self, param: str) -> tuple[int, int]:
+        """(out, in) of one expert's matrix of `param`."""
+        return tuple(getattr(self, param).shape[1:])
+
+    def add(self, name: str, params: list[str], r: int, alpha: float, config: LoraConfig):
+        if config.use_dora or config.dropout or config.init not in ("default", "gaussian"):
+            raise ValueError("LoRA on expert parameters (target_parameters) takes no DoRA, dropout or PiSSA/OLoRA "
+                             "init, as in PEFT")
+        w = self.gate_up_proj
+        A, B = nn.ParameterDict(), nn.ParameterDict()
+        for p in params:
+            out, in_ = self.shape(p)
+            A[p] = nn.Parameter(torch.empty(self.E * r, in_, device=w.device, dtype=w.dtype))
+            B[p] = nn.Parameter(torch.zeros(out, r * self.E, device=w.device, dtype=w.dtype))
+            with torch.no_grad():
+                if config.init == "default":  # nn.Linear(in, r E)'s init, as PEFT's lora_A
+                    nn.init.kaiming_uniform_(A[p], a=math.sqrt(5))
+                else:
+                    nn.init.normal_(A[p], std=1 / r)
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.scaling[name], self.order[name] = config.scaling(r, alpha), list(params)
+
+    def factors(self, name: str, param: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_e (r, in), B_e (out, r)) of expert e."""
+        A, B = self.lora_A[name][param], self.lora_B[name][param]
+        r = A.shape[0] // self.E
+        return A[e * r:(e + 1) * r], B[:, e::self.E]
+
+    def delta(self, name: str, param: str) -> torch.Tensor:
+        """s B_e A_e for every expert (E, out, in)."""
+        return self.scaling[name] * torch.stack([B @ A for A, B in
+                                                 (self.factors(name, param, e) for e in range(self.E))])
+
+    def weight(self, param: str, e: int) -> torch.Tensor:
+        W = getattr(self, param)[e]
+        for name in self.active:
+            if name not in self.merged and param in self.lora_A[name]:
+                A, B = self.factors(name, param, e)
+                W = W + self.scaling[name] * (B @ A)  # (out, in)
+        return W
+
+    def expert(self, e: int, x):
+        return swiglu(x, self.weight("gate_up_proj", e), self.weight("down_proj", e), self.act)
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if name not in self.merged:
+            for p in self.order[name]:
+                getattr(self, p).add_(self.delta(name, p).to(self.gate_up_proj.dtype))
+            self.merged[name] = None
+
+    @torch.no_grad()
+    def unmerge(self, name: str):
+        if name in self.merged:
+            del self.merged[name]
+            for p in self.order[name]:
+                getattr(self, p).sub_(self.delta(name, p).to(self.gate_up_proj.dtype))
+
+    def delete(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for d in (self.lora_A, self.lora_B):
+            if name in d:
+                del d[name]
+        self.scaling.pop(name, None)
+        self.order.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT's file keys: the wrapper of the last parameter is outermost, each earlier one a base_layer deeper."""
+        params, state = self.order[name], {}
+        for i, p in enumerate(params):
+            where = "base_layer." * (len(params) - 1 - i)
+            state[f"{where}lora_A.weight"], state[f"{where}lora_B.weight"] = self.lora_A[name][p], self.lora_B[name][p]
+        return state
+
+    def base(self) -> FusedExperts:
+        with torch.device("meta"):
+            experts = FusedExperts(self.gate_up_proj.shape[2], self.down_proj.shape[2], self.E, self.act)
+        experts.gate_up_proj, experts.down_proj = self.gate_up_proj, self.down_proj
+        return experts

@@ -211,8 +211,8 @@ def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20, init: st
     if config.init != "random":  # after the N(0, 1) draw, as PEFT: SAMPLE_VOCAB's ids follow it in the stream
         ids = (text_init_ids(tokenizer, config.init_text, P) if config.init == "text"
                else torch.randint(0, vocab.shape[0], (P,)).tolist())
-        with torch.no_grad():
-            encoder.embedding.weight.copy_(vocab.detach()[torch.tensor(ids, device=vocab.device)].float())
+        with torch.no_grad():  # the embedding layer's output, as PEFT takes it: Gemma's is scaled by sqrt(C)
+            encoder.embedding.weight.copy_(model.model.embed(torch.tensor(ids, device=vocab.device)).float())
     _attach(model, config, adapter_name, encoder)
     set_adapter(model, adapter_name)
     if verbose:

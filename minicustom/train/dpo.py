@@ -96,7 +96,7 @@ def _logps(model: nn.Module, input_ids, labels, attention_mask, chunk: int) -> t
     """Sequence log-probs of the rows, in eval mode (no dropout) and without a graph."""
     with eval_mode(model):
         h = model.forward_hidden(input_ids, attention_mask=attention_mask)  # (2B, T, C)
-        return sequence_logps(h, labels, model.lm_head, chunk)[0]
+        return sequence_logps(h, labels, model.head(), chunk)[0]
 
 
 class BaseReference:
@@ -270,7 +270,7 @@ class DPOLoss(nn.Module):
         if ref_logps is None and not self.config.reference_free:
             ref_logps = self.reference(self.model, input_ids, labels, attention_mask, chunk)  # (2B,)
         h = self.model.forward_hidden(input_ids, attention_mask=attention_mask)  # (2B, T, C)
-        logps, lengths = sequence_logps(h, labels, self.model.lm_head, chunk)  # (2B,), (2B,)
+        logps, lengths = sequence_logps(h, labels, self.model.head(), chunk)  # (2B,), (2B,)
         B = pair_mask.shape[0]
         ref = ref_logps if ref_logps is not None else torch.zeros_like(logps)
         out = preference_loss(logps[:B], logps[B:], ref[:B], ref[B:], chosen_lengths=lengths[:B],

@@ -237,7 +237,7 @@ class KTOLoss(nn.Module):
 
     def _logps(self, input_ids, labels, attention_mask):
         h = self.model.forward_hidden(input_ids, attention_mask=attention_mask)  # (B, T, C)
-        return sequence_logps(h, labels, self.model.lm_head, self.config.loss_chunk)[0]  # (B,)
+        return sequence_logps(h, labels, self.model.head(), self.config.loss_chunk)[0]  # (B,)
 
     def forward(self, input_ids, labels, kl_input_ids, kl_labels, desirable, row_mask, attention_mask=None,
                 kl_attention_mask=None, pair_mask=None):

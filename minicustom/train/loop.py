@@ -82,6 +82,7 @@ class TrainConfig:
     exact_match: int = 32  # eval examples to answer greedily for exact match (0: none)
     max_new_tokens: int = 64
     loss_chunk: int = 512
+    router_aux_loss_coef: float | None = None  # MoE load balancing (SFT); None: the model config's, as transformers
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):

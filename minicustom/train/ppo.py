@@ -92,7 +92,7 @@ class PPOLoss(nn.Module):
     def forward(self, input_ids, labels, advantages, returns, old_values, old_logps, weight, **_):
         c = self.config
         h = self.model.forward_hidden(input_ids)  # (B, T, C)
-        logps = token_logps(h, labels, self.model.lm_head, c.loss_chunk, c.temperature)
+        logps = token_logps(h, labels, self.model.head(), c.loss_chunk, c.temperature)
         mask = labels[:, 1:] != IGNORE
         values = self.values(h)
         pg = policy_loss(logps, old_logps, advantages, mask, "bnpo", c.epsilon, c.epsilon_high)

@@ -104,7 +104,7 @@ class PolicyLoss(nn.Module):
     def forward(self, input_ids, labels, advantages, weight, old_logps=None, ref_logps=None, **_):
         c = self.config
         h = self.model.forward_hidden(input_ids)  # (B, T, C)
-        logps = token_logps(h, labels, self.model.lm_head, c.loss_chunk, c.temperature)  # (B, T-1)
+        logps = token_logps(h, labels, self.model.head(), c.loss_chunk, c.temperature)  # (B, T-1)
         mask = labels[:, 1:] != IGNORE
         old = logps.detach() if old_logps is None else old_logps
         if c.algorithm == "rloo":

@@ -140,7 +140,7 @@ def table_logps(model: nn.Module, table: dict, config) -> torch.Tensor:
     """Per-token log-probs (N, L - 1) of the table's completions under `model`, at the sampling temperature."""
     labels = table["labels"]
     return over_rows(model, table["input_ids"], config.batch_size, lambda h, rows: token_logps(
-        h, labels[rows].to(h.device), model.lm_head, config.loss_chunk, config.temperature))
+        h, labels[rows].to(h.device), model.head(), config.loss_chunk, config.temperature))
 
 
 @torch.no_grad()

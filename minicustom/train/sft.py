@@ -20,6 +20,7 @@ from ..data import IGNORE, Example, collate, pack, trained_tokens
 from ..generate import generate
 from ..losses import sft_loss
 from ..model import eval_mode
+from ..moe import SparseMoE, load_balancing_loss
 from .loop import TrainConfig, run
 from .state import examples_digest
 
@@ -32,15 +33,26 @@ def make_units(examples: list[Example], config: TrainConfig) -> list[list[int]]:
 
 
 class SFTLoss(nn.Module):
-    """model + loss as one module, so that DDP and FSDP2 see the whole step in a forward call."""
+    """model + loss as one module, so that DDP and FSDP2 see the whole step in a forward call.
 
-    def __init__(self, model: nn.Module, chunk: int):
+    A Mixture-of-Experts model adds coef * aux (moe.load_balancing_loss over this micro-batch's routers) per
+    trained token, so that the step's loss, divided by its trained tokens, carries + coef * aux."""
+
+    def __init__(self, model: nn.Module, chunk: int, aux_coef: float | None = None):
         super().__init__()
+        c = model.config
+        default = c.router_aux_loss_coef if c.output_router_logits else 0.0
         self.model, self.chunk = model, chunk
+        self.aux_coef = (default if aux_coef is None else aux_coef) if c.num_experts else 0.0
 
     def forward(self, input_ids, labels, seq_ids=None, attention_mask=None):
         h = self.model.forward_hidden(input_ids, seq_ids=seq_ids, attention_mask=attention_mask)  # (B, T, C)
-        return sft_loss(h, labels, self.model.lm_head, self.chunk)[0], {}
+        loss, n = sft_loss(h, labels, self.model.head(), self.chunk)
+        if not self.aux_coef:
+            return loss, {}
+        routers = [m.router_logits for m in self.model.modules() if isinstance(m, SparseMoE)]
+        aux = load_balancing_loss(routers, self.model.config.num_experts_per_tok, attention_mask)
+        return loss + self.aux_coef * aux * n, {"aux_loss": aux.detach() * n}  # the loop divides stats by tokens
 
 
 class SFTTask:
@@ -71,7 +83,7 @@ class SFTTask:
     weight = staticmethod(trained_tokens)
 
     def loss_module(self, model: nn.Module) -> nn.Module:
-        return SFTLoss(model, self.config.loss_chunk)
+        return SFTLoss(model, self.config.loss_chunk, self.config.router_aux_loss_coef)
 
     def data_digest(self) -> str:
         return examples_digest(self.examples)
