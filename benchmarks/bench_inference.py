@@ -1,4 +1,6 @@
-"""Forward and generation throughput, minicustom vs transformers, on SmolLM2-135M-Instruct (CPU, fp32).
+"""Forward and generation throughput, minicustom vs transformers, on a real model (CPU, fp32): SmolLM2-135M-Instruct
+by default, or any converted folder (Gemma 3 270M: --model ~/.cache/minicustom/gemma-3-270m after
+`minicustom fetch-demo-model --name gemma3-270m`).
 
 Both load the same converted checkpoint folder. Runs are interleaved (minicustom, transformers,
 minicustom, ...) after a warm-up, and the median of each is reported with the ratio
@@ -50,8 +52,9 @@ def main():
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     theirs.generation_config.pad_token_id = ours.config.eos_token_id
     tok = mc.load_tokenizer(path)
-    print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, fp32, median of {args.repeats}\n")
+    print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, ATen CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, fp32, median of {args.repeats}\n")
     print("| workload | minicustom tokens/s | transformers tokens/s | ratio |\n|---|---|---|---|")
 
     g = torch.Generator().manual_seed(0)

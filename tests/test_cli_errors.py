@@ -188,7 +188,8 @@ def test_no_command_installs_the_demo_model(tmp_path, monkeypatch, capsys):
     asked = []  # fetch-demo-model is the command that installs (gguf.fetch_demo_model, install=True)
     monkeypatch.setattr("minicustom.gguf.fetch_demo_model", lambda **k: asked.append(k) or tmp_path / "demo")
     main(["fetch-demo-model", "--cache-dir", str(tmp_path / "c")])
-    assert asked == [{"cache_dir": str(tmp_path / "c"), "install": True}] and capsys.readouterr().out.strip() == str(tmp_path / "demo")
+    assert asked == [{"cache_dir": str(tmp_path / "c"), "install": True, "name": "smollm2-135m"}]
+    assert capsys.readouterr().out.strip() == str(tmp_path / "demo")
 
 
 # -- --out never overwrites an input ----------------------------------------------------------------------
