@@ -8,14 +8,15 @@ config.json, model.safetensors (every tensor dequantized by `gguf.quants.dequant
 names, q/k rows un-permuted), tokenizer.json, tokenizer_config.json and generation_config.json.
 
 Supported: architectures `llama` (Llama 1/2, Mistral-style, SmolLM/SmolLM2) and `qwen2` with byte-level
-BPE vocabularies, and `gemma3` with its SentencePiece vocabulary (gguf_vocab.py rebuilds both). Gemma 3's
+BPE vocabularies, and `gemma3` and `phi3` with their SentencePiece vocabularies (gguf_vocab.py rebuilds
+them). Phi-3's fused qkv / gate_up tensors stay fused, its rotary dims become partial_rotary_factor, and
+its longrope factors (tensors in the file) go into config.json. Gemma 3's
 file leaves out what llama.cpp hard-codes for the architecture, which is written into config.json here:
 every sixth layer global, the others sliding; a local RoPE base of 10000; scores scaled by head_dim^-1/2
 (27B's n_embd / n_head is not told apart); and its norms are stored as 1 + w, so 1 is subtracted. A file
 without a chat template gets Gemma's turn format (GEMMA_TEMPLATE). Left out, each refused with an error:
 SentencePiece vocabularies of other architectures, Llama 3.1 frequency scaling (stored as a `rope_freqs`
-tensor without the factors that produced it), YaRN, MoE, phi3 (whose GGUF fuses no projections the way
-the checkpoint does) and every other architecture.
+tensor without the factors that produced it), YaRN, MoE and every other architecture.
 Weights are dequantized, never kept quantized (transformers' GGUF loader does the same).
 
 A corrupt file is one `GGUFError` naming the file and the key or tensor: the header, every key/value and
@@ -50,7 +51,7 @@ from .checkpoint import remove_stale_weights
 from .files import atomic_write, write_json
 from .gguf_vocab import MISSING, GGUFError, build_tokenizer, check_vocabulary, get_field
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3", "phi3")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
@@ -73,6 +74,11 @@ _GEMMA3_NAMES = {  # Gemma's four norms a layer, and q/k norms (llama.cpp's name
     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
+_PHI3_NAMES = {  # llama.cpp keeps Phi-3's fused projections as the checkpoint does
+    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # longrope's, in config.json instead
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -244,7 +250,7 @@ def _f32(x) -> float:
 
 def _hf_name(name: str, where: Path, arch: str = "llama") -> str:
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
-        layer_names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
+        layer_names = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES}.get(arch, _LAYER_NAMES)
         if m[2] in layer_names:
             return f"model.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
     elif (m := re.fullmatch(r"(\w+)\.(weight|bias)", name)) and m[1] in _GLOBAL_NAMES:
@@ -263,7 +269,7 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
         raise GGUFError(f"{where}: per-layer head counts ({arch}.attention.head_count) are not supported")
     n_head, hidden = get("attention.head_count"), get("embedding_length")
     head_dim = get("attention.key_length", hidden // n_head)
-    if get("rope.dimension_count", head_dim) != head_dim:
+    if get("rope.dimension_count", head_dim) != head_dim and arch != "phi3":
         raise NotImplementedError(f"{where}: partial rotary ({arch}.rope.dimension_count="
                                   f"{get('rope.dimension_count')}, head_dim={head_dim}) is not supported")
     rope_scaling = None
@@ -277,7 +283,7 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
            for k, g in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     config = {
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "gemma3": "Gemma3ForCausalLM"}[arch]],
+                           "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]],
         "model_type": "gemma3_text" if arch == "gemma3" else arch,
         "hidden_activation" if arch == "gemma3" else "hidden_act": "gelu_pytorch_tanh" if arch == "gemma3" else "silu",
         "vocab_size": vocab_size,
@@ -297,6 +303,11 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
     if arch == "llama":  # Llama's attention_bias covers q, k, v and o together
         config["attention_bias"] = any(re.search(r"\.attn_(q|k|v|output)\.bias$", n) for n in names)
         config["mlp_bias"] = any(re.search(r"\.ffn_(gate|up|down)\.bias$", n) for n in names)
+    elif arch == "phi3":  # partial rotary as a count of dims; the original context of longrope
+        config.update(partial_rotary_factor=get("rope.dimension_count", head_dim) / head_dim,
+                      original_max_position_embeddings=get("rope.scaling.original_context_length",
+                                                           config["max_position_embeddings"]),
+                      sliding_window=get("attention.sliding_window", None))
     elif arch == "gemma3":  # what llama.cpp hard-codes for gemma3 (llama-model.cpp), spelled as transformers does
         L = config["num_hidden_layers"]
         config.update(sliding_window=get("attention.sliding_window"), query_pre_attn_scalar=head_dim,
@@ -320,6 +331,10 @@ def _check_shapes(tensors: list, config: dict, where: Path) -> None:
               "mlp.down_proj": (C, F), "input_layernorm": (C,), "post_attention_layernorm": (C,),
               "model.embed_tokens": (V, C), "model.norm": (C,), "lm_head": (V, C)}
     per_layer = list(shapes)[:9]
+    if config["model_type"] == "phi3":  # fused as the checkpoint stores them
+        shapes.update({"self_attn.qkv_proj": ((nh + 2 * nkv) * hs, C), "mlp.gate_up_proj": (2 * F, C)})
+        per_layer = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
+                     "input_layernorm", "post_attention_layernorm"]
     if config["model_type"] == "gemma3_text":
         gemma = {"self_attn.q_norm": (hs,), "self_attn.k_norm": (hs,), "pre_feedforward_layernorm": (C,),
                  "post_feedforward_layernorm": (C,)}
@@ -391,7 +406,7 @@ def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dty
 
 
 def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
-    """Convert a llama/qwen2 GGUF file into a Hugging Face checkpoint folder at `out_dir`.
+    """Convert a GGUF file (llama, qwen2, gemma3, phi3) into a Hugging Face checkpoint folder at `out_dir`.
 
     Default fp32 holds every Q4_1/Q8_0/F16 value exactly. config.json is written last: its presence
     means the folder is complete.
@@ -407,13 +422,23 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
         raise NotImplementedError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; "
                                   f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
-    tensors = sorted(((_hf_name(t.name, gguf_path, arch), t) for t in reader.tensors), key=lambda p: p[0])
+    factors = {t.name: [float(x) for x in t.data] for t in reader.tensors if arch == "phi3" and t.name in _ROPE_FACTORS}
+    tensors = sorted(((_hf_name(t.name, gguf_path, arch), t) for t in reader.tensors if t.name not in factors),
+                     key=lambda p: p[0])
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None or len(embedding.shape) != 2:
         raise GGUFError(f"{gguf_path}: no token_embd.weight tensor of two dimensions")
     vocab_size = int(embedding.shape[1])
     check_vocabulary(meta, vocab_size, gguf_path)
     config = _config(meta, arch, names, vocab_size, gguf_path)
+    if arch == "phi3" and factors:  # longrope: its per-band factors are tensors in the file
+        if len(factors) != 2:
+            raise GGUFError(f"{gguf_path}: {', '.join(factors)} without its pair; longrope needs both of "
+                            f"{', '.join(_ROPE_FACTORS)}")
+        attn = meta.get("phi3.rope.scaling.attn_factor")
+        config["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors[_ROPE_FACTORS[0]],
+                                  "long_factor": factors[_ROPE_FACTORS[1]],
+                                  **({"attention_factor": _f32(attn)} if attn is not None else {})}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     _check_shapes(tensors, config, gguf_path)
     tokenizer = build_tokenizer(meta, arch, gguf_path)  # fail on an unsupported vocabulary before the long part

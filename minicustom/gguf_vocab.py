@@ -98,12 +98,14 @@ def build_tokenizer(meta: dict, arch: str, where: Path):
         return _byte_level(meta, where)
     if kind == "llama" and arch == "gemma3":
         return _gemma(meta)
+    if kind == "llama" and arch == "phi3":
+        return _phi3(meta, where)
     raise NotImplementedError(f"{where}: tokenizer.ggml.model={kind!r} is not supported for {arch}; supported: "
-                              "'gpt2' (byte-level BPE), and 'llama' (SentencePiece) on gemma3")
+                              "'gpt2' (byte-level BPE), and 'llama' (SentencePiece) on gemma3 and phi3")
 
 
 def _gemma(meta: dict):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     types = meta.get("tokenizer.ggml.token_type") or []
     tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in meta["tokenizer.ggml.tokens"]]
@@ -117,11 +119,38 @@ def _gemma(meta: dict):
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    _added(tok, tokens, types)
     tok.post_processor = _ends(meta, tokens)
     return tok
+
+
+def _phi3(meta: dict, where: Path):
+    """Phi-3's SentencePiece pieces as transformers' GGUF loader builds them: byte-fallback BPE, merges ranked by
+    the pieces' scores (then the longer left part), "▁" prepended and spaces replaced by a normalizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens):
+        raise GGUFError(f"{where}: tokenizer.ggml.scores must hold one number per token ({len(tokens)})")
+    vocab, score = {t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores))  # last place, last score
+    first = {t: i for i, t in reversed(list(enumerate(tokens)))}  # where transformers' scan meets each piece
+    merges = sorted((-score[t], -i, i - len(t), first[t], t[:i], t[i:]) for t in vocab for i in range(1, len(t))
+                    if t[:i] in vocab and t[i:] in vocab)
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    _added(tok, tokens, meta.get("tokenizer.ggml.token_type") or [])
+    tok.post_processor = _ends(meta, tokens)
+    return tok
+
+
+def _added(tok, tokens: list[str], types: list[int]):
+    """Control tokens as special added tokens, user-defined ones as plain added tokens: both stay whole."""
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
 
 
 def _ends(meta: dict, tokens: list[str], post=None):
@@ -144,7 +173,7 @@ def _ends(meta: dict, tokens: list[str], post=None):
 
 def _byte_level(meta: dict, where: Path):
     """A byte-level BPE `tokenizers.Tokenizer` that splits text the way llama.cpp does for this file."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
@@ -163,10 +192,7 @@ def _byte_level(meta: dict, where: Path):
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
+    _added(tok, tokens, types)
     tok.post_processor = _ends(meta, tokens, processors.ByteLevel(trim_offsets=False))
     return tok
 
