@@ -42,6 +42,11 @@ class CheckpointError(ValueError):
 
 # Keys that old HF checkpoints carry but that hold nothing the model needs (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What sets the rows of a fused tensor, for a shape the config does not give (Phi-3; fused MoE experts).
+_FUSED_HINTS = {
+    "qkv_proj": "; qkv_proj holds [q; k; v]: (num_attention_heads + 2 * num_key_value_heads) * head_dim rows",
+    "gate_up_proj": "; gate_up_proj holds [gate; up]: 2 * intermediate_size rows (moe_intermediate_size for experts)",
+}
 
 
 INDEX = "model.safetensors.index.json"
@@ -252,7 +257,7 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", allow_pic
             unexpected.append(f"{name} (in {file.name})")
         elif tuple(tensor.shape) != tuple(expected[name].shape):
             wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}"
-                               f" (in {file.name})")
+                               f" (in {file.name}){next((h for k, h in _FUSED_HINTS.items() if f'.{k}' in name), '')}")
         else:
             state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
             _check_weight(name, tensor, state[name], expected[name].shape, file)

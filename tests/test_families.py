@@ -158,7 +158,8 @@ def test_fused_projection_shapes_that_the_config_does_not_give_name_the_tensor(t
     cfg["num_key_value_heads"] = 1  # the weights hold (4 + 2 * 2) * 16 rows of q, k and v; the config asks for 6
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(mc.CheckpointError, match=r"self_attn\.qkv_proj\.weight: checkpoint \(128, 64\), "
-                                                 r"model \(96, 64\)"):
+                                                 r"model \(96, 64\) \(in model.safetensors\); qkv_proj holds "
+                                                 r"\[q; k; v\]: \(num_attention_heads \+ 2 \* num_key_value_heads\)"):
         mc.load_model(path)
 
 
