@@ -1,7 +1,8 @@
 """ModelConfig: the numbers that define a decoder of one of the supported families, read from a Hugging Face
 config.json.
 
-One dataclass covers Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM/SmolLM2, Gemma 2/3 and Phi-3/Phi-4-mini:
+One dataclass covers Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM/SmolLM2, Gemma 2/3, Phi-3/Phi-4-mini,
+Qwen3-MoE and Mixtral:
 they differ in fields read in a few marked places of the model (biases, q/k norm, norm style, MLP
 activation, fused projections, attention pattern, soft-capping, RoPE), listed in `model.py`'s docstring.
 Any field that would change the math in a way the model
@@ -144,8 +145,8 @@ class ModelConfig:
             rms_norm_eps=field_.positive_float("rms_norm_eps", 1e-6),
             **rope,
             tie_word_embeddings=field_.boolean("tie_word_embeddings", gemma),
-            qkv_bias=True if model_type == "qwen2" else attention_bias and not phi3,
-            o_bias=attention_bias if model_type in ("llama", "qwen3", "qwen3_moe") else False,
+            qkv_bias=True if model_type == "qwen2" else attention_bias and model_type not in ("phi3", "mixtral"),
+            o_bias=attention_bias if model_type in ("llama", "qwen3", "qwen3_moe", *GEMMA) else False,
             mlp_bias=field_.boolean("mlp_bias", False) and model_type == "llama",
             qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
             hidden_act=act,
@@ -154,8 +155,11 @@ class ModelConfig:
             embed_scale=gemma,
             sandwich_norms=gemma,
             query_pre_attn_scalar=scalar,
-            attn_logit_softcapping=field_.positive_float("attn_logit_softcapping", None) if gemma else None,
-            final_logit_softcapping=field_.positive_float("final_logit_softcapping", None) if gemma else None,
+            # Gemma 2's caps default on (50, 30) when absent; an explicit null turns one off, as in transformers
+            attn_logit_softcapping=field_.positive_float("attn_logit_softcapping", None) if "attn_logit_softcapping"
+            in d else (50.0 if model_type == "gemma2" else None),
+            final_logit_softcapping=field_.positive_float("final_logit_softcapping", None) if "final_logit_softcapping"
+            in d else (30.0 if model_type == "gemma2" else None),
             sliding_window=sliding_window,
             layer_types=layer_types,
             **moe,

@@ -117,7 +117,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, temperature: float =
         if done.all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(token)[:, None]], dim=1)  # (B, S)
-        if long_at is not None and attention_mask.shape[1] > long_at >= cache.length - cache.prefix_length:
+        # the new token's position + 1 (a joint prefix shifts positions by its length) against the cached ones'
+        if long_at is not None and cache.prefix_length + attention_mask.shape[1] > long_at >= cache.length:
             # family: longrope has just switched to its long factors (Phi-3). As transformers does, drop the
             # cache, whose keys were rotated with the short ones, and run the whole sequence again.
             cache = model.new_kv_cache(B, T + max_new_tokens)

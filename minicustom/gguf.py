@@ -13,7 +13,7 @@ them). Phi-3's fused qkv / gate_up tensors stay fused, its rotary dims become pa
 its longrope factors (tensors in the file) go into config.json. Gemma 3's
 file leaves out what llama.cpp hard-codes for the architecture, which is written into config.json here:
 every sixth layer global, the others sliding; a local RoPE base of 10000; scores scaled by head_dim^-1/2
-(27B's n_embd / n_head is not told apart); and its norms are stored as 1 + w, so 1 is subtracted. A file
+(by (n_embd / n_head)^-1/2 for the 62-layer 27B); and its norms are stored as 1 + w, so 1 is subtracted. A file
 without a chat template gets Gemma's turn format (GEMMA_TEMPLATE). Left out, each refused with an error:
 SentencePiece vocabularies of other architectures, Llama 3.1 frequency scaling (stored as a `rope_freqs`
 tensor without the factors that produced it), YaRN, MoE and every other architecture.
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .checkpoint import remove_stale_weights
+from .config import ModelConfig
 from .files import atomic_write, write_json
 from .gguf_vocab import MISSING, GGUFError, build_tokenizer, check_vocabulary, get_field
 
@@ -84,6 +85,8 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+
+
 def _require_gguf():
     try:
         import gguf
@@ -310,7 +313,8 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
                       sliding_window=get("attention.sliding_window", None))
     elif arch == "gemma3":  # what llama.cpp hard-codes for gemma3 (llama-model.cpp), spelled as transformers does
         L = config["num_hidden_layers"]
-        config.update(sliding_window=get("attention.sliding_window"), query_pre_attn_scalar=head_dim,
+        scalar = hidden // n_head if config["num_hidden_layers"] == 62 else head_dim  # llama.cpp: 27B's n_embd / n_head
+        config.update(sliding_window=get("attention.sliding_window"), query_pre_attn_scalar=scalar,
                       rope_local_base_freq=10000.0, rope_theta=_f32(get("rope.freq_base", 1e6, "number")),
                       layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)])
     else:  # Qwen2 always has q/k/v bias and no other; sliding-window settings are not in GGUF
@@ -440,6 +444,7 @@ def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, prog
                                   "long_factor": factors[_ROPE_FACTORS[1]],
                                   **({"attention_factor": _f32(attn)} if attn is not None else {})}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    ModelConfig.from_dict(config, source=f"{gguf_path} (the config.json it gives)")  # refused here, not on load
     _check_shapes(tensors, config, gguf_path)
     tokenizer = build_tokenizer(meta, arch, gguf_path)  # fail on an unsupported vocabulary before the long part
 

@@ -1,6 +1,6 @@
 """The vocabulary of a GGUF file as a `tokenizers.Tokenizer`, and the checks on it.
 
-Two kinds, by `tokenizer.ggml.model`:
+Three kinds, by `tokenizer.ggml.model` and the architecture:
 - "gpt2": byte-level BPE with the file's merges, split the way llama.cpp splits for `tokenizer.ggml.pre`.
 - "llama" (SentencePiece) on Gemma: rebuilt as Gemma's tokenizer is written (transformers' GemmaTokenizer):
   BPE with byte fallback over the file's pieces, spaces replaced by "▁" before the model, no prefix space.
@@ -8,6 +8,8 @@ Two kinds, by `tokenizer.ggml.model`:
   split of a piece into two pieces that are tokens, ranked by the piece's place in the file (Gemma's scores
   do not follow its merge order), the longer left part first.
   A token of spaces alone is stored as real spaces and renamed "▁" * n, as Gemma's vocabulary spells it.
+- "llama" on Phi-3: byte-fallback BPE with merges recovered from the pieces' scores, "\u2581" prepended and
+  spaces replaced by a normalizer (transformers' phi3 GGUF tokenizer).
 Control tokens (type 3) become special added tokens and user-defined ones (type 4) plain added tokens, so
 both stay whole; BOS/EOS are added to every encoded text as the file's add_*_token flags say.
 """
@@ -41,7 +43,6 @@ def get_field(meta: dict, key: str, where: Path, kind: str, default=MISSING):
     return value
 
 
-
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by `tokenizer.ggml.pre`.
 _GPT2_SPLIT = None  # ByteLevel's own regex: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -54,7 +55,6 @@ _PRE_TOKENIZERS = {  # name -> (isolate every digit first, split regex or None f
     "llama-bpe": (False, _LLAMA3_SPLIT), "llama3": (False, _LLAMA3_SPLIT),
     "qwen2": (False, _QWEN2_SPLIT), "deepseek-r1-qwen": (False, _QWEN2_SPLIT),
 }
-
 
 
 def check_vocabulary(meta: dict, vocab_size: int, where: Path) -> None:

@@ -16,7 +16,7 @@ What each family changes, as config fields read in the places marked `# family:`
 - Qwen3-MoE, Mixtral: a sparse Mixture-of-Experts block (`moe.py`) in place of the MLP, in the layers the
   config names; Mixtral calls it block_sparse_moe and its experts' linears w1, w3, w2.
 Grouped-query attention runs through `F.scaled_dot_product_attention` (soft-capped scores, which SDPA
-cannot cap, are written out). Module names are transformers' (`model.layers.0.self_attn.q_proj`, ...), so
+cannot cap, are written out; LLaMA-Adapter's gated branch is left uncapped, as no reference caps it). Module names are transformers' (`model.layers.0.self_attn.q_proj`, ...), so
 a checkpoint loads without a key map and a PEFT key is "base_model.model." + name.
 
 This file knows nothing about LoRA, quantization or prompts. Methods attach by swapping modules, or
@@ -144,7 +144,8 @@ class Attention(nn.Module):
         """q (B, T, nh, hs), k and v (B, T, nkv, hs)."""
         B, T, _ = x.shape
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], dim=-1)
+            q, k, v = self.qkv_proj(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs],
+                                             dim=-1)  # (B, T, nh hs), (B, T, nkv hs), (B, T, nkv hs)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return q.view(B, T, self.nh, self.hs), k.view(B, T, self.nkv, self.hs), v.view(B, T, self.nkv, self.hs)
@@ -208,7 +209,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)

@@ -10,7 +10,8 @@ a dense pass of every expert over every token.
 
 Load balancing (Switch Transformer, Fedus et al. 2022, eq. 4; transformers' `load_balancing_loss_func`):
 
-    aux = E * sum_e f_e * P_e,   f_e: share of the (token, choice) slots routed to e,  P_e: mean of p_e,
+    aux = E * sum_e f_e * P_e,   f_e: tokens routing one of their k choices to e, over N (the f_e sum to k),
+                                 P_e: mean of p_e,
 
 over the router logits of every MoE layer of a forward, padding excluded; a trainer adds
 router_aux_loss_coef * aux to its loss. Each block keeps its last router logits for that (`router_logits`).
@@ -108,7 +109,7 @@ class SparseMoE(nn.Module):
         for e in chosen.unique().tolist():  # the experts some token chose, in order
             rows, slot = (chosen == e).nonzero(as_tuple=True)  # (n,): which tokens, and as which of their k
             out.index_add_(0, rows, self.expert(e, h.index_select(0, rows)) * w[rows, slot, None])
-        return out.view(B, T, C)
+        return out.view(B, T, C)  # (B, T, C)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, attention_mask=None) -> torch.Tensor:

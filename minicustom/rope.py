@@ -13,8 +13,10 @@ Scalings of inv_freq (`rope_type`), each as transformers' `modeling_rope_utils`:
   context; attention_scaling 0.1 ln(factor) + 1 (or mscale / mscale_all_dim as DeepSeek writes it).
 - longrope (Ding et al. 2024, Phi-3's "su"): inv_freq_i / ext_i with per-band factors: short_factor while the
   forward's positions stay within original_max_position_embeddings, long_factor beyond (decided per forward,
-  as transformers does, so cached keys keep the tables they were made with); attention_scaling
-  sqrt(1 + ln(factor) / ln(original_max_position_embeddings)).
+  as transformers does); attention_scaling
+  sqrt(1 + ln(factor) / ln(original_max_position_embeddings)). When generation crosses the original context,
+  generate.py drops the cache (keys rotated with the short factors) and runs the sequence again, as
+  transformers' Phi-3 does.
 Gemma 3 rotates its sliding-window layers with a base of its own (`rope_local_theta`, no scaling).
 Left out: dynamic NTK (its tables change with the cache length in ways a cached forward cannot replay).
 """

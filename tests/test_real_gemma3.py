@@ -65,6 +65,15 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(path, gguf_file):
     assert ours.decode(ids[1:]) == theirs.decode(ids[1:])
 
 
+def test_the_file_without_a_template_gets_gemma_s_turn_format(path):
+    """The GGUF carries no chat template; the converted folder's is Gemma 3's turn format, pinned here: BOS, a
+    system message folded into the first user turn, roles user/model, text trimmed, <end_of_turn> + newline."""
+    text = mc.load_tokenizer(path).apply_chat_template(CHATS[1], add_generation_prompt=True, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nYou answer in one word.\n\nName a colour of the sky.<end_of_turn>\n"
+                    "<start_of_turn>model\nBlue.<end_of_turn>\n<start_of_turn>user\nAnd of grass? Ünïcödé 日本 🤖"
+                    "<end_of_turn>\n<start_of_turn>model\n")
+
+
 @pytest.mark.parametrize("gen", [False, True])
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_chat_template_ids_match_transformers(path, chat, gen):

@@ -75,7 +75,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets="all-l
     config = config or LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, use_rslora=use_rslora,
                                   use_dora=use_dora, init=init, layers=layers, modules_to_save=modules_to_save,
                                   rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
-                                  target_parameters=list(target_parameters) if target_parameters else None)
+                                  target_parameters=([target_parameters] if isinstance(target_parameters, str)
+                                                     else list(target_parameters)) if target_parameters else None)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     names = find_targets(model, config.targets, config.layers) if config.targets else []
