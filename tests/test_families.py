@@ -13,22 +13,13 @@ import json
 import pytest
 import torch
 from conftest import make_checkpoint, make_hf_model
+from test_model import _hf_generate, _ids
 
 import minicustom as mc
 from minicustom.generate import left_pad
 from minicustom.methods import REGISTRY, adapter_configs, apply_method
 
 NEW = ["gemma2", "gemma3", "phi3", "phi4mini", "qwen3-yarn", "qwen3moe", "mixtral"]
-
-
-def _ids(B, T, seed=1, vocab=131):
-    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _hf_generate(hf, ids, n, attention_mask=None):
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return hf.generate(ids, attention_mask=attention_mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,12 @@ reply; what is checked is that both implementations give the same one. Tolerance
 import pytest
 import torch
 from conftest import MIXED
+from test_real_model import CHATS  # the same two chats as SmolLM2's test
 
 import minicustom as mc
 from minicustom.gguf import demo_model_gguf, fetch_demo_model
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
-
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one word."},
-     {"role": "user", "content": "Name a colour of the sky."},
-     {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "And of grass? Ünïcödé 日本 🤖"}],
-]
-
 
 @pytest.fixture(scope="module")
 def path():
