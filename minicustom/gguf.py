@@ -7,7 +7,7 @@ fastest-dimension first. `convert_gguf` turns one into a folder `load_model`/`lo
 config.json, model.safetensors (every tensor dequantized by `gguf.quants.dequantize`, renamed to HF
 names, q/k rows un-permuted), tokenizer.json, tokenizer_config.json and generation_config.json.
 
-Supported: architectures `llama` (Llama 1/2, Mistral-style, SmolLM/SmolLM2) and `qwen2` with byte-level
+Supported: architectures `llama` (Llama 1/2, Mistral-style, SmolLM/SmolLM2), `qwen2` and `qwen3` with byte-level
 BPE vocabularies, and `gemma3` and `phi3` with their SentencePiece vocabularies (gguf_vocab.py rebuilds
 them). Phi-3's fused qkv / gate_up tensors stay fused, its rotary dims become partial_rotary_factor, and
 its longrope factors (tensors in the file) go into config.json. Gemma 3's
@@ -52,7 +52,7 @@ from .config import ModelConfig
 from .files import atomic_write, write_json
 from .gguf_vocab import MISSING, GGUFError, build_tokenizer, check_vocabulary, get_field
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
 
@@ -85,6 +85,7 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+_QWEN3_NAMES = {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 
 def _require_gguf():
@@ -253,7 +254,7 @@ def _f32(x) -> float:
 
 def _hf_name(name: str, where: Path, arch: str = "llama") -> str:
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
-        layer_names = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES}.get(arch, _LAYER_NAMES)
+        layer_names = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES, "qwen3": _QWEN3_NAMES}.get(arch, _LAYER_NAMES)
         if m[2] in layer_names:
             return f"model.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
     elif (m := re.fullmatch(r"(\w+)\.(weight|bias)", name)) and m[1] in _GLOBAL_NAMES:
@@ -285,7 +286,7 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
     ids = {f"{k}_token_id": meta.get(f"tokenizer.ggml.{g}_token_id")
            for k, g in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                            "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]],
         "model_type": "gemma3_text" if arch == "gemma3" else arch,
         "hidden_activation" if arch == "gemma3" else "hidden_act": "gelu_pytorch_tanh" if arch == "gemma3" else "silu",
@@ -317,6 +318,8 @@ def _config(meta: dict, arch: str, names: set[str], vocab_size: int, where: Path
         config.update(sliding_window=get("attention.sliding_window"), query_pre_attn_scalar=scalar,
                       rope_local_base_freq=10000.0, rope_theta=_f32(get("rope.freq_base", 1e6, "number")),
                       layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)])
+    elif arch == "qwen3":  # q/k norms, no bias
+        config.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     else:  # Qwen2 always has q/k/v bias and no other; sliding-window settings are not in GGUF
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
     return config
@@ -339,6 +342,9 @@ def _check_shapes(tensors: list, config: dict, where: Path) -> None:
         shapes.update({"self_attn.qkv_proj": ((nh + 2 * nkv) * hs, C), "mlp.gate_up_proj": (2 * F, C)})
         per_layer = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
                      "input_layernorm", "post_attention_layernorm"]
+    if config["model_type"] == "qwen3":
+        shapes.update({"self_attn.q_norm": (hs,), "self_attn.k_norm": (hs,)})
+        per_layer += ["self_attn.q_norm", "self_attn.k_norm"]
     if config["model_type"] == "gemma3_text":
         gemma = {"self_attn.q_norm": (hs,), "self_attn.k_norm": (hs,), "pre_feedforward_layernorm": (C,),
                  "post_feedforward_layernorm": (C,)}
@@ -410,7 +416,7 @@ def _write_safetensors(path: Path, tensors: list, config: dict, dtype: torch.dty
 
 
 def convert_gguf(gguf_path, out_dir, *, dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
-    """Convert a GGUF file (llama, qwen2, gemma3, phi3) into a Hugging Face checkpoint folder at `out_dir`.
+    """Convert a GGUF file (llama, qwen2, qwen3, gemma3, phi3) into a Hugging Face checkpoint folder at `out_dir`.
 
     Default fp32 holds every Q4_1/Q8_0/F16 value exactly. config.json is written last: its presence
     means the folder is complete.

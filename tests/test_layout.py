@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORACLES = {"transformers", "peft", "trl", "bitsandbytes", "accelerate"}
+ORACLES = {"transformers", "peft", "trl", "bitsandbytes", "accelerate", "llama_cpp", "openai"}
 
 
 def modules(root: Path, package: str) -> dict[str, Path]:

@@ -83,8 +83,11 @@ class TrainConfig:
     max_new_tokens: int = 64
     loss_chunk: int = 512
     router_aux_loss_coef: float | None = None  # MoE load balancing (SFT); None: the model config's, as transformers
+    log: str = "jsonl"  # metrics.jsonl always; "tensorboard" also writes the same scalars under out/tensorboard
 
     def __post_init__(self):
+        if self.log not in ("jsonl", "tensorboard"):
+            raise ValueError(f"log must be jsonl or tensorboard, got {self.log!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
@@ -268,6 +271,7 @@ class Run:
     world: int
     device: torch.device
     progress: Progress | None = None
+    board: object = None  # a torch.utils.tensorboard SummaryWriter with log="tensorboard" (process 0)
 
     @property
     def config(self) -> TrainConfig:
@@ -325,6 +329,10 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
         job.history = [{"step": 0, **evaluate_objective(task, model, wrapper, full)}]
     if rank == 0:
         atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(x) + "\n" for x in job.history)))
+        if config.log == "tensorboard":
+            job.board = _board(out / "tensorboard", job.step)
+            for record in job.history if job.step == 0 else []:
+                _scalars(job.board, record)
     job.progress = Progress(total, job.step, enabled=rank == 0)  # the clock starts with the first step
     return job
 
@@ -374,6 +382,8 @@ def log_and_save(job: Run, record: dict) -> bool:
     if job.rank == 0:
         with open(job.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if job.board is not None:
+            _scalars(job.board, record)
         if job.step % config.log_every == 0 or last or "eval_loss" in record:
             extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
             job.progress.update(job.step, f"loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} | "
@@ -402,6 +412,9 @@ def run(task: Task, model: nn.Module, out: str | Path, *, resume: bool = False,
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         raise
+    finally:
+        if job.board is not None:
+            job.board.close()
 
 
 def _steps(job: Run, on_step) -> list[dict]:
@@ -427,6 +440,25 @@ def _steps(job: Run, on_step) -> list[dict]:
                                   f"{job.folder / f'checkpoint-{job.step:06d}'}")
     job.progress.close()
     return job.history
+
+
+def _board(folder: Path, step: int):
+    """A TensorBoard writer into `folder`; a resumed run hides what its first run logged past `step`
+    (purge_step), so the curve continues from the checkpoint as metrics.jsonl does."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("log='tensorboard' needs the tensorboard package: pip install tensorboard (or "
+                          "pip install minicustom[tensorboard])") from None
+    return SummaryWriter(str(folder), purge_step=step + 1 if step else None)
+
+
+def _scalars(board, record: dict) -> None:
+    """Every number of a metrics.jsonl record as a scalar at its step."""
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            board.add_scalar(key, value, record["step"])
+    board.flush()
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:

@@ -1,0 +1,362 @@
+"""A model (an adapter merged in) -> a GGUF file llama.cpp runs; a LoRA adapter -> llama.cpp's LoRA GGUF.
+
+GGUF (gguf.py reads it) holds typed metadata and tensors. `export_gguf` writes what llama.cpp's
+convert_hf_to_gguf.py writes for the same checkpoint:
+- the architecture's numbers under `<arch>.*` (context length, widths, heads, RMSNorm eps, RoPE base);
+- llama.cpp's tensor names (blk.N.attn_q.weight, ...). Llama's q and k rows are permuted: llama.cpp's
+  `llama` RoPE rotates interleaved (even, odd) pairs, HF's rotate_half the two halves of a head, so each
+  head's rows go from [x0..x(d/2-1), y0..] to [x0, y0, x1, y1, ...]. Qwen2/Qwen3 rotate halves in
+  llama.cpp too (NEOX RoPE): no permutation;
+- the tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE), the pre-tokenizer's llama.cpp name
+  (read from tokenizer.json's regexes), tokens, token types (special added tokens are CONTROL, other
+  added ones USER_DEFINED, rows past the vocabulary UNUSED [PADn]), merges, bos/eos/pad ids, whether BOS
+  or EOS is added, and the chat template.
+
+Types (`outtype`): 1-D tensors (norms, biases) are always F32, as llama.cpp keeps them. f32 / f16 / bf16
+store every matrix so; q8_0 stores matrices as Q8_0 (blocks of 32: one f16 scale d = max|x|/127 and 32
+int8 round(x/d)); q4_0 as Q4_0 (one f16 scale d = max/-8 taken at the largest-magnitude value, 32 4-bit
+q = round(x/d) + 8 clamped to 15) except the output matrix (lm_head, or the tied embedding), kept at
+Q8_0: llama-quantize keeps it at Q6_K, which the gguf package cannot write. The bytes come from the
+gguf package's quantizers (`gguf.quants.quantize`), which match llama.cpp's reference C. A matrix whose
+rows are not a whole number of blocks falls back to F16, as convert_hf_to_gguf does.
+
+Supported: model types llama, mistral (llama.cpp's `llama`), qwen2 and qwen3, with byte-level BPE
+vocabularies and RoPE without scaling or with linear scaling. Refused with an error naming what is
+missing: Gemma, Phi-3 and MoE models (their SentencePiece vocabularies and tensor layouts are not
+written yet), llama3/yarn/longrope RoPE scaling.
+
+The file is written beside `out` and renamed into place: an interrupted export leaves no half file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import atomic_write
+from .gguf import _require_gguf
+from .gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
+from .methods.lora_layers import LoraConfig
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
+_LAYER = {  # HF module under model.layers.N -> llama.cpp's name under blk.N
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+}
+_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp's token types
+
+
+class ExportError(ValueError):
+    """A model, tokenizer or adapter that cannot be written as GGUF: the message names what and why."""
+
+
+def check_exportable(config, where) -> str:
+    """llama.cpp's architecture name for this config, or ExportError naming what is not supported."""
+    arch = EXPORT_ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise ExportError(f"{where}: model_type {config.model_type!r} cannot be exported to GGUF yet; supported: "
+                          f"{', '.join(EXPORT_ARCHITECTURES)}")
+    scaling = (config.rope_scaling or {}).get("rope_type", "default")
+    if scaling not in ("default", "linear"):
+        raise ExportError(f"{where}: rope_scaling {scaling!r} cannot be exported to GGUF yet (supported: none, "
+                          "linear)")
+    if config.partial_rotary_factor != 1.0:
+        raise ExportError(f"{where}: partial_rotary_factor {config.partial_rotary_factor} cannot be exported")
+    return arch
+
+
+def gguf_name(hf_name: str, where="the model") -> str:
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (ExportError for a name llama.cpp lacks)."""
+    module, _, kind = hf_name.rpartition(".")
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module):
+        if m[2] in _LAYER:
+            return f"blk.{m[1]}.{_LAYER[m[2]]}.{kind}"
+    elif module in _GLOBAL:
+        return f"{_GLOBAL[module]}.{kind}"
+    raise ExportError(f"{where}: tensor {hf_name} has no llama.cpp name")
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotate_half row order -> llama.cpp's interleaved pairs (the inverse of gguf._unpermute)."""
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hs // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _llama_rows(name: str, w: torch.Tensor, config, arch: str) -> torch.Tensor:
+    if arch == "llama" and ".self_attn.q_proj." in name:
+        return permute(w, config.num_attention_heads)
+    if arch == "llama" and ".self_attn.k_proj." in name:
+        return permute(w, config.num_key_value_heads)
+    return w
+
+
+# -- the tokenizer -----------------------------------------------------------------------------------
+
+def pre_tokenizer_name(spec: dict, where) -> str:
+    """llama.cpp's name for tokenizer.json's pre-tokenizer (its regex decides how text splits before BPE)."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"]:
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        named = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+        if regex in named:
+            return named[regex]
+    raise ExportError(f"{where}: tokenizer.json's pre_tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not "
+                      "one llama.cpp knows by name (gpt-2, smollm, llama-bpe, qwen2); llama.cpp would split "
+                      "text differently, so it is not exported")
+
+
+def vocabulary(tokenizer, n_rows: int, where) -> dict:
+    """The tokenizer.ggml.* values of a byte-level BPE tokenizer whose embedding has n_rows rows."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(spec.get("decoder"), dict) or \
+            spec["decoder"].get("type") != "ByteLevel":
+        raise ExportError(f"{where}: only byte-level BPE tokenizers can be exported to GGUF yet (this one is a "
+                          f"{model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} decoder)")
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    if len(vocab) > n_rows or max(vocab.values()) >= n_rows:
+        raise ExportError(f"{where}: the tokenizer has ids up to {max(vocab.values())} but the embedding has "
+                          f"{n_rows} rows")
+    tokens = [f"[PAD{i}]" for i in range(n_rows)]
+    types = [_UNUSED] * n_rows
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, _NORMAL
+    for i, added in tokenizer.backend.get_added_tokens_decoder().items():
+        types[i] = _CONTROL if added.special else _USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    return {"pre": pre_tokenizer_name(spec, where), "tokens": tokens, "types": types, "merges": merges,
+            "add_bos": len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id,
+            "add_eos": len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id}
+
+
+def _add_tokenizer(w, tokenizer, config, n_rows: int, where) -> None:
+    v = vocabulary(tokenizer, n_rows, where)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(v["pre"])
+    w.add_token_list(v["tokens"])
+    w.add_token_types(v["types"])
+    w.add_token_merges(v["merges"])
+    first = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731  (generation configs list several eos)
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    ids = {k: i if i is not None else first(getattr(config, f"{k}_token_id")) for k, i in ids.items()}
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+        if ids[key] is not None:
+            add(int(ids[key]))
+    w.add_add_bos_token(v["add_bos"])
+    w.add_add_eos_token(v["add_eos"])
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+
+
+# -- the tensors --------------------------------------------------------------------------------------
+
+def tensor_type(name: str, w: torch.Tensor, outtype: str, output: str):
+    """The ggml type export_gguf stores `name` (a llama.cpp name) in; `output` is the output matrix's name."""
+    gguf = _require_gguf()
+    T = gguf.GGMLQuantizationType
+    if w.dim() == 1 or outtype == "f32":
+        return T.F32
+    kind = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[outtype]
+    if kind == T.Q4_0 and name == output:
+        kind = T.Q8_0
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    return kind if w.shape[-1] % block == 0 else T.F16
+
+
+def encode_tensor(w: torch.Tensor, kind) -> np.ndarray:
+    """The bytes (as gguf's writer takes them) of an fp32 tensor stored as ggml type `kind`."""
+    gguf = _require_gguf()
+    array = w.detach().to(torch.float32).contiguous().numpy()
+    if kind == gguf.GGMLQuantizationType.F32:
+        return array
+    return gguf.quants.quantize(array, kind)
+
+
+def _status(text: str, progress: bool):
+    if progress:
+        print(f"\r{text}", end="", file=sys.stderr, flush=True)
+
+
+def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None = None, progress: bool = True,
+                where="--model") -> dict:
+    """Write `model` (a plain Transformer, adapters merged) and its tokenizer as one GGUF file at `out`.
+    Returns {tensor name: ggml type name}."""
+    gguf = _require_gguf()
+    if outtype not in OUTTYPES:
+        raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    config = model.config
+    arch = check_exportable(config, where)
+    state = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    extra = [k for k in state if not k.endswith((".weight", ".bias"))]
+    if extra or any(not t.is_floating_point() for t in state.values()):
+        raise ExportError(f"{where}: the model still holds non-plain tensors (e.g. {(extra or list(state))[0]}); "
+                          "merge the adapter or dequantize first")
+    n_rows = state["model.embed_tokens.weight"].shape[0]
+    output = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+    w = gguf.GGUFWriter(None, arch)
+    w.add_name(name or "minicustom export")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_count(config.rotary_dim)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(n_rows)
+    if (config.rope_scaling or {}).get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_scaling["factor"])
+    w.add_file_type(_FILE_TYPES[outtype])
+    if outtype in ("q8_0", "q4_0"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(w, tokenizer, config, n_rows, where)
+    types = {}
+    for i, (hf, t) in enumerate(state.items()):
+        target = gguf_name(hf, where)
+        t = _llama_rows(hf, t.detach().float().cpu(), config, arch)
+        kind = tensor_type(target, t, outtype, output)
+        w.add_tensor(target, encode_tensor(t, kind), raw_dtype=kind)
+        types[target] = kind.name
+        _status(f"writing tensor {i + 1}/{len(state)} ({outtype})", progress)
+    _status("\n", progress)
+    _write(w, Path(out))
+    return types
+
+
+def _write(w, out: Path) -> None:
+    """The writer's header, metadata and tensors into a temp file that becomes `out` when complete."""
+    def write(tmp: Path):
+        w.path = tmp
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write)
+
+
+# -- a LoRA adapter alone ----------------------------------------------------------------------------
+
+def export_lora_gguf(adapter_dir, config, out, *, where="--adapter") -> dict:
+    """A PEFT LoRA folder -> llama.cpp's LoRA GGUF (`--lora FILE` / `lora_path`), the base never copied.
+
+    llama.cpp adds scale * B A with scale = adapter.lora.alpha / r (r read from each lora_b). rsLoRA's
+    alpha / sqrt(r) is written as alpha' = alpha * sqrt(r); per-module ranks and alphas (rank_pattern /
+    alpha_pattern) fold the module's own scale into its B. Llama's q/k permutation is a row permutation of
+    B A, so it permutes B's rows. Returns {"alpha": alpha', "tensors": count}."""
+    from safetensors import safe_open
+
+    from .files import read_json
+
+    gguf = _require_gguf()
+    arch = check_exportable(config, where)
+    folder = Path(adapter_dir)
+    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"{where} {folder}: no {f.name}")
+    cfg = read_json(cfg_file, ExportError)
+    kind = cfg.get("peft_type")
+    if kind != "LORA" or cfg.get("use_dora"):
+        method = "DoRA" if cfg.get("use_dora") else kind
+        raise ExportError(f"{cfg_file}: a {method} adapter has no llama.cpp LoRA form; export the merged model "
+                          "instead (export-gguf --adapter DIR without --lora-only)")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(alpha, bool) or not isinstance(alpha, int | float) or r < 1:
+        raise ExportError(f"{cfg_file}: r and lora_alpha must be numbers (found r={r!r}, lora_alpha={alpha!r})")
+    written = alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
+    lora = LoraConfig(r=r, alpha=alpha, use_rslora=bool(cfg.get("use_rslora")),
+                      rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {})
+    w = gguf.GGUFWriter(None, arch)
+    w.add_type("adapter")
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(written))
+    with safe_open(str(weights), "pt") as f:
+        names = list(f.keys())
+        pairs = {}
+        for key in names:
+            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if m is None:
+                raise ExportError(f"{weights}: tensor {key} is not a LoRA A/B matrix of a linear layer (embedding "
+                                  "LoRA, biases and extra trained modules have no llama.cpp LoRA form); export the "
+                                  "merged model instead")
+            pairs.setdefault(m[1], {})[m[2]] = f.get_tensor(key).float()
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ExportError(f"{weights}: {module} has lora_{next(iter(ab))} without its pair")
+        target = gguf_name(module + ".weight", weights)
+        rank = ab["A"].shape[0]
+        scale = lora.scaling(*lora.rank_alpha(module))  # what minicustom and PEFT multiply B A by
+        b = ab["B"] if scale == written / rank else ab["B"] * (scale * rank / written)
+        b = _llama_rows(module + ".weight", b, config, arch)
+        w.add_tensor(f"{target}.lora_a", ab["A"].contiguous().numpy())
+        w.add_tensor(f"{target}.lora_b", b.contiguous().numpy())
+    if not pairs:
+        raise ExportError(f"{weights}: no LoRA tensors")
+    _write(w, Path(out))
+    return {"alpha": float(written), "tensors": 2 * len(pairs)}
+
+
+# -- Ollama ------------------------------------------------------------------------------------------
+
+# Ollama's TEMPLATE is a Go template, not Jinja: a chat template is recognized by what it renders (a probe
+# conversation), and written in Go for the formats known here. ChatML (SmolLM2, Qwen):
+_CHATML_GO = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+              "<|im_start|>assistant\n")
+_PROBE = [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"},
+          {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+
+
+def _chatml(messages: list[dict]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+        "<|im_start|>assistant\n"
+
+
+def modelfile(tokenizer, gguf_file: str, system: str | None = None) -> tuple[str, str]:
+    """An Ollama Modelfile for the exported file, and a note on what it could not carry. TEMPLATE is
+    written when the chat template renders exactly as ChatML (its default system prompt, if it adds one
+    to a conversation without one, becomes SYSTEM); otherwise it is left out and Ollama reads the GGUF's
+    own tokenizer.chat_template."""
+    if system is not None and '"""' in system:
+        raise ExportError('--system: a Modelfile SYSTEM cannot hold """ (it ends the text)')
+    lines, note = [f"FROM {gguf_file}"], ""
+    render = (lambda m: tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)) \
+        if tokenizer.chat_template else None
+    stops = [t for t in (tokenizer.eos_token,) if t]
+    if render and render(_PROBE) == _chatml(_PROBE):
+        lines.append(f'TEMPLATE """{_CHATML_GO}"""')
+        stops += [t for t in ("<|im_end|>", "<|im_start|>") if t not in stops]
+        alone = render([{"role": "user", "content": "U1"}])
+        m = re.fullmatch(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n(.*)", alone, re.S)
+        if system is None and m and m[2] == _chatml([{"role": "user", "content": "U1"}]):
+            system = m[1]
+    else:
+        note = "the chat template is not ChatML: TEMPLATE left out, so Ollama uses the GGUF's chat template"
+    lines += [f'PARAMETER stop "{t}"' for t in stops]
+    if system is not None:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n", note
