@@ -98,7 +98,7 @@ class Job:
     top_p: float
     stop: list[str]
     seed: int | None
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", delta) ... then ("end", finish, n)
+    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", delta)..., ("end", finish, prompt, new)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 

@@ -47,7 +47,8 @@ def exports(tmp_path_factory):
     root, base = tmp_path_factory.mktemp("llama_cpp"), demo_model()
     adapter = root / "adapter"
     main(["train", "sft", "--model", base, "--data", ROOT / "examples/data/tasks/city/train.jsonl", "--out", adapter,
-          "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--exact-match", "0", "--save-every", "0"])
+          "--max-steps", "6", "--batch-size", "4", "--max-length", "128", "--lr", "1e-3", "--exact-match", "0",
+          "--save-every", "0"])
     files = {}
     for name, extra in {"f16": ["--outtype", "f16"], "f32": ["--outtype", "f32"], "q8_0": ["--outtype", "q8_0"],
                         "q4_0": ["--outtype", "q4_0"], "lora": ["--lora-only"]}.items():
