@@ -88,7 +88,7 @@ _LAYER_NAMES = {
 _QWEN3_NAMES = {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 
-def _require_gguf():
+def require_gguf():
     try:
         import gguf
     except ImportError:
@@ -229,7 +229,7 @@ def _read(path: Path):
     """(reader, metadata dict) of a GGUF file whose layout has been checked byte by byte."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
-    gguf = _require_gguf()
+    gguf = require_gguf()
     _check_layout(path, gguf)
     try:
         reader = gguf.GGUFReader(path)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from .files import atomic_write
-from .gguf import _require_gguf
-from .gguf_vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT
+from .gguf import require_gguf
+from .gguf_vocab import PRE_TOKENIZERS
 from .methods.lora_layers import LoraConfig
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -90,6 +90,7 @@ def gguf_name(hf_name: str, where="the model") -> str:
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF's rotate_half row order -> llama.cpp's interleaved pairs (the inverse of gguf._unpermute)."""
     hs = w.shape[0] // n_head
+    # (nh*hs, ...) -> (nh, 2, hs/2, ...) -> (nh, hs/2, 2, ...) -> (nh*hs, ...)
     return w.reshape(n_head, 2, hs // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
@@ -104,22 +105,24 @@ def _llama_rows(name: str, w: torch.Tensor, config, arch: str) -> torch.Tensor:
 # -- the tokenizer -----------------------------------------------------------------------------------
 
 def pre_tokenizer_name(spec: dict, where) -> str:
-    """llama.cpp's name for tokenizer.json's pre-tokenizer (its regex decides how text splits before BPE)."""
+    """llama.cpp's name for tokenizer.json's pre-tokenizer (its regex decides how text splits before BPE): the
+    first name of the importer's table (gguf_vocab.PRE_TOKENIZERS) that splits the same way."""
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
+    split = None  # (isolate digits first, the split regex; None: ByteLevel's own, GPT-2's)
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"]:
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        named = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
-        if regex in named:
-            return named[regex]
-    raise ExportError(f"{where}: tokenizer.json's pre_tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not "
-                      "one llama.cpp knows by name (gpt-2, smollm, llama-bpe, qwen2); llama.cpp would split "
-                      "text differently, so it is not exported")
+        split = (False, None)
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        split = (True, None)
+    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        split = (False, (steps[0].get("pattern") or {}).get("Regex"))
+    names = [name for name, rule in PRE_TOKENIZERS.items() if rule == split and name != "default"]
+    if not names:
+        raise ExportError(f"{where}: tokenizer.json's pre_tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not "
+                          f"one llama.cpp knows by name ({', '.join(PRE_TOKENIZERS)}); llama.cpp would split text "
+                          "differently, so it is not exported")
+    return names[0]
 
 
 def vocabulary(tokenizer, n_rows: int, where) -> dict:
@@ -171,7 +174,7 @@ def _add_tokenizer(w, tokenizer, config, n_rows: int, where) -> None:
 
 def tensor_type(name: str, w: torch.Tensor, outtype: str, output: str):
     """The ggml type export_gguf stores `name` (a llama.cpp name) in; `output` is the output matrix's name."""
-    gguf = _require_gguf()
+    gguf = require_gguf()
     T = gguf.GGMLQuantizationType
     if w.dim() == 1 or outtype == "f32":
         return T.F32
@@ -184,7 +187,7 @@ def tensor_type(name: str, w: torch.Tensor, outtype: str, output: str):
 
 def encode_tensor(w: torch.Tensor, kind) -> np.ndarray:
     """The bytes (as gguf's writer takes them) of an fp32 tensor stored as ggml type `kind`."""
-    gguf = _require_gguf()
+    gguf = require_gguf()
     array = w.detach().to(torch.float32).contiguous().numpy()
     if kind == gguf.GGMLQuantizationType.F32:
         return array
@@ -200,7 +203,7 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
                 where="--model") -> dict:
     """Write `model` (a plain Transformer, adapters merged) and its tokenizer as one GGUF file at `out`.
     Returns {tensor name: ggml type name}."""
-    gguf = _require_gguf()
+    gguf = require_gguf()
     if outtype not in OUTTYPES:
         raise ExportError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     config = model.config
@@ -272,7 +275,7 @@ def export_lora_gguf(adapter_dir, config, out, *, where="--adapter") -> dict:
 
     from .files import read_json
 
-    gguf = _require_gguf()
+    gguf = require_gguf()
     arch = check_exportable(config, where)
     folder = Path(adapter_dir)
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"

@@ -49,7 +49,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TOKENIZERS = {  # name -> (isolate every digit first, split regex or None for GPT-2's)
+PRE_TOKENIZERS = {  # name -> (isolate every digit first, split regex or None for GPT-2's)
     "default": (False, _GPT2_SPLIT), "gpt-2": (False, _GPT2_SPLIT),
     "smollm": (True, _GPT2_SPLIT), "starcoder": (True, _GPT2_SPLIT), "refact": (True, _GPT2_SPLIT),
     "llama-bpe": (False, _LLAMA3_SPLIT), "llama3": (False, _LLAMA3_SPLIT),
@@ -176,14 +176,14 @@ def _byte_level(meta: dict, where: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
+    if pre not in PRE_TOKENIZERS:
         raise NotImplementedError(f"{where}: tokenizer.ggml.pre={pre!r} is not supported; "
-                                  f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
+                                  f"supported: {', '.join(sorted(PRE_TOKENIZERS))}")
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=None,
                                fuse_unk=False, byte_fallback=False, ignore_merges=pre in ("llama-bpe", "llama3")))
-    digits, split = _PRE_TOKENIZERS[pre]
+    digits, split = PRE_TOKENIZERS[pre]
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split is None:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))

@@ -278,3 +278,29 @@ def test_an_unknown_pre_tokenizer_is_refused(tmp_path):
     with pytest.raises(ExportError, match="pre_tokenizer \\(Whitespace\\)"):
         export_gguf(load_model(path), load_tokenizer(path), tmp_path / "m.gguf", progress=False)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_pre_tokenizers_get_llama_cpps_names():
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from minicustom.gguf_export import pre_tokenizer_name
+    from minicustom.gguf_vocab import PRE_TOKENIZERS
+
+    def spec(pre):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return json.loads(tok.to_str())
+
+    def split(regex):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    assert pre_tokenizer_name(spec(pre_tokenizers.ByteLevel(add_prefix_space=False)), "t") == "gpt-2"
+    assert pre_tokenizer_name(spec(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                            pre_tokenizers.ByteLevel()])), "t") == "smollm"
+    assert pre_tokenizer_name(spec(split(PRE_TOKENIZERS["llama3"][1])), "t") == "llama-bpe"
+    assert pre_tokenizer_name(spec(split(PRE_TOKENIZERS["qwen2"][1])), "t") == "qwen2"
+    with pytest.raises(ExportError, match="Split \\+ ByteLevel"):
+        pre_tokenizer_name(spec(split(r"\w+")), "t")
