@@ -304,3 +304,24 @@ def test_pre_tokenizers_get_llama_cpps_names():
     assert pre_tokenizer_name(spec(split(PRE_TOKENIZERS["qwen2"][1])), "t") == "qwen2"
     with pytest.raises(ExportError, match="Split \\+ ByteLevel"):
         pre_tokenizer_name(spec(split(r"\w+")), "t")
+
+
+@pytest.mark.parametrize("family", EXPORTABLE)
+def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family):
+    """llama.cpp's own forward on the f32 file: every family's names, q/k order, biases and q/k norms as it
+    reads them. Both sides compute in fp32 from the same weights, so only summation order differs."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = tiny(tmp_path, family)
+    model, tok = load_model(path), load_tokenizer(path)
+    export_gguf(model, tok, tmp_path / "m.gguf", "f32", progress=False)
+    f32 = 0  # GGML_TYPE_F32: the K/V cache in fp32 too (llama.cpp's default f16 rounds K and V)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=2, logits_all=True,
+                          verbose=False, type_k=f32, type_v=f32)
+    ids = tok.encode(MIXED[:200])[:100]
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    print(f"\n{family}: llama.cpp vs minicustom, max |diff| {(theirs - ours).abs().max():.2e} of max |logit| "
+          f"{ours.abs().max():.2f}")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
