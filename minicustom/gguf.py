@@ -86,6 +86,10 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _QWEN3_NAMES = {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# llama.cpp's layer tensor names -> HF's module names, per GGUF architecture (gguf_export inverts them)
+LAYER_NAMES = {"llama": _LAYER_NAMES, "qwen2": _LAYER_NAMES, "qwen3": _QWEN3_NAMES, "gemma3": _GEMMA3_NAMES,
+               "gemma2": {k: v for k, v in _GEMMA3_NAMES.items() if not k.endswith("q_norm") and not k.endswith("k_norm")},
+               "phi3": _PHI3_NAMES}
 
 
 def require_gguf():
@@ -254,7 +258,7 @@ def _f32(x) -> float:
 
 def _hf_name(name: str, where: Path, arch: str = "llama") -> str:
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
-        layer_names = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES, "qwen3": _QWEN3_NAMES}.get(arch, _LAYER_NAMES)
+        layer_names = LAYER_NAMES.get(arch, _LAYER_NAMES)
         if m[2] in layer_names:
             return f"model.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
     elif (m := re.fullmatch(r"(\w+)\.(weight|bias)", name)) and m[1] in _GLOBAL_NAMES:

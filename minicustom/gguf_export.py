@@ -20,10 +20,13 @@ Q8_0: llama-quantize keeps it at Q6_K, which the gguf package cannot write. The 
 gguf package's quantizers (`gguf.quants.quantize`), which match llama.cpp's reference C. A matrix whose
 rows are not a whole number of blocks falls back to F16, as convert_hf_to_gguf does.
 
-Supported: model types llama, mistral (llama.cpp's `llama`), qwen2 and qwen3, with byte-level BPE
-vocabularies and RoPE without scaling or with linear scaling. Refused with an error naming what is
-missing: Gemma, Phi-3 and MoE models (their SentencePiece vocabularies and tensor layouts are not
-written yet), llama3/yarn/longrope RoPE scaling.
+Supported: model types llama, mistral (llama.cpp's `llama`), qwen2, qwen3, phi3 (fused qkv and gate_up
+as llama.cpp keeps them), gemma2 and gemma3 (norms stored as 1 + w, caps and the window in the metadata),
+with byte-level BPE vocabularies and RoPE plain or linear. llama.cpp hard-codes parts of Gemma (scores
+scaled by head_dim^-1/2, every 2nd / 6th layer global, a local RoPE base of 10000): a config that says
+otherwise is refused rather than exported to compute something else. Refused with an error naming what
+is missing: SentencePiece vocabularies (Gemma's and Phi-3's hub tokenizers), the MoE families,
+llama3/yarn/longrope RoPE scaling. Mistral's sliding window is not carried (llama.cpp's llama has none).
 
 The file is written beside `out` and renamed into place: an interrupted export leaves no half file.
 """
@@ -40,19 +43,15 @@ import numpy as np
 import torch
 
 from .files import atomic_write
-from .gguf import require_gguf
+from .gguf import LAYER_NAMES, require_gguf
 from .gguf_vocab import PRE_TOKENIZERS
 from .methods.lora_layers import LoraConfig
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                        "gemma3_text": "gemma3", "phi3": "phi3"}
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}  # llama.cpp: layer i slides unless i % period == period - 1
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
-_LAYER = {  # HF module under model.layers.N -> llama.cpp's name under blk.N
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-}
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp's token types
 
@@ -62,7 +61,8 @@ class ExportError(ValueError):
 
 
 def check_exportable(config, where) -> str:
-    """llama.cpp's architecture name for this config, or ExportError naming what is not supported."""
+    """llama.cpp's architecture name for this config, or ExportError naming what llama.cpp would compute
+    otherwise (it hard-codes some of what config.json says)."""
     arch = EXPORT_ARCHITECTURES.get(config.model_type)
     if arch is None:
         raise ExportError(f"{where}: model_type {config.model_type!r} cannot be exported to GGUF yet; supported: "
@@ -71,20 +71,32 @@ def check_exportable(config, where) -> str:
     if scaling not in ("default", "linear"):
         raise ExportError(f"{where}: rope_scaling {scaling!r} cannot be exported to GGUF yet (supported: none, "
                           "linear)")
-    if config.partial_rotary_factor != 1.0:
+    if config.partial_rotary_factor != 1.0 and arch != "phi3":
         raise ExportError(f"{where}: partial_rotary_factor {config.partial_rotary_factor} cannot be exported")
+    if arch in _SWA_PERIOD:  # llama.cpp's gemma: scores scaled by head_dim^-1/2, a fixed layer pattern, base 1e4
+        period = _SWA_PERIOD[arch]
+        pattern = ["full_attention" if i % period == period - 1 else "sliding_attention"
+                   for i in range(config.num_hidden_layers)]
+        for field, found, wanted in (("query_pre_attn_scalar", config.query_pre_attn_scalar, config.head_dim),
+                                     ("layer_types", config.layer_types, pattern),
+                                     ("rope_local_base_freq", config.rope_local_theta if arch == "gemma3" else None,
+                                      10000.0 if arch == "gemma3" else None)):
+            if found != wanted:
+                raise ExportError(f"{where}: {field} is {found!r}; llama.cpp's {arch} assumes {wanted!r}, so the "
+                                  "exported model would compute something else")
     return arch
 
 
-def gguf_name(hf_name: str, where="the model") -> str:
+def gguf_name(hf_name: str, where="the model", arch: str = "llama") -> str:
     """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (ExportError for a name llama.cpp lacks)."""
     module, _, kind = hf_name.rpartition(".")
+    layer = {hf: name for name, hf in LAYER_NAMES[arch].items()}
     if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module):
-        if m[2] in _LAYER:
-            return f"blk.{m[1]}.{_LAYER[m[2]]}.{kind}"
+        if m[2] in layer:
+            return f"blk.{m[1]}.{layer[m[2]]}.{kind}"
     elif module in _GLOBAL:
         return f"{_GLOBAL[module]}.{kind}"
-    raise ExportError(f"{where}: tensor {hf_name} has no llama.cpp name")
+    raise ExportError(f"{where}: tensor {hf_name} has no llama.cpp {arch} name")
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -95,6 +107,10 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _llama_rows(name: str, w: torch.Tensor, config, arch: str) -> torch.Tensor:
+    """A tensor as llama.cpp's `arch` holds it: Llama's q/k rows interleaved; Gemma's norms as 1 + w (its
+    RMSNorm multiplies by the stored weight)."""
+    if config.norm_plus_one and name.endswith("norm.weight"):
+        return w + 1
     if arch == "llama" and ".self_attn.q_proj." in name:
         return permute(w, config.num_attention_heads)
     if arch == "llama" and ".self_attn.k_proj." in name:
@@ -232,13 +248,19 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
     if (config.rope_scaling or {}).get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_scaling["factor"])
+    if config.sliding_window and arch != "llama":  # llama.cpp's llama has no window (Mistral's is not carried)
+        w.add_sliding_window(config.sliding_window)
+    if config.attn_logit_softcapping:
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping:
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
     w.add_file_type(_FILE_TYPES[outtype])
     if outtype in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tokenizer, config, n_rows, where)
     types = {}
     for i, (hf, t) in enumerate(state.items()):
-        target = gguf_name(hf, where)
+        target = gguf_name(hf, where, arch)
         t = _llama_rows(hf, t.detach().float().cpu(), config, arch)
         kind = tensor_type(target, t, outtype, output)
         w.add_tensor(target, encode_tensor(t, kind), raw_dtype=kind)
@@ -311,7 +333,7 @@ def export_lora_gguf(adapter_dir, config, out, *, where="--adapter") -> dict:
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise ExportError(f"{weights}: {module} has lora_{next(iter(ab))} without its pair")
-        target = gguf_name(module + ".weight", weights)
+        target = gguf_name(module + ".weight", weights, arch)
         rank = ab["A"].shape[0]
         scale = lora.scaling(*lora.rank_alpha(module))  # what minicustom and PEFT multiply B A by
         b = ab["B"] if scale == written / rank else ab["B"] * (scale * rank / written)
