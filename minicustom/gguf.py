@@ -87,7 +87,8 @@ _LAYER_NAMES = {
 }
 _QWEN3_NAMES = {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 # llama.cpp's layer tensor names -> HF's module names, per GGUF architecture (gguf_export inverts them)
-LAYER_NAMES = {"llama": _LAYER_NAMES, "qwen2": _LAYER_NAMES, "qwen3": _QWEN3_NAMES, "gemma3": _GEMMA3_NAMES,
+LAYER_NAMES = {"llama": _LAYER_NAMES, "qwen2": _LAYER_NAMES, "qwen3": _QWEN3_NAMES, "qwen3moe": _QWEN3_NAMES,
+               "gemma3": _GEMMA3_NAMES,
                "gemma2": {k: v for k, v in _GEMMA3_NAMES.items() if not k.endswith("q_norm") and not k.endswith("k_norm")},
                "phi3": _PHI3_NAMES}
 

@@ -20,13 +20,16 @@ Q8_0: llama-quantize keeps it at Q6_K, which the gguf package cannot write. The 
 gguf package's quantizers (`gguf.quants.quantize`), which match llama.cpp's reference C. A matrix whose
 rows are not a whole number of blocks falls back to F16, as convert_hf_to_gguf does.
 
-Supported: model types llama, mistral (llama.cpp's `llama`), qwen2, qwen3, phi3 (fused qkv and gate_up
-as llama.cpp keeps them), gemma2 and gemma3 (norms stored as 1 + w, caps and the window in the metadata),
-with byte-level BPE vocabularies and RoPE plain or linear. llama.cpp hard-codes parts of Gemma (scores
-scaled by head_dim^-1/2, every 2nd / 6th layer global, a local RoPE base of 10000): a config that says
-otherwise is refused rather than exported to compute something else. Refused with an error naming what
-is missing: SentencePiece vocabularies (Gemma's and Phi-3's hub tokenizers), the MoE families,
-llama3/yarn/longrope RoPE scaling. Mistral's sliding window is not carried (llama.cpp's llama has none).
+Supported: every model type the loader has, with byte-level BPE vocabularies and RoPE plain or linear:
+llama, mistral (llama.cpp's `llama`), qwen2, qwen3, phi3 (fused qkv and gate_up as llama.cpp keeps
+them), gemma2 and gemma3 (norms stored as 1 + w, caps and the window in the metadata), qwen3_moe and
+mixtral (`llama` with experts: each layer's experts stacked into ffn_{gate,up,down}_exps (E, ., .), from
+either expert layout). llama.cpp hard-codes parts of some families: Gemma's scores scaled by
+head_dim^-1/2, its every 2nd / 6th layer global and local RoPE base of 10000; MoE experts in every layer
+with the top-k weights renormalized. A config that says otherwise is refused rather than exported to
+compute something else. Refused too, each with an error naming it: SentencePiece vocabularies (Gemma's
+and Phi-3's hub tokenizers), llama3/yarn/longrope RoPE scaling. Mistral's sliding window is not carried
+(llama.cpp's llama has none).
 
 The file is written beside `out` and renamed into place: an interrupted export leaves no half file.
 """
@@ -49,7 +52,7 @@ from .methods.lora_layers import LoraConfig
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                        "gemma3_text": "gemma3", "phi3": "phi3"}
+                        "gemma3_text": "gemma3", "phi3": "phi3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 _SWA_PERIOD = {"gemma2": 2, "gemma3": 6}  # llama.cpp: layer i slides unless i % period == period - 1
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -73,6 +76,9 @@ def check_exportable(config, where) -> str:
                           "linear)")
     if config.partial_rotary_factor != 1.0 and arch != "phi3":
         raise ExportError(f"{where}: partial_rotary_factor {config.partial_rotary_factor} cannot be exported")
+    if config.num_experts and not (all(config.sparse_layers) and config.norm_topk_prob):
+        raise ExportError(f"{where}: llama.cpp's {arch} routes every layer through its experts and renormalizes the "
+                          f"top-k weights; this model has dense layers or norm_topk_prob false")
     if arch in _SWA_PERIOD:  # llama.cpp's gemma: scores scaled by head_dim^-1/2, a fixed layer pattern, base 1e4
         period = _SWA_PERIOD[arch]
         pattern = ["full_attention" if i % period == period - 1 else "sliding_attention"
@@ -104,6 +110,49 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     hs = w.shape[0] // n_head
     # (nh*hs, ...) -> (nh, 2, hs/2, ...) -> (nh, hs/2, 2, ...) -> (nh*hs, ...)
     return w.reshape(n_head, 2, hs // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?:(\d+)\.)?"
+                     r"(gate_proj|up_proj|down_proj|w1|w3|w2|gate_up_proj)(?:\.weight)?")
+_ROUTER = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight")
+_EXPERT_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def _gguf_tensors(state: dict, config, arch: str, where) -> list[tuple[str, str, torch.Tensor]]:
+    """(HF name, llama.cpp name, tensor) in the state's order. MoE experts become one 3-D tensor per layer and
+    kind, as llama.cpp holds them: ffn_{gate,up}_exps (E, I, C) and ffn_down_exps (E, C, I), from one module
+    per expert or from transformers 5's fused gate_up_proj (E, 2I, C) = [gate; up] and down_proj (E, C, I)."""
+    out, experts = [], {}  # out: (HF name, llama.cpp name), or (layer,) for its experts;
+    # experts: (layer, part) -> {expert: (I, C) or (C, I)}, or the fused 3-D tensor
+    for hf, t in state.items():
+        if m := _EXPERT.fullmatch(hf):
+            layer, expert, kind = int(m[1]), m[2], m[3]
+            if kind == "gate_up_proj":  # (E, 2I, C) -> gate (E, I, C), up (E, I, C)
+                experts[layer, "gate"], experts[layer, "up"] = t.chunk(2, dim=1)
+            elif expert is None:
+                experts[layer, "down"] = t
+            else:
+                experts.setdefault((layer, _EXPERT_PART[kind]), {})[int(expert)] = t
+            if (layer,) not in out:
+                out.append((layer,))  # where this layer's experts go in the file
+            continue
+        if m := _ROUTER.fullmatch(hf):
+            out.append((hf, f"blk.{m[1]}.ffn_gate_inp.weight"))  # W_r (E, C)
+            continue
+        if not hf.endswith((".weight", ".bias")):
+            raise ExportError(f"{where}: the model still holds non-plain tensors (e.g. {hf}); merge the adapter or "
+                              "dequantize first")
+        out.append((hf, gguf_name(hf, where, arch)))
+    result = []
+    for entry in out:
+        if len(entry) == 2:
+            result.append((entry[0], entry[1], state[entry[0]]))
+            continue
+        for part in ("gate", "up", "down"):
+            t = experts[entry[0], part]
+            t = torch.stack([t[e] for e in sorted(t)]) if isinstance(t, dict) else t  # (E, rows, cols)
+            result.append((f"model.layers.{entry[0]}.experts.{part}", f"blk.{entry[0]}.ffn_{part}_exps.weight", t))
+    return result
 
 
 def _llama_rows(name: str, w: torch.Tensor, config, arch: str) -> torch.Tensor:
@@ -225,10 +274,10 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
     config = model.config
     arch = check_exportable(config, where)
     state = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    extra = [k for k in state if not k.endswith((".weight", ".bias"))]
-    if extra or any(not t.is_floating_point() for t in state.values()):
-        raise ExportError(f"{where}: the model still holds non-plain tensors (e.g. {(extra or list(state))[0]}); "
-                          "merge the adapter or dequantize first")
+    if bad := next((k for k, t in state.items() if not t.is_floating_point()), None):
+        raise ExportError(f"{where}: the model still holds non-plain tensors (e.g. {bad}); merge the adapter or "
+                          "dequantize first")
+    tensors = _gguf_tensors(state, config, arch, where)
     n_rows = state["model.embed_tokens.weight"].shape[0]
     output = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
     w = gguf.GGUFWriter(None, arch)
@@ -258,14 +307,17 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
     if outtype in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tokenizer, config, n_rows, where)
+    if config.num_experts:
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
     types = {}
-    for i, (hf, t) in enumerate(state.items()):
-        target = gguf_name(hf, where, arch)
+    for i, (hf, target, t) in enumerate(tensors):
         t = _llama_rows(hf, t.detach().float().cpu(), config, arch)
         kind = tensor_type(target, t, outtype, output)
         w.add_tensor(target, encode_tensor(t, kind), raw_dtype=kind)
         types[target] = kind.name
-        _status(f"writing tensor {i + 1}/{len(state)} ({outtype})", progress)
+        _status(f"writing tensor {i + 1}/{len(tensors)} ({outtype})", progress)
     _status("\n", progress)
     _write(w, Path(out))
     return types

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED, TEMPLATE, make_checkpoint, write_tokenizer
+from conftest import MIXED, TEMPLATE, fused_copy, make_checkpoint, make_hf_model, write_tokenizer
 from safetensors.torch import load_file
 
 from minicustom import load_model, load_tokenizer
@@ -242,8 +242,10 @@ def test_bad_requests_are_refused_and_nothing_is_written(tmp_path, capsys):
     out.write_bytes(b"keep me")
     refused(capsys, "--model", path, "--out", out, match="--overwrite")
     assert out.read_bytes() == b"keep me"
-    moe = tiny(tmp_path, "mixtral")
-    refused(capsys, "--model", moe, "--out", tmp_path / "x.gguf", match="'mixtral' cannot be exported")
+    moe = tiny(tmp_path, "qwen3moe")  # layer 1 is dense (mlp_only_layers)
+    refused(capsys, "--model", moe, "--out", tmp_path / "x.gguf", match="has dense layers")
+    longrope = tiny(tmp_path, "phi4mini")
+    refused(capsys, "--model", longrope, "--out", tmp_path / "x.gguf", match="rope_scaling 'longrope'")
     yarn = tiny(tmp_path, "qwen3-yarn")
     refused(capsys, "--model", yarn, "--out", tmp_path / "x.gguf", match="rope_scaling 'yarn'")
     # what llama.cpp's gemma3 hard-codes: scores scaled by head_dim^-1/2, every sixth layer global
@@ -324,11 +326,14 @@ LLAMA_CPP_SHAPES = {
     "gemma2": dict(query_pre_attn_scalar=16),
     "gemma3": dict(query_pre_attn_scalar=16, num_hidden_layers=6,
                    layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "qwen3moe": dict(mlp_only_layers=[]),  # llama.cpp's qwen3moe has experts in every layer
+    "mixtral": dict(sliding_window=None),  # llama.cpp runs Mixtral as `llama`, which has no window
 }
 
 
-@pytest.mark.parametrize("family", EXPORTABLE + list(LLAMA_CPP_SHAPES))
-def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family):
+@pytest.mark.parametrize("family, fused", [(f, False) for f in EXPORTABLE + list(LLAMA_CPP_SHAPES)]
+                         + [("qwen3moe", True), ("mixtral", True)])
+def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family, fused):
     """llama.cpp's own forward on the f32 file: every family's names, q/k order, biases, q/k norms, fused
     projections, Gemma's norms, caps and windows as it reads them. Both sides compute in fp32 from the same
     weights (an fp32 K/V cache asked for), so only summation order differs: within 1e-4 of the largest
@@ -337,7 +342,10 @@ def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family):
     are held to half of what the whole table moves the logits."""
     llama_cpp = pytest.importorskip("llama_cpp")
     path = tiny(tmp_path, family, **LLAMA_CPP_SHAPES.get(family, {}))
+    if fused:  # the experts as transformers 5 holds them: 3-D gate_up_proj and down_proj
+        path = fused_copy(path, make_hf_model(family, **LLAMA_CPP_SHAPES[family], vocab_size=400))
     model, tok = load_model(path), load_tokenizer(path)
+    assert model.config.fused_experts == fused
     export_gguf(model, tok, tmp_path / "m.gguf", "f32", progress=False)
     f32 = 0  # GGML_TYPE_F32: the K/V cache in fp32 too (llama.cpp's default f16 rounds K and V)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=2, logits_all=True,
