@@ -20,7 +20,9 @@ Q8_0: llama-quantize keeps it at Q6_K, which the gguf package cannot write. The 
 gguf package's quantizers (`gguf.quants.quantize`), which match llama.cpp's reference C. A matrix whose
 rows are not a whole number of blocks falls back to F16, as convert_hf_to_gguf does.
 
-Supported: every model type the loader has, with byte-level BPE vocabularies and RoPE plain or linear:
+Supported: every model type the loader has, with byte-level BPE vocabularies and RoPE plain, linear, YaRN
+(factor and original context; llama.cpp fixes the rest) or llama3 (on Llama: the `rope_freqs` tensor,
+band i's frequency divided by f_i = inv_freq_i / scaled inv_freq_i, as convert_hf_to_gguf writes it):
 llama, mistral (llama.cpp's `llama`), qwen2, qwen3, phi3 (fused qkv and gate_up as llama.cpp keeps
 them), gemma2 and gemma3 (norms stored as 1 + w, caps and the window in the metadata), qwen3_moe and
 mixtral (`llama` with experts: each layer's experts stacked into ffn_{gate,up,down}_exps (E, ., .), from
@@ -28,7 +30,8 @@ either expert layout). llama.cpp hard-codes parts of some families: Gemma's scor
 head_dim^-1/2, its every 2nd / 6th layer global and local RoPE base of 10000; MoE experts in every layer
 with the top-k weights renormalized. A config that says otherwise is refused rather than exported to
 compute something else. Refused too, each with an error naming it: SentencePiece vocabularies (Gemma's
-and Phi-3's hub tokenizers), llama3/yarn/longrope RoPE scaling. Mistral's sliding window is not carried
+and Phi-3's hub tokenizers), longrope (llama.cpp picks its factors by the context size, transformers by
+the sequence's length). Mistral's sliding window is not carried
 (llama.cpp's llama has none).
 
 The file is written beside `out` and renamed into place: an interrupted export leaves no half file.
@@ -49,6 +52,7 @@ from .files import atomic_write
 from .gguf import LAYER_NAMES, require_gguf
 from .gguf_vocab import PRE_TOKENIZERS
 from .methods.lora_layers import LoraConfig
+from .rope import default_inv_freq, scaled_inv_freq
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
@@ -71,9 +75,15 @@ def check_exportable(config, where) -> str:
         raise ExportError(f"{where}: model_type {config.model_type!r} cannot be exported to GGUF yet; supported: "
                           f"{', '.join(EXPORT_ARCHITECTURES)}")
     scaling = (config.rope_scaling or {}).get("rope_type", "default")
-    if scaling not in ("default", "linear"):
+    if scaling not in ("default", "linear", "yarn") and not (scaling == "llama3" and arch == "llama"):
         raise ExportError(f"{where}: rope_scaling {scaling!r} cannot be exported to GGUF yet (supported: none, "
-                          "linear)")
+                          "linear, yarn, and llama3 on Llama)")
+    extra = {k: v for k, v in (config.rope_scaling or {}).items() if k not in (
+        "rope_type", "type", "factor", "original_max_position_embeddings", "rope_theta")
+        and v is not None and (k, v) not in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True))}
+    if scaling == "yarn" and extra:  # llama.cpp's YaRN: beta 32 / 1, attention scale 0.1 ln(factor) + 1
+        raise ExportError(f"{where}: rope_scaling yarn with {extra} cannot be exported: llama.cpp's YaRN takes the "
+                          "factor and the original context only")
     if config.partial_rotary_factor != 1.0 and arch != "phi3":
         raise ExportError(f"{where}: partial_rotary_factor {config.partial_rotary_factor} cannot be exported")
     if config.num_experts and not (all(config.sparse_layers) and config.norm_topk_prob):
@@ -297,6 +307,10 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
     if (config.rope_scaling or {}).get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_scaling["factor"])
+    if (config.rope_scaling or {}).get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(config.rope_scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(config.rope_scaling["original_max_position_embeddings"])
     if config.sliding_window and arch != "llama":  # llama.cpp's llama has no window (Mistral's is not carried)
         w.add_sliding_window(config.sliding_window)
     if config.attn_logit_softcapping:
@@ -307,6 +321,10 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
     if outtype in ("q8_0", "q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tokenizer, config, n_rows, where)
+    if (config.rope_scaling or {}).get("rope_type") == "llama3":  # llama.cpp divides band i's frequency by f_i
+        plain = default_inv_freq(config.rope_theta, config.rotary_dim)
+        tensors.append(("rope_freqs", "rope_freqs.weight",
+                        plain / scaled_inv_freq(config.rope_theta, config.rotary_dim, config.rope_scaling)[0]))
     if config.num_experts:
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.num_experts_per_tok)

@@ -246,8 +246,9 @@ def test_bad_requests_are_refused_and_nothing_is_written(tmp_path, capsys):
     refused(capsys, "--model", moe, "--out", tmp_path / "x.gguf", match="has dense layers")
     longrope = tiny(tmp_path, "phi4mini")
     refused(capsys, "--model", longrope, "--out", tmp_path / "x.gguf", match="rope_scaling 'longrope'")
-    yarn = tiny(tmp_path, "qwen3-yarn")
-    refused(capsys, "--model", yarn, "--out", tmp_path / "x.gguf", match="rope_scaling 'yarn'")
+    yarn = tiny(tmp_path, "qwen3-yarn", rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0,
+                                                             original_max_position_embeddings=64, attention_factor=1.5))
+    refused(capsys, "--model", yarn, "--out", tmp_path / "x.gguf", match="{'attention_factor': 1.5}")
     # what llama.cpp's gemma3 hard-codes: scores scaled by head_dim^-1/2, every sixth layer global
     gemma = tiny(tmp_path, "gemma3")
     refused(capsys, "--model", gemma, "--out", tmp_path / "x.gguf", match="query_pre_attn_scalar is 20")
@@ -326,6 +327,8 @@ LLAMA_CPP_SHAPES = {
     "gemma2": dict(query_pre_attn_scalar=16),
     "gemma3": dict(query_pre_attn_scalar=16, num_hidden_layers=6,
                    layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "llama3": {},  # its llama3 RoPE as the rope_freqs tensor
+    "qwen3-yarn": {},
     "qwen3moe": dict(mlp_only_layers=[]),  # llama.cpp's qwen3moe has experts in every layer
     "mixtral": dict(sliding_window=None),  # llama.cpp runs Mixtral as `llama`, which has no window
 }
