@@ -5,9 +5,10 @@ convert_hf_to_gguf.py writes for the same checkpoint:
 - the architecture's numbers under `<arch>.*` (context length, widths, heads, RMSNorm eps, RoPE base);
 - llama.cpp's tensor names (blk.N.attn_q.weight, ...). Llama's q and k rows are permuted: llama.cpp's
   `llama` RoPE rotates interleaved (even, odd) pairs, HF's rotate_half the two halves of a head, so each
-  head's rows go from [x0..x(d/2-1), y0..] to [x0, y0, x1, y1, ...]. Qwen2/Qwen3 rotate halves in
-  llama.cpp too (NEOX RoPE): no permutation;
-- the tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE), the pre-tokenizer's llama.cpp name
+  head's rows go from [x0..x(d/2-1), y0..] to [x0, y0, x1, y1, ...] (Mixtral too: it runs as `llama`).
+  The other architectures rotate halves in llama.cpp as well (NEOX RoPE): no permutation;
+- the tokenizer (SentencePiece-style vocabularies: below): `tokenizer.ggml.model = gpt2` (byte-level
+  BPE), the pre-tokenizer's llama.cpp name
   (read from tokenizer.json's regexes), tokens, token types (special added tokens are CONTROL, other
   added ones USER_DEFINED, rows past the vocabulary UNUSED [PADn]), merges, bos/eos/pad ids, whether BOS
   or EOS is added, and the chat template.
@@ -29,8 +30,11 @@ mixtral (`llama` with experts: each layer's experts stacked into ffn_{gate,up,do
 either expert layout). llama.cpp hard-codes parts of some families: Gemma's scores scaled by
 head_dim^-1/2, its every 2nd / 6th layer global and local RoPE base of 10000; MoE experts in every layer
 with the top-k weights renormalized. A config that says otherwise is refused rather than exported to
-compute something else. Refused too, each with an error naming it: SentencePiece vocabularies (Gemma's
-and Phi-3's hub tokenizers), longrope (llama.cpp picks its factors by the context size, transformers by
+compute something else. Vocabularies: byte-level BPE as llama.cpp's "gpt2" (above), and SentencePiece-
+style BPE (byte fallback, "▁" for spaces: Llama 2, Mistral, Gemma, Phi-3) as its "llama": pieces, scores
+-i in the vocabulary's order (the merge order of such a vocabulary), <0xNN> pieces typed BYTE, and
+add_space_prefix when the tokenizer prepends "▁". Refused too, each with an error naming it: other
+tokenizers, longrope (llama.cpp picks its factors by the context size, transformers by
 the sequence's length). Mistral's sliding window is not carried
 (llama.cpp's llama has none).
 
@@ -60,7 +64,7 @@ EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", 
 _SWA_PERIOD = {"gemma2": 2, "gemma3": 6}  # llama.cpp: layer i slides unless i % period == period - 1
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_*
 _GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp's token types
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 
 
 class ExportError(ValueError):
@@ -200,39 +204,69 @@ def pre_tokenizer_name(spec: dict, where) -> str:
     return names[0]
 
 
+def _sentencepiece_style(spec: dict) -> bool | None:
+    """A BPE over "▁"-spaced pieces with byte fallback (SentencePiece's, as HF writes Llama 2's, Mistral's,
+    Gemma's): whether it prepends "▁" to the text (llama.cpp's add_space_prefix); None for another kind."""
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    decoders = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    spaced = any(d.get("type") == "Metaspace" or d.get("type") == "Replace" and d.get("content") == " "
+                 for d in decoders)
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or not spaced:
+        return None
+    steps = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    steps = [t for step in steps for t in (step.get("normalizers") or step.get("pretokenizers") or [step])]
+    return any(t.get("type") == "Prepend" and t.get("prepend") == "▁" or
+               t.get("type") == "Metaspace" and t.get("prepend_scheme", "always") != "never" for t in steps)
+
+
 def vocabulary(tokenizer, n_rows: int, where) -> dict:
-    """The tokenizer.ggml.* values of a byte-level BPE tokenizer whose embedding has n_rows rows."""
+    """The tokenizer.ggml.* values of a tokenizer whose embedding has n_rows rows: byte-level BPE (llama.cpp's
+    "gpt2": tokens, merges, the pre-tokenizer's name), or SentencePiece-style BPE (its "llama": tokens and
+    scores; the merge order is the vocabulary's order, so piece i scores -i, and <0xNN> pieces are BYTE)."""
     spec = json.loads(tokenizer.backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(spec.get("decoder"), dict) or \
-            spec["decoder"].get("type") != "ByteLevel":
-        raise ExportError(f"{where}: only byte-level BPE tokenizers can be exported to GGUF yet (this one is a "
-                          f"{model.get('type')} model with a {(spec.get('decoder') or {}).get('type')} decoder)")
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    prefix = _sentencepiece_style(spec)
+    if prefix is None and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):
+        raise ExportError(f"{where}: only byte-level and SentencePiece-style BPE tokenizers can be exported to GGUF "
+                          f"(this one is a {model.get('type')} model with a {decoder.get('type')} decoder)")
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     if len(vocab) > n_rows or max(vocab.values()) >= n_rows:
         raise ExportError(f"{where}: the tokenizer has ids up to {max(vocab.values())} but the embedding has "
                           f"{n_rows} rows")
     tokens = [f"[PAD{i}]" for i in range(n_rows)]
-    types = [_UNUSED] * n_rows
+    types, scores = [_UNUSED] * n_rows, [0.0] * n_rows
     for token, i in vocab.items():
-        tokens[i], types[i] = token, _NORMAL
+        tokens[i], types[i], scores[i] = token, _NORMAL, float(-i)
+        if prefix is not None and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[i] = _BYTE
     for i, added in tokenizer.backend.get_added_tokens_decoder().items():
         types[i] = _CONTROL if added.special else _USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if prefix is not None and (unk := model.get("unk_token")) in vocab:
+        types[vocab[unk]] = _UNKNOWN
     probe = tokenizer.encode("a", add_special_tokens=True)
     plain = tokenizer.encode("a", add_special_tokens=False)
-    return {"pre": pre_tokenizer_name(spec, where), "tokens": tokens, "types": types, "merges": merges,
-            "add_bos": len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id,
-            "add_eos": len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id}
+    common = {"tokens": tokens, "types": types, "add_bos": len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id,
+              "add_eos": len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id}
+    if prefix is not None:
+        return {"model": "llama", "pre": "default", "scores": scores, "add_space_prefix": prefix,
+                "unk": vocab.get(model.get("unk_token")), **common}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"model": "gpt2", "pre": pre_tokenizer_name(spec, where), "merges": merges, **common}
 
 
 def _add_tokenizer(w, tokenizer, config, n_rows: int, where) -> None:
     v = vocabulary(tokenizer, n_rows, where)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(v["model"])
     w.add_tokenizer_pre(v["pre"])
     w.add_token_list(v["tokens"])
     w.add_token_types(v["types"])
-    w.add_token_merges(v["merges"])
+    if v["model"] == "gpt2":
+        w.add_token_merges(v["merges"])
+    else:
+        w.add_token_scores(v["scores"])
+        w.add_add_space_prefix(v["add_space_prefix"])
+        if v["unk"] is not None:
+            w.add_unk_token_id(v["unk"])
     first = lambda x: x[0] if isinstance(x, list) else x  # noqa: E731  (generation configs list several eos)
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
     ids = {k: i if i is not None else first(getattr(config, f"{k}_token_id")) for k, i in ids.items()}

@@ -341,8 +341,8 @@ def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family, fused):
     projections, Gemma's norms, caps and windows as it reads them. Both sides compute in fp32 from the same
     weights (an fp32 K/V cache asked for), so only summation order differs: within 1e-4 of the largest
     logit. GeGLU families: ggml's GELU reads an f16 table (_ggml_gelu), so they are compared with that
-    emulated; a summation-order difference can still land an input on the neighbouring f16 step, so they
-    are held to half of what the whole table moves the logits."""
+    emulated; summation-order differences upstream still land some inputs on neighbouring f16 steps, so
+    they are held to what the whole table's rounding moves the logits (emulated vs exact GELU)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     path = tiny(tmp_path, family, **LLAMA_CPP_SHAPES.get(family, {}))
     if fused:  # the experts as transformers 5 holds them: 3-D gate_up_proj and down_proj
@@ -365,6 +365,6 @@ def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family, fused):
                 if hasattr(m, "act"):
                     m.act = _ggml_gelu
             ours = model(torch.tensor([ids]))[0]
-            tol = 0.5 * (ours - exact).abs().max().item()
+            tol = (ours - exact).abs().max().item()
     print(f"\n{family}: llama.cpp vs minicustom, max |diff| {(theirs - ours).abs().max():.2e}, tolerance {tol:.2e}")
     torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)

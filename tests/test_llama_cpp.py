@@ -202,3 +202,35 @@ def test_convert_gguf_gives_the_merged_weights_back(exports, tmp_path):
             assert tok2.apply_chat_template(chat, add_generation_prompt=True) == tok.apply_chat_template(
                 chat, add_generation_prompt=True)
         assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_gemma3_270m_exports_with_its_sentencepiece_vocabulary(tmp_path):
+    """The second real model: a SentencePiece-style vocabulary (llama.cpp's "llama" tokenizer, scores from the
+    vocabulary's order, byte pieces, no space prefix). llama.cpp tokenizes as minicustom does, and its greedy
+    tokens and logits (fp32 K/V cache; GeGLU against ggml's f16 GELU table emulated, held to that table's
+    whole effect, as in test_gguf_export) are minicustom's."""
+    from conftest import MIXED
+    from test_gguf_export import _ggml_gelu
+
+    from minicustom.gguf import fetch_demo_model
+
+    path = fetch_demo_model(install=False, name="gemma3-270m")
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    main(["export-gguf", "--model", path, "--out", tmp_path / "g.gguf", "--outtype", "f32"])
+    llm = llama(tmp_path / "g.gguf", logits_all=True, type_k=0, type_v=0)
+    for text in [MIXED[:600], "  two leading spaces\tand a tab", "Ünïcödé café 日本語 🤖"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text)
+    ids = tok.apply_chat_template(CHATS[1], add_generation_prompt=True)
+    assert llama_prompt(llm, CHATS[1]) == ids
+    tokens, scores = llama_greedy(llm, ids, 16)
+    assert tokens == ours_greedy(model, tok, ids, 16)
+    sequence = torch.tensor([ids + tokens])
+    with torch.no_grad():
+        exact = model(sequence)[0]
+        for m in model.modules():
+            if hasattr(m, "act"):
+                m.act = _ggml_gelu
+        emulated = model(sequence)[0]
+    gap, tol = (torch.from_numpy(scores) - emulated).abs().max().item(), (emulated - exact).abs().max().item()
+    print(f"\nGemma 3 270M f32: llama.cpp vs minicustom {gap:.2e} (bound {tol:.2e}), {tok.decode(tokens)!r}")
+    assert gap <= tol
