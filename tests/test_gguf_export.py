@@ -368,3 +368,65 @@ def test_llama_cpp_runs_the_f32_export_of_each_family(tmp_path, family, fused):
             tol = (ours - exact).abs().max().item()
     print(f"\n{family}: llama.cpp vs minicustom, max |diff| {(theirs - ours).abs().max():.2e}, tolerance {tol:.2e}")
     torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)
+
+
+def write_sentencepiece_tokenizer(path):
+    """A Llama-2-style tokenizer.json: BPE over "▁"-spaced pieces with byte fallback (<0x00>..<0xFF> after
+    <unk> <s> </s>), "▁" prepended and spaces replaced by the normalizer, BOS added; its merges are every
+    split of a piece into two pieces ranked by the piece's place, as SentencePiece vocabularies convert."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer_tok.train_from_iterator([MIXED[:2000]] * 3, trainers.BpeTrainer(vocab_size=380, special_tokens=[]))
+    learned = sorted(trainer_tok.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [t for t, _ in learned if t not in pieces]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    merges = sorted((rank, -i, t[:i], t[i:]) for t, rank in vocab.items() if not t.startswith("<")
+                    for i in range(1, len(t)) if t[:i] in vocab and t[i:] in vocab)
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        '{"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}')
+    return len(pieces)
+
+
+@pytest.mark.parametrize("family", ["llama-bias", "phi3"])
+def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_minicustom(tmp_path, family):
+    """Llama 2's and Phi-3's kind of vocabulary (space prefix, byte pieces), written as llama.cpp's "llama"
+    tokenizer: the same ids for mixed text (bytes outside the pieces included), and the same logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path, _ = make_checkpoint(tmp_path / family, family, vocab_size=640)
+    n = write_sentencepiece_tokenizer(path)
+    model, tok = load_model(path), load_tokenizer(path)
+    assert n <= 640 and tok.encode("日本語")[1:4] != [0, 0, 0]  # unknown characters fall back to byte pieces
+    export_gguf(model, tok, tmp_path / "m.gguf", "f32", progress=False)
+    reader, _ = tensors(tmp_path / "m.gguf")
+    assert field(reader, "tokenizer.ggml.model") == "llama" and field(reader, "tokenizer.ggml.add_space_prefix")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)
+    for text in MIXED.split("\n")[:6] + ["  two spaces", "tab\there", "Ünïcödé 日本語 🤖"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok.encode(text), text
+    ids = tok.encode(MIXED[:150])
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
