@@ -38,3 +38,12 @@ def test_event_scalars_equal_metrics_jsonl(setup, tmp_path):
 def test_an_unknown_log_is_refused():
     with pytest.raises(ValueError, match="log must be jsonl or tensorboard"):
         TrainConfig(log="wandb")
+
+
+def test_without_tensorboard_the_run_is_refused_before_anything_loads(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        TrainConfig(log="tensorboard")

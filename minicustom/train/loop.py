@@ -22,6 +22,7 @@ Left out: mixed-precision autocast, tensor/pipeline parallelism, sequence parall
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -88,6 +89,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.log not in ("jsonl", "tensorboard"):
             raise ValueError(f"log must be jsonl or tensorboard, got {self.log!r}")
+        if self.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # before any model loads
+            raise ImportError("log='tensorboard' needs the tensorboard package: pip install tensorboard (or pip "
+                              "install minicustom[tensorboard])")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
@@ -445,11 +449,8 @@ def _steps(job: Run, on_step) -> list[dict]:
 def _board(folder: Path, step: int):
     """A TensorBoard writer into `folder`; a resumed run hides what its first run logged past `step`
     (purge_step), so the curve continues from the checkpoint as metrics.jsonl does."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ImportError("log='tensorboard' needs the tensorboard package: pip install tensorboard (or "
-                          "pip install minicustom[tensorboard])") from None
+    from torch.utils.tensorboard import SummaryWriter  # TrainConfig checked that tensorboard is installed
+
     return SummaryWriter(str(folder), purge_step=step + 1 if step else None)
 
 
