@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .argtypes import COUNT
+from .argtypes import COUNT, checked
 from .cli_common import add_model_args, check_out, load, model_path
 from .config import ModelConfig
 from .files import atomic_write, read_json
@@ -128,7 +128,8 @@ def add_serve(sub):
                        "/v1/models")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=checked(int, lambda v: 0 <= v <= 65535, "from 0 to 65535"), default=8000,
+                   help="0: any free port (the one taken is printed)")
     p.add_argument("--name", help="the model id clients send (default: the model folder's name)")
     p.add_argument("--queue", type=COUNT, default=16, help="requests waiting at most; more get 503")
     p.add_argument("--max-tokens", type=COUNT, default=512, help="the most tokens one request may generate")
