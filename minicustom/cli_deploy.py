@@ -6,9 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from .argtypes import COUNT, checked
 from .cli_common import add_model_args, check_out, load, model_path
 from .config import ModelConfig
@@ -17,7 +14,7 @@ from .gguf_export import OUTTYPES, export_gguf, export_lora_gguf, modelfile
 from .methods import adapter_configs, merge_adapter
 from .methods.qlora import merge_4bit
 from .methods.registry import method_for
-from .quant.linear4bit import Linear4bit
+from .quant.linear4bit import Linear4bit, dequantize_model
 from .serve import Engine, make_server
 
 
@@ -35,19 +32,6 @@ def merged(model, adapter, requantize: bool = False):
                   f"max abs {report['max_abs_error']:.3g}", file=sys.stderr)
         return model
     return merge_adapter(model)
-
-
-def _dequantized(model):
-    """Every remaining 4-bit linear as a plain nn.Linear holding its dequantized weights."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, Linear4bit):
-            W = m.dequantize(torch.float32)
-            linear = nn.Linear(W.shape[1], W.shape[0], bias=m.bias is not None)
-            linear.weight.data.copy_(W)
-            if m.bias is not None:
-                linear.bias.data.copy_(m.bias.float())
-            model.set_submodule(name, linear)
-    return model
 
 
 def _check_target(path: Path, overwrite: bool, what: str):
@@ -80,7 +64,7 @@ def cmd_export_gguf(args):
     model, tokenizer = load(args)
     if args.adapter:
         model = merged(model, args.adapter)
-    model = _dequantized(model).float()
+    model = dequantize_model(model).float()  # what a 4-bit base still holds
     text, note = modelfile(tokenizer, f"./{out.name}", args.system) if args.ollama else ("", "")
     types = export_gguf(model, tokenizer, out, args.outtype, name=args.name or model_path(args).name)
     counts = {}

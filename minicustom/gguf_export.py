@@ -169,7 +169,7 @@ def _gguf_tensors(state: dict, config, arch: str, where) -> list[tuple[str, str,
     return result
 
 
-def _llama_rows(name: str, w: torch.Tensor, config, arch: str) -> torch.Tensor:
+def _as_llama_cpp(name: str, w: torch.Tensor, config, arch: str) -> torch.Tensor:
     """A tensor as llama.cpp's `arch` holds it: Llama's q/k rows interleaved; Gemma's norms as 1 + w (its
     RMSNorm multiplies by the stored weight)."""
     if config.norm_plus_one and name.endswith("norm.weight"):
@@ -365,7 +365,7 @@ def export_gguf(model, tokenizer, out, outtype: str = "f16", *, name: str | None
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
     types = {}
     for i, (hf, target, t) in enumerate(tensors):
-        t = _llama_rows(hf, t.detach().float().cpu(), config, arch)
+        t = _as_llama_cpp(hf, t.detach().float().cpu(), config, arch)
         kind = tensor_type(target, t, outtype, output)
         w.add_tensor(target, encode_tensor(t, kind), raw_dtype=kind)
         types[target] = kind.name
@@ -441,7 +441,7 @@ def export_lora_gguf(adapter_dir, config, out, *, where="--adapter") -> dict:
         rank = ab["A"].shape[0]
         scale = lora.scaling(*lora.rank_alpha(module))  # what minicustom and PEFT multiply B A by
         b = ab["B"] if scale == written / rank else ab["B"] * (scale * rank / written)
-        b = _llama_rows(module + ".weight", b, config, arch)
+        b = _as_llama_cpp(module + ".weight", b, config, arch)
         w.add_tensor(f"{target}.lora_a", ab["A"].contiguous().numpy())
         w.add_tensor(f"{target}.lora_b", b.contiguous().numpy())
     if not pairs:

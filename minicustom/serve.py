@@ -239,12 +239,11 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(e.status, e.body())
 
     def do_GET(self):
+        card = {"id": self.engine.name, "object": "model", "created": self.engine.created, "owned_by": "minicustom"}
         if self.path.rstrip("/") == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [
-                {"id": self.engine.name, "object": "model", "created": self.engine.created, "owned_by": "minicustom"}]})
+            self._send_json(200, {"object": "list", "data": [card]})
         elif self.path.rstrip("/") == f"/v1/models/{self.engine.name}":
-            self._send_json(200, {"id": self.engine.name, "object": "model", "created": self.engine.created,
-                                  "owned_by": "minicustom"})
+            self._send_json(200, card)
         else:
             self._error(RequestError(f"no such endpoint: GET {self.path}", status=404, code="not_found"))
 

@@ -430,3 +430,18 @@ def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_minicustom(tmp_path, 
         ours = model(torch.tensor([ids]))[0]
     theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
+
+
+def test_a_4bit_model_exports_its_dequantized_weights(tmp_path):
+    """--quantize nf4 with no adapter: what the file holds is each 4-bit layer's dequantized weight."""
+    from minicustom.quant.linear4bit import Linear4bit
+
+    path = tiny(tmp_path, "llama-bias")
+    four = load_model(path, quantize="nf4")
+    expected = {f"{n}.weight": m.dequantize(torch.float32) for n, m in four.named_modules() if isinstance(m, Linear4bit)}
+    assert expected
+    main(["export-gguf", "--model", path, "--quantize", "nf4", "--out", tmp_path / "m.gguf", "--outtype", "f32"])
+    back = load_file(convert_gguf(tmp_path / "m.gguf", tmp_path / "back", progress=False) / "model.safetensors")
+    for name, w in expected.items():
+        assert torch.equal(back[name], w), name
+    assert torch.equal(back["model.layers.0.self_attn.q_proj.bias"], four.state_dict()["model.layers.0.self_attn.q_proj.bias"])

@@ -152,6 +152,20 @@ def quantize_model(model: nn.Module, targets="all-linear", blocksize: int = 64, 
     return model
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """quantize_model's inverse, in place: every Linear4bit becomes an nn.Linear holding its dequantized
+    weight (and its bias) in `dtype`."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.state.packed.device,
+                           dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(m.dequantize(dtype))
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+        model.set_submodule(name, linear.requires_grad_(False))
+    return model
+
+
 def quantization_config(model: nn.Module) -> dict | None:
     """The `quantization_config` entry of config.json that transformers reads, or None if nothing is 4-bit."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
