@@ -1,4 +1,4 @@
-"""LoRA / QLoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (fp32, CPU or CUDA).
+"""LoRA / QLoRA SFT training step, minicustom vs transformers + peft, on SmolLM2-135M-Instruct (CPU or CUDA).
 
 The step: LoRA r=8, alpha=16 on all 7 linear projections of every layer, a batch of 4 x 256 tokens,
 forward, backward, AdamW. Two workloads over the same ids and labels for both libraries:
@@ -17,6 +17,12 @@ a warm-up step; the median step time gives tokens/s, and the ratio is the median
 neighbouring runs' ratio. "train mem" is the peak RSS minus the RSS after
 loading the model and attaching LoRA: what the training step itself adds.
 
+`--precision bf16` (or fp16 on CUDA) trains in mixed precision: minicustom through its trainer's own path
+(minicustom.precision: the frozen base stored in bf16, autocast, fp32 adapters), transformers+peft with its
+fp32 model under `torch.autocast`, as its Trainer does with bf16=True. The peer is then also measured in
+fp32, in the same rounds, and each row gives both ratios. The first losses of the two libraries must agree
+(1e-3 relative in fp32; 1e-2 in bf16, whose logits each carry up to 2^-8 relative rounding).
+
 On CUDA (`--device cuda`, run by scripts/gpu_check.sh) the Linear4bit layers run minicustom's Triton kernels,
 times are taken after torch.cuda.synchronize(), and the memory columns are torch.cuda.max_memory_allocated
 (peak) and that peak minus what was allocated after loading ("train mem"). Where the demo model is not
@@ -26,7 +32,7 @@ costs the same, only the first loss is meaningless. A peer that cannot be import
 QLoRA) is reported as such and minicustom is measured alone.
 
     python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR|random] [--device cpu|cuda]
-                                   [--rounds 2] [--steps 3] [--threads 2]
+                                   [--precision fp32|bf16|fp16] [--rounds 2] [--steps 3] [--threads 2]
 """
 
 import argparse
@@ -107,7 +113,9 @@ def batch(path, workload):
     return ids, labels
 
 
-def worker(library, workload, path, model_path, steps, threads, device):
+def worker(library, workload, path, model_path, steps, threads, device, precision):
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
@@ -120,12 +128,15 @@ def worker(library, workload, path, model_path, steps, threads, device):
 
     if library == "minicustom":
         import minicustom as mc
+        from minicustom.precision import DTYPES, store_frozen
         from minicustom.train.loop import accumulate_gradients
         from minicustom.train.sft import SFTLoss
 
         model = mc.load_model(model_path, device=device)
         mc.apply_lora(model, r=8, alpha=16, targets=TARGETS, verbose=False)
         model.train()
+        if precision != "fp32":
+            store_frozen(model, DTYPES[precision])  # as train.loop.run does
         wrapper = SFTLoss(model, chunk=512)
 
         def loss_backward():
@@ -146,7 +157,9 @@ def worker(library, workload, path, model_path, steps, threads, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        loss = loss_backward()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # fp16: no loss scaler, timing only
+        with torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext():
+            loss = loss_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -177,10 +190,12 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(*args.worker[:2], args.model, args.worker[2], args.steps, args.threads, args.device)
+        return worker(*args.worker[:2], args.model, args.worker[2], args.steps, args.threads, args.device,
+                      args.worker[3])
 
     import tempfile
 
@@ -213,41 +228,59 @@ def main():
         print(f"# {mc.memory_report(model)}")
         del model
 
+    from minicustom.precision import cpu_flags
+
+    P = args.precision
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
-             f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+             f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}; bf16 "
+             f"matmul units: {' '.join(sorted(cpu_flags() & {'avx512_bf16', 'amx_bf16'})) or 'none'}), "
              f"{args.threads} threads")
     print(f"# {path}{' (random weights)' if (Path(path) / 'RANDOM').exists() else ''}\n# {where}, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, fp32, "
+          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, precision {P}, "
           f"{args.method} r=8 on 7 projections, batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
-    print("| workload | trained tokens | minicustom tokens/s | transformers+peft tokens/s | ratio | "
-          "minicustom peak / train mem (MB) | transformers+peft peak / train mem (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    baseline = P != "fp32" and bool(peers)  # the peer in fp32 too, for minicustom-in-P vs peer-in-fp32
+    print(f"| workload | trained tokens | minicustom {P} tokens/s | transformers+peft {P} tokens/s | ratio | "
+          + (f"transformers+peft fp32 tokens/s | minicustom {P} / peer fp32 | " if baseline else "")
+          + "minicustom peak / train mem (MB) | transformers+peft peak / train mem (MB) | peak ratio |")
+    print("|---|---|---|---|---|" + ("---|---|" if baseline else "") + "---|---|---|")
     for workload in ("chat", "all"):
-        runs = {library: [] for library in ["minicustom", *peers]}
+        kinds = [("minicustom", P)] + [(peer, P) for peer in peers] + ([("transformers", "fp32")] if baseline else [])
+        runs = {kind: [] for kind in kinds}
         for _ in range(args.rounds):
-            for library in runs:
-                cmd = [sys.executable, __file__, "--worker", library, workload, model_path, "--model", path,
+            for library, precision in runs:
+                cmd = [sys.executable, __file__, "--worker", library, workload, model_path, precision, "--model", path,
                        "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                runs[library].append(json.loads(out.strip().splitlines()[-1]))
-        ours = runs["minicustom"]
+                runs[library, precision].append(json.loads(out.strip().splitlines()[-1]))
+        ours = runs["minicustom", P]
+        mem = lambda x: (max(r["peak_mb"] for r in x), max(r["train_mb"] for r in x))  # noqa: E731
+        a = B * T / statistics.median(r["median_s"] for r in ours)
         if not peers:
-            a = B * T / statistics.median(r["median_s"] for r in ours)
             print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | not measured | - | "
-                  f"{max(r['peak_mb'] for r in ours):,.0f} / {max(r['train_mb'] for r in ours):,.0f} | - |")
+                  f"{mem(ours)[0]:,.0f} / {mem(ours)[1]:,.0f} | - | - |")
             continue
-        theirs = runs["transformers"]
-        if abs(ours[0]["first_loss"] - theirs[0]["first_loss"]) > 1e-3 * abs(theirs[0]["first_loss"]):
+        theirs = runs["transformers", P]
+        tolerance = 1e-3 if P == "fp32" else 1e-2
+        if abs(ours[0]["first_loss"] - theirs[0]["first_loss"]) > tolerance * abs(theirs[0]["first_loss"]):
             raise SystemExit(f"the two libraries disagree on the loss: {ours[0]['first_loss']} vs "
                              f"{theirs[0]['first_loss']}")
-        a = B * T / statistics.median(r["median_s"] for r in ours)
-        b = B * T / statistics.median(r["median_s"] for r in theirs)
-        # the ratio of each round's neighbouring runs, then the median: robust to the machine's speed
-        # drifting over minutes (a shared host), which moves both libraries' figures between rounds
-        ratio = statistics.median(t["median_s"] / o["median_s"] for o, t in zip(ours, theirs))
-        mem = [(max(r["peak_mb"] for r in x), max(r["train_mb"] for r in x)) for x in (ours, theirs)]
-        print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {b:,.0f} | {ratio:.2f}x | "
-              f"{mem[0][0]:,.0f} / {mem[0][1]:,.0f} | {mem[1][0]:,.0f} / {mem[1][1]:,.0f} |", flush=True)
+
+        def speed(runs_):
+            return B * T / statistics.median(r["median_s"] for r in runs_)
+
+        def ratio(other, ours=ours):
+            # the ratio of each round's neighbouring runs, then the median: robust to the machine's speed
+            # drifting over minutes (a shared host), which moves both libraries' figures between rounds
+            return statistics.median(t["median_s"] / o["median_s"] for o, t in zip(ours, other))
+
+        extra = ""
+        if baseline:
+            fp32 = runs["transformers", "fp32"]
+            extra = f"{speed(fp32):,.0f} | {ratio(fp32):.2f}x | "
+        (m0, t0), (m1, t1) = mem(ours), mem(theirs)
+        print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {speed(theirs):,.0f} | "
+              f"{ratio(theirs):.2f}x | {extra}{m0:,.0f} / {t0:,.0f} | {m1:,.0f} / {t1:,.0f} | {m0 / m1:.2f} |",
+              flush=True)
     if model_path != path:
         import shutil
 

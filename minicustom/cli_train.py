@@ -60,7 +60,7 @@ def train_options(args, default_lr: float) -> dict:
                 max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                 max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
                 gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, log_every=args.log_every,
-                eval_every=args.eval_every, save_every=args.save_every, log=args.log)
+                eval_every=args.eval_every, save_every=args.save_every, log=args.log, precision=args.precision)
 
 
 def method_options(args, method: Method, rank: int) -> dict:
@@ -276,6 +276,10 @@ def add_method_args(p, lr_help: str):
     p.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this; "
                    "0 = no clipping")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
+                   help="bf16/fp16: mixed precision (matmuls in 16 bits, trained weights, norms and the loss in "
+                   "fp32; fp16 needs CUDA); auto: bf16 where the GPU or CPU runs it fast (AVX512-BF16 or AMX), "
+                   "else fp32. The model must be loaded in float32")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=COUNT, default=1)
     p.add_argument("--log", choices=["jsonl", "tensorboard"], default="jsonl",

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import compute_dtype
+
 IGNORE = -100
 
 
@@ -43,38 +45,42 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, y, chunk: int):
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = compute_dtype(h)  # the matmuls' dtype: autocast's under mixed precision, else h's
+        h_dtype, W_dtype, h, W = h.dtype, W.dtype, h.to(dtype), W.to(dtype)
         grad_h = torch.empty_like(h) if need_h else None
         grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_W else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # one (N_c, V) fp32 buffer for every chunk: a fresh 50 MB tensor per chunk costs page faults on CPU
         z_buf = torch.empty((min(chunk, h.shape[0]), W.shape[0]), dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            hc, yc = h[i:i + chunk], y[i:i + chunk]
-            z = z_buf[:hc.shape[0]]
-            if h.dtype == torch.float32:
-                torch.mm(hc, W.T, out=z)  # (N_c, V) logits
-            else:
-                z.copy_(hc @ W.T)  # half-precision matmul, fp32 softmax
-            # log-softmax in place, row by row (each row's max and sum are read before it is written)
-            torch.ops.aten._log_softmax.out(z, 1, False, out=z)
-            total -= z.gather(1, yc[:, None]).sum()  # - log p(y)
-            if need_h or need_W:
-                dz = z.exp_()  # softmax
-                dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0  # d loss / d z = p - onehot(y)
-                dz = dz.to(h.dtype)
-                if need_h:
-                    torch.mm(dz, W, out=grad_h[i:i + chunk])  # (N_c, C)
-                if need_W:
-                    grad_W.addmm_(dz.T.float(), hc.float())  # (V, C)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                hc, yc = h[i:i + chunk], y[i:i + chunk]
+                z = z_buf[:hc.shape[0]]
+                if dtype == torch.float32:
+                    torch.mm(hc, W.T, out=z)  # (N_c, V) logits
+                else:
+                    z.copy_(hc @ W.T)  # half-precision matmul, fp32 softmax
+                # log-softmax in place, row by row (each row's max and sum are read before it is written)
+                torch.ops.aten._log_softmax.out(z, 1, False, out=z)
+                total -= z.gather(1, yc[:, None]).sum()  # - log p(y)
+                if need_h or need_W:
+                    dz = z.exp_()  # softmax
+                    dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0  # d loss / d z = p - onehot(y)
+                    dz = dz.to(dtype)
+                    if need_h:
+                        torch.mm(dz, W, out=grad_h[i:i + chunk])  # (N_c, C)
+                    if need_W:
+                        grad_W.addmm_(dz.T.float(), hc.float())  # (V, C), in fp32
         ctx.save_for_backward(grad_h, grad_W)
-        ctx.W_dtype = W.dtype
+        ctx.dtypes = h_dtype, W_dtype
         return total
 
     @staticmethod
     def backward(ctx, g):
         grad_h, grad_W = ctx.saved_tensors
-        return (grad_h * g if grad_h is not None else None,
-                (grad_W * g).to(ctx.W_dtype) if grad_W is not None else None, None, None)
+        h_dtype, W_dtype = ctx.dtypes
+        return ((grad_h * g).to(h_dtype) if grad_h is not None else None,
+                (grad_W * g).to(W_dtype) if grad_W is not None else None, None, None)
 
 
 def trained_positions(hidden, labels):

@@ -259,6 +259,8 @@ class Decoder(nn.Module):
 
     def embed(self, input_ids):
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # mixed precision (precision.py): the residual stream stays fp32
         return x if self.embed_scale is None else x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
 

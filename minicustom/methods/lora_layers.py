@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..moe import FusedExperts, swiglu
+from ..precision import compute_dtype
 from ..quant.linear4bit import Linear4bit
 from .base import AdapterLayer, LinearAdapterLayer, layer_index
 
@@ -81,26 +82,33 @@ class _LoRAProduct(torch.autograd.Function):
     and dL/d(x A^T) = s g B as (N, out) @ (out, r): both write an r-wide output, which CPU BLAS runs at a few
     GFLOPS. The same sums taken as ((x A^T)^T g)^T and (B^T g^T)^T write wide outputs and run 2-4x faster
     (about 5% of a LoRA training step on CPU). Only the order of the additions over the N rows changes.
+
+    Under autocast (precision.py) the operands are cast to its dtype first, as autocast casts those of a
+    built-in linear: the product and the output are bf16, the gradients of A and B come back in their own
+    (fp32 master) dtype.
     """
 
     @staticmethod
     def forward(ctx, y, x, A, B, s: float):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xa = x2 @ A.T  # (N, r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=s)  # (N, out)
-        ctx.save_for_backward(x2, xa, A, B)
-        ctx.s, ctx.x_shape = s, x.shape
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2, A_, B_ = x.reshape(-1, x.shape[-1]).to(dtype), A.to(dtype), B.to(dtype)  # (N, in), (r, in), (out, r)
+            xa = x2 @ A_.T  # (N, r)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]).to(dtype), xa, B_.T, alpha=s)  # (N, out)
+        ctx.save_for_backward(x2, xa, A_, B_)
+        ctx.s, ctx.x_shape, ctx.dtypes = s, x.shape, (y.dtype, x.dtype, A.dtype, B.dtype)
         return out.view(*y.shape)
 
     @staticmethod
     def backward(ctx, g):
         x2, xa, A, B = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        y_dtype, x_dtype, A_dtype, B_dtype = ctx.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).to(xa.dtype)  # (N, out)
         g_xa = (B.T @ g2.T).T * ctx.s  # (N, r) = s g B
-        grad_x = (g_xa @ A).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        grad_A = g_xa.T @ x2 if ctx.needs_input_grad[2] else None  # (r, in)
-        grad_B = (xa.T @ g2).T * ctx.s if ctx.needs_input_grad[3] else None  # (out, r) = s g^T (x A^T)
-        return g, grad_x, grad_A, grad_B, None
+        grad_x = (g_xa @ A).view(ctx.x_shape).to(x_dtype) if ctx.needs_input_grad[1] else None
+        grad_A = (g_xa.T @ x2).to(A_dtype) if ctx.needs_input_grad[2] else None  # (r, in)
+        grad_B = ((xa.T @ g2).T * ctx.s).to(B_dtype) if ctx.needs_input_grad[3] else None  # (out, r) = s g^T (x A^T)
+        return g.to(y_dtype), grad_x, grad_A, grad_B, None
 
 
 class LoRALinear(LinearAdapterLayer):
@@ -160,8 +168,10 @@ class LoRALinear(LinearAdapterLayer):
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
 
     def _row_norm(self, name: str) -> torch.Tensor:
-        """||W0 + s B A|| over each output row (out,), detached (DoRA §4.3)."""
-        return torch.linalg.norm(self.base_weight() + self.delta(name).detach(), dim=1).detach()
+        """||W0 + s B A|| over each output row (out,), detached (DoRA §4.3); in the master weights' dtype even
+        under autocast (a bf16 B A would round the norm)."""
+        with torch.no_grad(), torch.autocast(self.lora_A[name].weight.device.type, enabled=False):
+            return torch.linalg.norm(self.base_weight() + self.delta(name), dim=1)
 
     def forward(self, x):
         y = self.base_forward(x)

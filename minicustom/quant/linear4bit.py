@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import compute_dtype
 from . import nf4
 
 FUSED_MAX_ROWS = 64  # the fused dequant+matmul kernel serves up to this many tokens; above, dequant + GEMM
@@ -100,7 +101,8 @@ class Linear4bit(nn.Module):
         return dequantize(self.state, dtype or self.compute_dtype)
 
     def forward(self, x):
-        y = _Linear4bitFunction.apply(x.to(self.compute_dtype), self.state, *self.state.tensors())
+        dtype = compute_dtype(x, self.compute_dtype)  # autocast's dtype under mixed precision
+        y = _Linear4bitFunction.apply(x.to(dtype), self.state, *self.state.tensors())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -16,7 +16,10 @@ temporary folder that is renamed when complete, by default every tenth of the ru
 killed or Ctrl-C'd run resumes onto the same loss curve, and a resume with another model or other data is
 refused. Several processes: DDP for adapters (only the trainable tensors are all-reduced), FSDP2
 (`fully_shard` per block) for full fine-tuning; gloo on CPU, nccl on CUDA.
-Left out: mixed-precision autocast, tensor/pipeline parallelism, sequence parallelism.
+Mixed precision (precision.py): with precision bf16 (or fp16 on CUDA) the whole run, evaluation and
+rollouts included, is under autocast, the frozen base stored in bf16 where that is exact and put back at
+the end; fp16 scales the loss (GradScaler) and skips a step whose gradients overflowed.
+Left out: tensor/pipeline parallelism, sequence parallelism.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..files import atomic_write
 from ..methods import lora_plus_param_groups
 from ..model import eval_mode
 from ..plot import write_loss_chart
+from ..precision import PRECISIONS, Precision, autocast, resolve, restore_frozen, store_frozen
 from ..progress import Progress
 from .state import (
     Interrupted,
@@ -85,8 +89,11 @@ class TrainConfig:
     loss_chunk: int = 512
     router_aux_loss_coef: float | None = None  # MoE load balancing (SFT); None: the model config's, as transformers
     log: str = "jsonl"  # metrics.jsonl always; "tensorboard" also writes the same scalars under out/tensorboard
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA) | auto: mixed precision, see precision.py
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.log not in ("jsonl", "tensorboard"):
             raise ValueError(f"log must be jsonl or tensorboard, got {self.log!r}")
         if self.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # before any model loads
@@ -209,11 +216,13 @@ def evaluate_objective(task, model: nn.Module, wrapper: nn.Module, full: bool) -
 # -- gradients ----------------------------------------------------------------------------------------
 
 def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: int = 1,
-                         weight: Callable[[dict], int] = trained_tokens) -> tuple[float, int, int, dict]:
+                         weight: Callable[[dict], int] = trained_tokens, scaler=None
+                         ) -> tuple[float, int, int, dict]:
     """Backward over the micro-batches of one step (this process's share); returns (mean loss per unit of
     weight over all processes, total weight, tokens, the wrapper's statistics summed and divided by the
     weight). The weight is the trained tokens for SFT, the pairs for DPO: each micro-batch's summed loss
-    is divided by the step's total weight, so the gradients are those of one batch holding them all."""
+    is divided by the step's total weight, so the gradients are those of one batch holding them all.
+    With an fp16 gradient `scaler`, what is backpropagated is scaled by it (the loss returned is not)."""
     counts = torch.tensor([sum(weight(b) for b in micros), sum(b["input_ids"].numel() for b in micros)],
                           dtype=torch.float64)
     if world > 1:
@@ -225,7 +234,8 @@ def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: 
         last = m == len(micros) - 1
         with wrapper.no_sync() if hasattr(wrapper, "no_sync") and not last else contextlib.nullcontext():
             s, st = wrapper(**batch)
-            (s * (world / max(n_weight, 1))).backward()
+            term = s * (world / max(n_weight, 1))
+            (scaler.scale(term) if scaler is not None else term).backward()
         loss_sum += s.detach().double().cpu()
         for k, v in st.items():
             stats[k] = stats.get(k, 0.0) + v.detach().double().cpu()
@@ -276,6 +286,7 @@ class Run:
     device: torch.device
     progress: Progress | None = None
     board: object = None  # a torch.utils.tensorboard SummaryWriter with log="tensorboard" (process 0)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
     @property
     def config(self) -> TrainConfig:
@@ -290,7 +301,8 @@ class Run:
             print(text, file=sys.stderr)
 
 
-def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_files, options) -> Run:
+def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_files, options,
+          precision: Precision | None = None) -> Run:
     """Check that there is something to train, find the checkpoint to resume from (refusing another run's),
     build the optimizer, restore its state, and evaluate the starting point of a new run."""
     config, out = task.config, Path(out)
@@ -318,6 +330,8 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
         group["peak_lr"] = group["lr"]
     device = next(p for p in model.parameters() if p.requires_grad).device
     job = Run(task, model, wrapper, optimizer, out, identity, [], 0, total, per_epoch, full, rank, world, device)
+    if precision is not None and precision.name == "fp16":
+        job.scaler = torch.amp.GradScaler(device.type)
     if rank == 0:
         job.folder.mkdir(parents=True, exist_ok=True)
         remove_partial_saves(job.folder, job.say)
@@ -348,17 +362,25 @@ def train_step(job: Run, units: list[int]) -> dict:
     for group in job.optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_factor(job.step, job.total, config)
     micros = step_batches(job.task, units, config, job.rank, job.world)
-    loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world, job.task.weight)
+    loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world, job.task.weight,
+                                                           job.scaler)
     if hasattr(job.task, "step_metrics"):  # metrics that are ratios of the step's sums (KTO's per-label means)
         stats = job.task.step_metrics(stats)
+    if job.scaler is not None:
+        stats["loss_scale"] = job.scaler.get_scale()
+        job.scaler.unscale_(job.optimizer)
     grad_norm = _clip(job.model, config.max_grad_norm)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    if not math.isfinite(loss) or not (math.isfinite(grad_norm) or job.scaler is not None):
         latest = job.folder / "latest"
         kept = job.folder / latest.read_text().strip() if latest.exists() else "none yet"
         raise TrainingError(f"the loss is {loss} (gradient norm {grad_norm}) at step {job.step + 1}; the weights "
                             f"were not updated. Last good checkpoint: {kept}. Lower the learning rate, check the "
                             "data, or train in float32.")
-    job.optimizer.step()
+    if job.scaler is not None:  # an overflow (inf gradient) skips the step and halves the scale
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+    else:
+        job.optimizer.step()
     job.optimizer.zero_grad(set_to_none=True)
     job.step += 1
     seconds = time.perf_counter() - t0
@@ -406,19 +428,32 @@ def run(task: Task, model: nn.Module, out: str | Path, *, resume: bool = False,
     sft.train for the folder it writes). Ctrl-C stops at the next step boundary, saves a checkpoint and
     raises Interrupted (a KeyboardInterrupt)."""
     made = [d for d in (Path(out), Path(out) / "checkpoints") if not d.exists()]
-    job = setup(task, model, out, resume, data_files, options)
+    device = next(model.parameters()).device
+    chosen = resolve(task.config.precision, device)
+    if task.config.precision != "fp32" and rank_and_world()[0] == 0:
+        print(f"precision: {chosen.name} ({chosen.reason})", file=sys.stderr)
+    if chosen.mixed and (low := next((n for n, p in model.named_parameters()
+                                      if p.requires_grad and p.dtype != torch.float32), None)):
+        raise TrainingError(f"precision {chosen.name} keeps the trained weights in float32 (master weights), but "
+                            f"{low} is {model.get_parameter(low).dtype}: load the model in float32")
+    moved = store_frozen(model, chosen.dtype) if chosen.mixed else {}
     try:
-        return _steps(job, on_step)
-    except TrainingError:
-        if job.rank == 0 and not (job.folder / "latest").exists():  # a new run that kept nothing: leave no trace
-            (job.out / "metrics.jsonl").unlink(missing_ok=True)
-            for folder in reversed(made):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        raise
+        with autocast(chosen, device):
+            job = setup(task, model, out, resume, data_files, options, chosen)
+            try:
+                return _steps(job, on_step)
+            except TrainingError:
+                if job.rank == 0 and not (job.folder / "latest").exists():  # a new run that kept nothing: no trace
+                    (job.out / "metrics.jsonl").unlink(missing_ok=True)
+                    for folder in reversed(made):
+                        with contextlib.suppress(OSError):
+                            folder.rmdir()
+                raise
+            finally:
+                if job.board is not None:
+                    job.board.close()
     finally:
-        if job.board is not None:
-            job.board.close()
+        restore_frozen(model, moved)
 
 
 def _steps(job: Run, on_step) -> list[dict]:
