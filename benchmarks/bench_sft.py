@@ -157,8 +157,10 @@ def worker(library, workload, path, model_path, steps, threads, device, precisio
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # fp16: no loss scaler, timing only
-        with torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext():
+        from minicustom.precision import DTYPES
+
+        mixed = precision != "fp32"  # fp16: no loss scaler, timing only
+        with torch.autocast(device.split(":")[0], dtype=DTYPES[precision]) if mixed else contextlib.nullcontext():
             loss = loss_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
