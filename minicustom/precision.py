@@ -4,9 +4,10 @@
         chunked loss) takes bf16 operands and accumulates in fp32; its output is bf16
     kept in fp32: the trainable weights and AdamW's moments (master weights), the residual stream, the
         norms, the softmax of the loss, the loss itself and its sum over micro-batches
-    the frozen base: its matrices are stored in bf16 when that loses nothing (a checkpoint saved in bf16,
-        loaded as fp32, holds only bf16 numbers), so each is cast once rather than at every matmul; any
-        other frozen matrix stays fp32 and autocast casts it where it is used. `run()` puts them back.
+    the frozen base: its matrices are stored in bf16 for the run, so each is cast once rather than at every
+        matmul: where that loses nothing (a checkpoint saved in bf16, loaded as fp32, holds only bf16
+        numbers), and for the weights only matmuls read, which autocast would round the same way at each
+        use (their fp32 originals are kept aside). `run()` puts them back.
     fp16 (CUDA only): the same, plus a gradient scaler (torch.amp.GradScaler) against underflow; bf16 has
         fp32's exponent range and needs none.
 
@@ -114,8 +115,7 @@ def autocast(precision: Precision, device: torch.device | str):
 
 def compute_dtype(t: torch.Tensor, default: torch.dtype | None = None) -> torch.dtype:
     """The dtype a matmul on `t` runs in: autocast's where it is on for t's device, else `default` or t's
-    own. The
-    custom autograd functions (LoRA's product, the 4-bit linear, the chunked loss) cast their operands to
+    own. The custom autograd functions (LoRA's product, the 4-bit linear, the chunked loss) cast their operands to
     it themselves, as autocast does for the built-in matmuls."""
     kind = t.device.type
     if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
@@ -124,9 +124,20 @@ def compute_dtype(t: torch.Tensor, default: torch.dtype | None = None) -> torch.
 
 
 @torch.no_grad()
-def store_frozen(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """Store each frozen floating matrix (2-D or more) of `model` in `dtype` where that is exact; returns
-    {name: original dtype} of those moved, for `restore_frozen`. Vectors (norms, biases) stay as they are."""
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype | torch.Tensor]:
+    """Store frozen floating matrices (2-D or more) of `model` in `dtype` for a mixed-precision run: each where
+    that is exact (a checkpoint saved in bf16 and loaded as fp32 holds only bf16 numbers), and also, rounded,
+    each weight that only matmuls read (a linear's, adapted or not), since autocast rounds it the same way at
+    every use: cast once instead of at every forward. The tied embedding (also looked up, in fp32) and a DoRA
+    layer's weight (its norm reads W in fp32) stay. Returns what `restore_frozen` needs: {name: the original
+    dtype} for an exact move, {name: the original tensor} for a rounded one. Vectors (norms, biases) stay."""
+    holders: dict[int, list[nn.Module]] = {}  # a weight -> the modules holding it (two for a tied one)
+    for m in model.modules():
+        if isinstance(w := getattr(m, "weight", None), nn.Parameter):
+            holders.setdefault(id(w), []).append(m)
+    matmul_only = {i for i, ms in holders.items()
+                   if all((isinstance(m, nn.Linear) or hasattr(m, "base_forward"))
+                          and not len(getattr(m, "lora_magnitude_vector", ())) for m in ms)}
     moved = {}
     for name, p in model.named_parameters():
         if p.requires_grad or p.ndim < 2 or not p.is_floating_point() or p.dtype == dtype:
@@ -134,13 +145,17 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]
         low = p.data.to(dtype)
         if torch.equal(low.to(p.dtype), p.data):
             moved[name] = p.dtype
-            p.data = low
+        elif id(p) in matmul_only:
+            moved[name] = p.data
+        else:
+            continue
+        p.data = low
     return moved
 
 
 @torch.no_grad()
-def restore_frozen(model: nn.Module, moved: dict[str, torch.dtype]) -> None:
-    """Undo store_frozen (exactly: only lossless moves were made)."""
+def restore_frozen(model: nn.Module, moved: dict[str, torch.dtype | torch.Tensor]) -> None:
+    """Undo store_frozen, exactly: an exact move is cast back, a rounded weight gets its original back."""
     for name, p in model.named_parameters():
         if name in moved:
-            p.data = p.data.to(moved[name])
+            p.data = moved[name] if torch.is_tensor(moved[name]) else p.data.to(moved[name])

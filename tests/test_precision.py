@@ -105,15 +105,19 @@ def test_dora_norm_is_fp32_under_autocast(setup):
         assert torch.equal(layer._row_norm("default"), plain)
 
 
-def test_store_frozen_moves_only_exact_matrices(setup):
+def test_store_frozen_moves_exact_matrices_and_rounds_linear_weights(setup):
+    """bf16 numbers move exactly (their dtype kept to cast back); a random fp32 linear weight moves rounded,
+    its original kept aside; trainable weights, vectors and the embedding (looked up in fp32) stay."""
     model, _, _ = model_and_examples(setup, "lora", r=4)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.copy_(model.model.layers[0].mlp.up_proj.weight.bfloat16().float())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     moved = precision.store_frozen(model, torch.bfloat16)
-    assert "model.layers.0.mlp.up_proj.weight" in moved  # bf16 numbers only: moved
-    assert "model.layers.0.mlp.down_proj.weight" not in moved  # random fp32: kept
-    assert not any("lora" in n or "norm" in n for n in moved)  # trainable and vectors: kept
+    assert moved["model.layers.0.mlp.up_proj.weight"] == torch.float32  # bf16 numbers only: an exact move
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(moved[down], before[down])  # random fp32: rounded, the original kept
+    assert torch.equal(model.get_parameter(down), before[down].bfloat16())
+    assert not any("lora" in n or "norm" in n or "embed" in n for n in moved)
     assert model.get_parameter("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
     precision.restore_frozen(model, moved)
     for n, p in model.named_parameters():
@@ -222,11 +226,15 @@ def test_cli_precision(setup, tmp_path, capsys):
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
-def test_a_fresh_checkpoint_has_no_bf16_numbers(tmp_path):
-    """make_checkpoint's random weights are not bf16 numbers: the bf16 run keeps them fp32 (cast by autocast
-    at each matmul) rather than rounding them."""
+def test_a_fresh_checkpoint_moves_only_its_linear_weights(tmp_path):
+    """make_checkpoint's random weights are not bf16 numbers: the bf16 run rounds the linears' weights once
+    (autocast would at each matmul) and keeps the embedding, which the model also looks up, in fp32."""
     path, _ = make_checkpoint(tmp_path / "m", "smollm", vocab_size=64)
     model = mc.load_model(path)
     for p in model.parameters():
         p.requires_grad_(False)
-    assert precision.store_frozen(model, torch.bfloat16) == {}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    moved = precision.store_frozen(model, torch.bfloat16)
+    tied = {"lm_head.weight"} - set(dict(model.named_parameters()))  # one tensor with the embedding's name
+    assert linears - tied and set(moved) == linears - tied
+    assert all(torch.is_tensor(v) for v in moved.values())
