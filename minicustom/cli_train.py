@@ -59,7 +59,8 @@ def train_options(args, default_lr: float) -> dict:
                 schedule=args.schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
                 max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                 max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
-                gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, log_every=args.log_every,
+                gradient_checkpointing=args.gradient_checkpointing,
+                offload_activations=args.offload_activations, seed=args.seed, log_every=args.log_every,
                 eval_every=args.eval_every, save_every=args.save_every, log=args.log, precision=args.precision)
 
 
@@ -275,7 +276,10 @@ def add_method_args(p, lr_help: str):
     p.add_argument("--truncation", choices=["truncate", "drop"], default="truncate")
     p.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this; "
                    "0 = no clipping")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each block's input for "
+                   "backward and recompute the block's activations there (less memory, about a third more time)")
+    p.add_argument("--offload-activations", action="store_true", help="CUDA: keep the tensors saved for backward "
+                   "in pinned CPU memory (with --gradient-checkpointing: the blocks' inputs)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
                    help="bf16/fp16: mixed precision (matmuls in 16 bits, trained weights, norms and the loss in "
                    "fp32; fp16 needs CUDA); auto: bf16 where the GPU or CPU runs it fast (AVX512-BF16 or AMX), "

@@ -15,7 +15,7 @@ import minicustom as mc
 from minicustom.cli import main
 from minicustom.data import IGNORE, collate, load_examples, make_example
 from minicustom.methods import apply_method
-from minicustom.train import TrainConfig, TrainingError, train
+from minicustom.train import TrainConfig, TrainingError, loop, train
 from minicustom.train.loop import accumulate_gradients, lr_factor, param_groups
 from minicustom.train.sft import SFTLoss
 
@@ -80,6 +80,43 @@ def test_gradient_checkpointing_gives_the_same_gradients(setup, method):
     for name, g in grads(model).items():
         torch.testing.assert_close(g, plain[name], rtol=0, atol=0, msg=name)  # same ops, recomputed
 
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_offloaded_activations_give_the_same_gradients(setup, checkpointing):
+    """activation_offload copies what autograd saves to CPU memory and back (here CPU to CPU, which runs the
+    same hooks); with per-block checkpointing what it holds is each block's input and the RoPE tables."""
+    model, _, examples = model_and_examples(setup, "lora", r=4, dropout=0.0)
+    batch = collate([[e] for e in examples[:3]], 0)
+    wrapper = SFTLoss(model, chunk=64)
+    model.train()
+    model.gradient_checkpointing = checkpointing
+    accumulate_gradients(wrapper, [batch], "cpu")
+    plain = grads(model)
+    model.zero_grad()
+    with loop.activation_offload(TrainConfig(offload_activations=True), torch.device("cpu")):
+        accumulate_gradients(wrapper, [batch], "cpu")
+    assert grads(model).keys() == plain.keys()
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, plain[name], rtol=0, atol=0, msg=name)  # the same values, moved and back
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        wrapper(**batch)[0].backward()
+    C, (B, T) = model.config.hidden_size, batch["input_ids"].shape
+    blocks = sum(shape == (B, T, C) for shape in saved)
+    L, inner = model.config.num_hidden_layers, sum(s[-1] == model.config.intermediate_size for s in saved)
+    if checkpointing:  # per block its input, RoPE's cos and sin, the mask; then the final norm's input and output
+        assert (blocks, inner) == (L + 2, 0) and len(saved) <= 4 * L + 8
+    else:  # every block's activations, the MLP's among them
+        assert inner >= 3 * L and len(saved) > 20 * L
+
+
+def test_offloading_activations_needs_cuda(setup, tmp_path):
+    model, tok, examples = model_and_examples(setup, "lora", r=4)
+    with pytest.raises(TrainingError, match=r"^offload_activations moves the activations saved for backward from the "
+                       r"GPU to CPU memory, but the model is on cpu: leave it off there$"):
+        train(model, examples, TrainConfig(offload_activations=True, max_steps=1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 def test_lr_schedule():
     c = TrainConfig(warmup_steps=3, schedule="cosine")

@@ -79,6 +79,7 @@ class TrainConfig:
     packing: bool = True
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # CUDA: the tensors backward needs wait in CPU memory (see activation_offload)
     seed: int = 0
     log_every: int = 1
     eval_every: int | None = None  # and at the end, when eval data is given
@@ -246,6 +247,17 @@ def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: 
     return means[0], n_weight, n_tokens, dict(zip(stats, means[1:]))
 
 
+def activation_offload(config: TrainConfig, device: torch.device):
+    """The context of a step's forward and backward. With offload_activations, every tensor autograd saves for
+    backward is copied to pinned CPU memory as it is saved and back to the GPU when backward reads it
+    (torch.autograd.graph.save_on_cpu). With gradient checkpointing as well, what is saved outside the
+    recomputed blocks is each block's input, so the GPU holds one block's activations at a time and the CPU
+    the (B, T, C) inputs of all of them."""
+    if not config.offload_activations:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -362,8 +374,9 @@ def train_step(job: Run, units: list[int]) -> dict:
     for group in job.optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_factor(job.step, job.total, config)
     micros = step_batches(job.task, units, config, job.rank, job.world)
-    loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world, job.task.weight,
-                                                           job.scaler)
+    with activation_offload(config, job.device):
+        loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world,
+                                                               job.task.weight, job.scaler)
     if hasattr(job.task, "step_metrics"):  # metrics that are ratios of the step's sums (KTO's per-label means)
         stats = job.task.step_metrics(stats)
     if job.scaler is not None:
@@ -436,6 +449,9 @@ def run(task: Task, model: nn.Module, out: str | Path, *, resume: bool = False,
                                       if p.requires_grad and p.dtype != torch.float32), None)):
         raise TrainingError(f"precision {chosen.name} keeps the trained weights in float32 (master weights), but "
                             f"{low} is {model.get_parameter(low).dtype}: load the model in float32")
+    if task.config.offload_activations and device.type != "cuda":
+        raise TrainingError(f"offload_activations moves the activations saved for backward from the GPU to CPU "
+                            f"memory, but the model is on {device.type}: leave it off there")
     moved = store_frozen(model, chosen.dtype) if chosen.mixed else {}
     try:
         with autocast(chosen, device):
