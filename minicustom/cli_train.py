@@ -61,7 +61,8 @@ def train_options(args, default_lr: float) -> dict:
                 max_length=args.max_length, max_grad_norm=args.max_grad_norm or None,
                 gradient_checkpointing=args.gradient_checkpointing,
                 offload_activations=args.offload_activations, seed=args.seed, log_every=args.log_every,
-                eval_every=args.eval_every, save_every=args.save_every, log=args.log, precision=args.precision)
+                eval_every=args.eval_every, save_every=args.save_every, log=args.log, precision=args.precision,
+                optim=args.optim)
 
 
 def method_options(args, method: Method, rank: int) -> dict:
@@ -284,6 +285,10 @@ def add_method_args(p, lr_help: str):
                    help="bf16/fp16: mixed precision (matmuls in 16 bits, trained weights, norms and the loss in "
                    "fp32; fp16 needs CUDA); auto: bf16 where the GPU or CPU runs it fast (AVX512-BF16 or AMX), "
                    "else fp32. The model must be loaded in float32")
+    p.add_argument("--optim", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw: torch's AdamW, fp32 moments (8 bytes per trained parameter); adamw8bit: the same "
+                   "update with the moments stored as blockwise 8-bit codes (2 bytes, as bitsandbytes' AdamW8bit; "
+                   "tensors under 4096 elements keep fp32 moments)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=COUNT, default=1)
     p.add_argument("--log", choices=["jsonl", "tensorboard"], default="jsonl",

@@ -4,7 +4,7 @@ many (torchrun).
     step s:  N = the step's weight (trained tokens for SFT, pairs for DPO) over all k micro-batches of all
              processes, known before any forward
              for each micro-batch m:  (m's summed loss * world / N).backward()
-             clip, AdamW, lr from warmup + cosine/linear
+             clip, AdamW (fp32 or 8-bit state: adamw8bit.py), lr from warmup + cosine/linear
 So the gradient is that of the mean over the whole global batch, however it is split into micro-batches
 and processes (averaging per micro-batch would weigh a token of a short example more than one of a long
 one). What is trained comes from the objective, a `Task` (task.py); the method is applied to the model
@@ -45,6 +45,7 @@ from ..model import eval_mode
 from ..plot import write_loss_chart
 from ..precision import PRECISIONS, Precision, autocast, resolve, restore_frozen, store_frozen
 from ..progress import Progress
+from .adamw8bit import AdamW8bit
 from .state import (
     Interrupted,
     StopRequest,
@@ -62,12 +63,15 @@ from .state import (
 )
 from .task import Task
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit}  # TrainConfig.optim -> the class
+
 
 @dataclass
 class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    optim: str = "adamw"  # adamw (fp32 state) | adamw8bit (blockwise 8-bit m and v, adamw8bit.py)
     lora_plus_ratio: float | None = None  # LoRA+: lora_B learns this many times faster
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
     warmup_steps: int = 0
@@ -100,6 +104,8 @@ class TrainConfig:
         if self.log == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # before any model loads
             raise ImportError("log='tensorboard' needs the tensorboard package: pip install tensorboard (or pip "
                               "install minicustom[tensorboard])")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
@@ -331,13 +337,19 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
     identity = run_record(model, config, task.data_digest(), data_files, options)  # before FSDP shards it
     saved = read_state(latest) if latest else {"step": 0}
     changes = compare_runs(saved.get("run"), identity, latest) if latest else []
+    if latest and (was := ((saved.get("run") or {}).get("config") or {}).get("optim", "adamw")) != config.optim:
+        raise TrainingError(f"{latest}: the checkpoint holds {was}'s optimizer state, this run asks for "
+                            f"{config.optim}; resume with optim {was}")
+    if config.optim == "adamw8bit" and full and world > 1:
+        raise TrainingError("optim adamw8bit needs each parameter whole (a block's absmax spans it), but full "
+                            "fine-tuning under torchrun shards them (FSDP2): use optim adamw")
 
     torch.manual_seed(config.seed)
     model.train()
     model.gradient_checkpointing = config.gradient_checkpointing
     module = task.loss_module(model)  # its own parameters (PPO's value head) train beside the model's
     wrapper = _wrap(model, module, full)
-    optimizer = torch.optim.AdamW(param_groups(module, config), lr=config.lr, betas=config.betas)
+    optimizer = OPTIMIZERS[config.optim](param_groups(module, config), lr=config.lr, betas=config.betas)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     device = next(p for p in model.parameters() if p.requires_grad).device
