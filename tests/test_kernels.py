@@ -14,28 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 import triton.language as tl
+from kernel_checks import U, assert_interpreted, interpreted
 from minicustom.kernels import nf4_dequant, nf4_matmul
 
 from minicustom import nf4
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
-                  for f in (tl.interleave, tl.zeros, nf4_dequant._dequant_kernel, nf4_matmul._linear_kernel))
-
-def interpreted(test):
-    """The kernel tests run on the interpreter (CPU); without it they fail, never skip."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0":
-        return pytest.mark.skip(reason="TRITON_INTERPRET=0: test_compiled_kernels_on_gpu checks the GPU")(test)
-    return test
 
 
 def test_the_kernels_are_interpreted():
-    if not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"):
-        assert INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
+    assert_interpreted(tl.interleave, nf4_dequant._dequant_kernel, nf4_matmul._linear_kernel)
 
 SHAPES = [(33, 70), (5, 7, 9), (1, 4097), (128, 96)]  # odd numel, a partial block, spanning rows
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-U = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff, eps / 2
 
 
 def weight(shape, seed):

@@ -41,49 +41,21 @@ rounding dominates.
 
 import contextlib
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.language as tl
+from kernel_checks import BF16, ETA, F16, F32, U32, U, assert_interpreted, interpreted, within
 from minicustom.kernels import linear_ce
 
 from minicustom import fused
 
-INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
-                  for f in (tl.zeros, linear_ce._lse_fwd, linear_ce._dh_bwd, linear_ce._dw_bwd))
-
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-U = {F32: 2.0**-24, F16: 2.0**-11, BF16: 2.0**-8}
-U32 = U[F32]
-ETA = {dt: torch.finfo(dt).tiny * torch.finfo(dt).eps / 2 for dt in U}
 C_EXP = C_LOG = 4  # units of u: 2 ulp
 IGNORE = -100
 
 
-def interpreted(test):
-    """The kernel tests run on the interpreter (CPU); without it they fail, never skip."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0":
-        return pytest.mark.skip(reason="TRITON_INTERPRET=0: these tests run the interpreter")(test)
-    return test
-
-
 def test_the_kernels_are_interpreted():
-    if not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"):
-        assert INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
-
-
-def within(out, ref, bound, what):
-    """|out - ref| <= bound elementwise (bound a float64 tensor of out's shape), in float64."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (what, out.shape, ref.shape, out.dtype, ref.dtype)
-    err = (out.double() - ref.double()).abs()
-    if err.dim() == 0 and not err <= bound:
-        raise AssertionError(f"{what}: err {err:.3g} > bound {bound:.3g} ({out} vs {ref})")
-    if not (err <= bound).all():
-        i = tuple(int(k) for k in torch.unravel_index((err - bound).argmax(), err.shape))
-        raise AssertionError(f"{what}: err {err[i]:.3g} > bound {bound[i]:.3g} at {i} ({out[i]} vs {ref[i]}); "
-                             f"{int((err > bound).sum())} of {err.numel()} out of bounds")
+    assert_interpreted(linear_ce._lse_fwd, linear_ce._dh_bwd, linear_ce._dw_bwd)
 
 
 def gamma(k: int) -> float:

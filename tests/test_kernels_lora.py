@@ -37,45 +37,18 @@ rounding errors of xa and dxa. The sides agree bit for bit on most elements, and
 their fp32 sums fall on either side of a rounding boundary. d base_out is dy on both sides: exact.
 """
 
-import os
 from typing import NamedTuple
 
 import pytest
 import torch
-import triton.language as tl
+from kernel_checks import BF16, ETA, F32, U32, U, assert_interpreted, interpreted, within
 from minicustom.kernels import lora
 
 from minicustom.methods import lora_layers
 
-INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
-                  for f in (tl.zeros, lora._lora_fwd, lora._lora_bwd_rows, lora._thin_tn))
-
-F32, BF16 = torch.float32, torch.bfloat16
-U = {F32: 2.0**-24, BF16: 2.0**-8}
-U32 = U[F32]
-ETA = {dt: torch.finfo(dt).tiny * torch.finfo(dt).eps / 2 for dt in U}
-
-
-def interpreted(test):
-    """The kernel tests run on the interpreter (CPU); without it they fail, never skip."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0":
-        return pytest.mark.skip(reason="TRITON_INTERPRET=0: these tests run the interpreter")(test)
-    return test
-
 
 def test_the_kernels_are_interpreted():
-    if not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"):
-        assert INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
-
-
-def within(out, ref, bound, what):
-    """|out - ref| <= bound elementwise (bound a float64 tensor of out's shape), in float64."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (what, out.shape, ref.shape, out.dtype, ref.dtype)
-    err = (out.double() - ref.double()).abs()
-    if not (err <= bound).all():
-        i = tuple(int(k) for k in torch.unravel_index((err / bound).argmax(), err.shape))
-        raise AssertionError(f"{what}: err {err[i]:.3g} > bound {bound[i]:.3g} at {i} ({out[i]} vs {ref[i]}); "
-                             f"max err / bound {(err / bound).max():.3g}")
+    assert_interpreted(lora._lora_fwd, lora._lora_bwd_rows, lora._thin_tn)
 
 
 def twin(x, A, B, s, base_out):

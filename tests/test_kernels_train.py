@@ -15,47 +15,19 @@ terms of order (N u32)^2 < 1e-8 are covered by rounding the constants up.
   See ``check_swiglu``: a few u32 times (1 + |argument of exp|), then one ulp of the output dtype.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton.language as tl
+from kernel_checks import BF16, ETA, F16, F32, U32, U, assert_interpreted, interpreted, within
 from minicustom.kernels import rmsnorm, rope, swiglu
 
 from minicustom import fused, model
 from minicustom.rope import RoPE
 
-INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
-                  for f in (tl.zeros, rmsnorm._rms_norm_fwd, rmsnorm._rms_norm_bwd, rope._rope_kernel,
-                            swiglu._swiglu_fwd, swiglu._swiglu_bwd))
-
-F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-U = {F32: 2.0**-24, F16: 2.0**-11, BF16: 2.0**-8}
-U32 = U[F32]
-ETA = {dt: torch.finfo(dt).tiny * torch.finfo(dt).eps / 2 for dt in U}
-
-
-def interpreted(test):
-    """The kernel tests run on the interpreter (CPU); without it they fail, never skip."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0":
-        return pytest.mark.skip(reason="TRITON_INTERPRET=0: these tests run the interpreter")(test)
-    return test
-
 
 def test_the_kernels_are_interpreted():
-    if not (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"):
-        assert INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
-
-
-def within(out, ref, bound, what):
-    """|out - ref| <= bound elementwise (bound a float64 tensor of out's shape), in float64."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (what, out.shape, ref.shape, out.dtype, ref.dtype)
-    err = (out.double() - ref.double()).abs()
-    if not (err <= bound).all():
-        i = tuple(int(k) for k in torch.unravel_index((err / bound).argmax(), err.shape))
-        raise AssertionError(f"{what}: err {err[i]:.3g} > bound {bound[i]:.3g} at {i} ({out[i]} vs {ref[i]}); "
-                             f"max err / bound {(err / bound).max():.3g}")
+    assert_interpreted(rmsnorm._rms_norm_fwd, rmsnorm._rms_norm_bwd, rope._rope_kernel, swiglu._swiglu_fwd, swiglu._swiglu_bwd)
 
 
 def strided_like(shape, dtype, g, pad=3):
