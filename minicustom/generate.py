@@ -57,6 +57,8 @@ def draw(probs, generator: torch.Generator | None = None):
     32 x 49152 on a 2-core CPU, more than the model's forward at bf16); a zero-probability index is never
     drawn."""
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    if not bool((cdf[:, -1] > 0).all()):  # nan > 0 is False too
+        raise ValueError("cannot sample: a row's probabilities are NaN or all zero (are the model's logits finite?)")
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1): cdf[i-1] <= u * sum < cdf[i]
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)  # u * sum rounded up

@@ -32,6 +32,12 @@ def test_draw_follows_the_probabilities_and_never_draws_a_zero():
     assert torch.all((counts / N - p).abs() <= 5 * (p * (1 - p) / N).sqrt())
 
 
+def test_draw_refuses_rows_it_cannot_sample():
+    for bad in (torch.zeros(2, 5), torch.full((1, 5), float("nan"))):
+        with pytest.raises(ValueError, match="NaN or all zero"):
+            draw(bad)
+
+
 def test_draw_is_seeded():
     probs = torch.rand(4, 50)
     a, b = (draw(probs, torch.Generator().manual_seed(3)) for _ in range(2))
