@@ -4,17 +4,24 @@ The same run twice (seed, data order, LoRA r=8 alpha=16 on every linear, lr 1e-3
 once with --precision fp32 and once with bf16 (minicustom.precision: the frozen base stored in bf16,
 autocast, fp32 adapters and AdamW). Checked:
 
-  loss curve   every step's training loss and the final eval loss of bf16 within TOL of fp32's, where
-               TOL = 2 U max|z|, U = 2^-8 bf16's unit roundoff, max|z| the largest logit magnitude over the
-               first batch's trained tokens at the start. Rounding the logits z to bf16 moves each by at
-               most U|z|, so a token's cross-entropy logsumexp(z) - z_y by at most 2U max|z|: the largest
-               single rounding of the forward (the hidden states' own roundings, each U relative, are
-               averaged over the 576 terms of the next matmul). A curve within TOL at every step has not
-               drifted from fp32's by more than one forward's rounding.
+  loss curve   each step's training loss, bf16 against fp32, within a band derived from two effects:
+               - one forward's rounding. Rounding a logit z_j to bf16 moves it by at most U|z_j|
+                 (U = 2^-8, bf16's unit roundoff), and a token's cross-entropy logsumexp(z) - z_y moves
+                 by sum_j (p_j - [j = y]) e_j, at most 2 (1 - p_y) U max|z| <= 2 U max|z| CE (as
+                 1 - p_y <= -log p_y). Averaged over the trained tokens: a relative error of at most
+                 RHO = 2 U max|z| of the loss, max|z| the largest logit magnitude over the first batch's
+                 trained tokens, at the start and at the end of the fp32 run (the larger).
+               - the trajectory. The two runs' weights part from the first update on: Adam's first step
+                 is lr * sign(g) in every coordinate, and a coordinate whose gradient is near zero may
+                 take the other sign after bf16's rounding. What that changes is how far one step goes,
+                 not where training heads, so bf16's loss at step t must lie within fp32's losses at
+                 steps t-1..t+1 (one step ahead or behind), widened by RHO on each side.
+               A run whose progress lags by two steps or more, or which stalls, leaves the band.
+               The final eval losses must agree within RHO of fp32's.
   exact match  greedy answers to the 60 held-out questions: bf16 within one answer of fp32.
 
 On a CPU without AVX512-BF16 or AMX, bf16 is emulated and about 100x slower; the script says so and stops
-unless --force. Prints the CPU, the precision of each run, both curves' largest gap, TOL, and the times.
+unless --force. Prints the CPU, the precision of each run, RHO, the curves against the band, and the times.
 
     python benchmarks/bench_precision.py [--steps 50] [--threads 2] [--force]
 """
@@ -87,29 +94,34 @@ def main():
     results = {}
     for precision in ("fp32", "bf16"):
         history, seconds, model, examples, tok = run(precision, args.steps, Path(args.out) / precision)
-        results[precision] = history, seconds
-        del model
+        results[precision] = history, seconds, model
     fresh_max = largest_logit(mc.load_model(fetch_demo_model(install=False)), examples, tok)
-    tol = 2 * U * fresh_max
-    (h32, s32), (h16, s16) = results["fp32"], results["bf16"]
+    trained_max = largest_logit(results["fp32"][2], examples, tok)
+    rho = 2 * U * max(fresh_max, trained_max)
+    (h32, s32, _), (h16, s16, _) = results["fp32"], results["bf16"]
     train32 = [r["loss"] for r in h32 if "loss" in r]
     train16 = [r["loss"] for r in h16 if "loss" in r]
+    bands = [(min(train32[max(t - 1, 0):t + 2]) * (1 - rho), max(train32[max(t - 1, 0):t + 2]) * (1 + rho))
+             for t in range(len(train32))]
+    outside = [t + 1 for t, (lo, hi) in enumerate(bands) if not lo <= train16[t] <= hi]
     gaps = [abs(a - b) for a, b in zip(train32, train16)]
     ev32, ev16 = h32[-1], h16[-1]
     em32, em16 = round(ev32["exact_match"] * 60), round(ev16["exact_match"] * 60)
-    print(f"\nmax|z| at the start {fresh_max:.2f}  ->  TOL = 2 U max|z| = {tol:.4f} nats")
-    print("| step | fp32 loss | bf16 loss | gap |")
+    print(f"\nmax|z|: {fresh_max:.2f} at the start, {trained_max:.2f} after fp32's training  ->  RHO = 2 U max|z| "
+          f"= {rho:.4f} (relative)")
+    print("| step | fp32 loss | bf16 loss | band: fp32 steps t-1..t+1, widened by RHO |")
     print("|---|---|---|---|")
-    for i in sorted({0, 4, 9, 19, 29, 39, len(gaps) - 1}):
+    for i in sorted({0, 1, 2, 3, 4, 9, 19, 29, 39, len(gaps) - 1}):
         if i < len(gaps):
-            print(f"| {i + 1} | {train32[i]:.4f} | {train16[i]:.4f} | {gaps[i]:.4f} |")
-    print(f"\nlargest training-loss gap {max(gaps):.4f} (step {gaps.index(max(gaps)) + 1}), mean {sum(gaps) / len(gaps):.4f}")
+            print(f"| {i + 1} | {train32[i]:.4f} | {train16[i]:.4f} | {bands[i][0]:.4f} .. {bands[i][1]:.4f} |")
+    print(f"\nsteps outside the band: {outside or 'none'}; largest absolute gap {max(gaps):.4f} (step "
+          f"{gaps.index(max(gaps)) + 1}), over the last {len(gaps) // 2} steps {max(gaps[len(gaps) // 2:]):.4f}")
     print(f"eval loss: fp32 {ev32['eval_loss']:.4f}, bf16 {ev16['eval_loss']:.4f} (gap "
           f"{abs(ev32['eval_loss'] - ev16['eval_loss']):.4f}); start {h32[0]['eval_loss']:.4f}")
     print(f"exact match on the 60 held-out questions: fp32 {em32}/60, bf16 {em16}/60 (start "
           f"{round(h32[0]['exact_match'] * 60)}/60)")
     print(f"time: fp32 {s32 / 60:.1f} min, bf16 {s16 / 60:.1f} min ({s32 / s16:.2f}x), evaluations included")
-    ok = max(gaps) <= tol and abs(ev32["eval_loss"] - ev16["eval_loss"]) <= tol and abs(em32 - em16) <= 1
+    ok = not outside and abs(ev32["eval_loss"] - ev16["eval_loss"]) <= rho * ev32["eval_loss"] and abs(em32 - em16) <= 1
     print("PASS: bf16 tracks fp32" if ok else "FAIL: bf16 does not track fp32 within the tolerance")
     sys.exit(0 if ok else 1)
 
