@@ -16,7 +16,9 @@ What each family changes, as config fields read in the places marked `# family:`
 - Qwen3-MoE, Mixtral: a sparse Mixture-of-Experts block (`moe.py`) in place of the MLP, in the layers the
   config names; Mixtral calls it block_sparse_moe and its experts' linears w1, w3, w2.
 Grouped-query attention runs through `F.scaled_dot_product_attention` (soft-capped scores, which SDPA
-cannot cap, are written out; LLaMA-Adapter's gated branch is left uncapped, as no reference caps it). Module names are transformers' (`model.layers.0.self_attn.q_proj`, ...), so
+cannot cap, are written out; LLaMA-Adapter's gated branch is left uncapped, as no reference caps it), but
+for one cached token a row, where two grouped products (`decode_attention`) are faster on CPU. Module
+names are transformers' (`model.layers.0.self_attn.q_proj`, ...), so
 a checkpoint loads without a key map and a PEFT key is "base_model.model." + name.
 
 This file knows nothing about LoRA, quantization or prompts. Methods attach by swapping modules, or
