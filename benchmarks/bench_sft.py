@@ -15,7 +15,13 @@ Each (library, workload) runs in a fresh process, so that peak memory (ru_maxrss
 alternate minicustom, transformers, minicustom, ... for `--rounds` rounds, each timing `--steps` steps after
 a warm-up step; the median step time gives tokens/s, and the ratio is the median over rounds of the two
 neighbouring runs' ratio. "train mem" is the peak RSS minus the RSS after
-loading the model and attaching LoRA: what the training step itself adds.
+loading the model and attaching LoRA: what the training step itself adds. `--gradient-checkpointing` turns on
+activation checkpointing per block in both (minicustom's `gradient_checkpointing`, transformers'
+`gradient_checkpointing_enable`, both non-reentrant): each block keeps only its input and recomputes the rest
+in backward, so the memory left is mostly the loss's and the model's.
+On CPU `minicustom train` tells glibc to keep the memory a step frees for the next one
+(minicustom/train/heap.py), and so does minicustom's process here; `--malloc default` measures both libraries with
+glibc's defaults, `--malloc both` gives the peer the same setting.
 
 `--precision bf16` (or fp16 on CUDA) trains in mixed precision: minicustom through its trainer's own path
 (minicustom.precision: the frozen base stored in bf16, autocast, fp32 adapters), transformers+peft with its
@@ -32,7 +38,9 @@ costs the same, only the first loss is meaningless. A peer that cannot be import
 QLoRA) is reported as such and minicustom is measured alone.
 
     python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR|random] [--device cpu|cuda]
-                                   [--precision fp32|bf16|fp16] [--rounds 2] [--steps 3] [--threads 2]
+                                   [--precision fp32|bf16|fp16] [--gradient-checkpointing]
+                                   [--malloc trainer|default|both] [--profile]
+                                   [--rounds 2] [--steps 3] [--threads 2]
 """
 
 import argparse
@@ -113,13 +121,55 @@ def batch(path, workload):
     return ids, labels
 
 
-def worker(library, workload, path, model_path, steps, threads, device, precision):
+# torch.profiler's ops by the part of the step they do, first match wins (self time, so nothing counts twice)
+CATEGORIES = [
+    ("matmuls (linears, LoRA, lm_head)", ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "mkldnn", "onednn")),
+    ("attention (SDPA, one-token attention)", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("loss (log-softmax, cross-entropy)", ("log_softmax", "logsumexp", "nll_loss", "cross_entropy", "softmax")),
+    ("optimizer (AdamW)", ("_foreach", "adam", "lerp", "addcdiv", "addcmul")),
+    ("norms", ("rms_norm", "norm", "rsqrt")),
+    ("copies, casts, views", ("copy_", "_to_copy", "to", "contiguous", "clone", "cat", "index", "gather", "scatter",
+                              "transpose", "view", "reshape", "expand", "slice", "select", "t", "permute", "empty",
+                              "zeros", "fill_", "zero_", "as_strided", "unsqueeze", "split", "chunk", "narrow")),
+    ("elementwise (RoPE, SwiGLU, residuals, grads)", ("mul", "add", "sub", "div", "neg", "silu", "gelu", "sigmoid",
+                                                       "exp", "pow", "mean", "sum", "where", "masked_fill", "sqrt")),
+]
+
+
+def categorize(name: str) -> str:
+    op = name.removeprefix("aten::").lower()
+    for category, keys in CATEGORIES:
+        if any(op == k or op.startswith(k + "_") or op.startswith("_" + k) or (len(k) > 4 and k in op)
+               for k in keys):
+            return category
+    return "other (autograd engine, Python, ...)"
+
+
+def profile(step) -> dict[str, float]:
+    """One step under torch.profiler (CPU activities): seconds of self time per category of CATEGORIES."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        category = categorize(event.key)
+        seconds[category] = seconds.get(category, 0.0) + event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def worker(library, workload, path, model_path, steps, threads, device, precision, checkpointing=False,
+           profiled=False, malloc="trainer"):
     import contextlib
 
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if device == "cpu" and (malloc == "both" or malloc == "trainer" and library == "minicustom"):
+        from minicustom.train.heap import keep_freed_memory
+
+        keep_freed_memory()  # as `minicustom train` does
     ids, labels = (t.to(device) for t in batch(path, workload))
     cuda = device.startswith("cuda")
 
@@ -135,6 +185,7 @@ def worker(library, workload, path, model_path, steps, threads, device, precisio
         model = mc.load_model(model_path, device=device)
         mc.apply_lora(model, r=8, alpha=16, targets=TARGETS, verbose=False)
         model.train()
+        model.gradient_checkpointing = checkpointing  # each block recomputed in backward
         if precision != "fp32":
             store_frozen(model, DTYPES[precision])  # as train.loop.run does
         wrapper = SFTLoss(model, chunk=512)
@@ -147,6 +198,8 @@ def worker(library, workload, path, model_path, steps, threads, device, precisio
 
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                                   device_map=device)
+        if checkpointing:  # non-reentrant, as minicustom's, so the frozen embedding output needs no grad hook
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
         model.train()
 
@@ -180,7 +233,26 @@ def worker(library, workload, path, model_path, steps, threads, device, precisio
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"median_s": statistics.median(times), "peak_mb": peak, "train_mb": peak - base,
-                      "first_loss": first_loss, "trained": int((labels[:, 1:] != -100).sum())}))
+                      "first_loss": first_loss, "trained": int((labels[:, 1:] != -100).sum()),
+                      "profile": profile(step) if profiled else None}))
+
+
+def print_profiles(measured: dict) -> None:
+    """Per workload, the median over rounds of each category's seconds in one profiled step, per library."""
+    for workload, runs in measured.items():
+        kinds = list(runs)
+        table = {kind: {} for kind in kinds}
+        for kind, results in runs.items():
+            for category in {c for r in results for c in r["profile"]}:
+                table[kind][category] = statistics.median(r["profile"].get(category, 0.0) for r in results)
+        names = [f"{library} {precision}" for library, precision in kinds]
+        print(f"\n{workload}: seconds of one profiled step (torch.profiler self CPU time; the profiler adds its own "
+              f"overhead)\n\n| part of the step | " + " | ".join(names) + " |\n|---|" + "---|" * len(kinds))
+        order = sorted(table[kinds[0]], key=table[kinds[0]].get, reverse=True)
+        order += sorted({c for t in table.values() for c in t} - set(order))
+        for category in order + ["total"]:
+            cells = [sum(table[k].values()) if category == "total" else table[k].get(category, 0.0) for k in kinds]
+            print(f"| {category} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 def main():
@@ -193,11 +265,21 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", choices=["lora", "qlora"], default="lora")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="both libraries recompute each block in backward (activation checkpointing)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps each run profiles one more with torch.profiler; a table per "
+                             "workload gives the seconds of each part of the step, for both libraries")
+    parser.add_argument("--malloc", choices=["trainer", "default", "both"], default="trainer",
+                        help="trainer: minicustom keeps freed memory for the next step, as `minicustom train` does "
+                             "(train/heap.py), the peer runs with glibc's defaults; default: neither does; both: "
+                             "the peer too")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker[:2], args.model, args.worker[2], args.steps, args.threads, args.device,
-                      args.worker[3])
+                      args.worker[3], args.gradient_checkpointing,
+                      args.profile, args.malloc)
 
     import tempfile
 
@@ -239,12 +321,15 @@ def main():
              f"{args.threads} threads")
     print(f"# {path}{' (random weights)' if (Path(path) / 'RANDOM').exists() else ''}\n# {where}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, precision {P}, "
-          f"{args.method} r=8 on 7 projections, batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
+          f"{args.method} r=8 on 7 projections{', activation checkpointing per block' if args.gradient_checkpointing else ''}, "
+          f"malloc {args.malloc}, "
+          f"batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")
     baseline = P != "fp32" and bool(peers)  # the peer in fp32 too, for minicustom-in-P vs peer-in-fp32
     print(f"| workload | trained tokens | minicustom {P} tokens/s | transformers+peft {P} tokens/s | ratio | "
           + (f"transformers+peft fp32 tokens/s | minicustom {P} / peer fp32 | " if baseline else "")
           + "minicustom peak / train mem (MB) | transformers+peft peak / train mem (MB) | peak ratio |")
     print("|---|---|---|---|---|" + ("---|---|" if baseline else "") + "---|---|---|")
+    measured = {}
     for workload in ("chat", "all"):
         kinds = [("minicustom", P)] + [(peer, P) for peer in peers] + ([("transformers", "fp32")] if baseline else [])
         runs = {kind: [] for kind in kinds}
@@ -252,9 +337,13 @@ def main():
             for library, precision in runs:
                 cmd = [sys.executable, __file__, "--worker", library, workload, model_path, precision, "--model", path,
                        "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
+                cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+                cmd += ["--profile"] if args.profile else []
+                cmd += ["--malloc", args.malloc]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[library, precision].append(json.loads(out.strip().splitlines()[-1]))
         ours = runs["minicustom", P]
+        measured[workload] = runs
         mem = lambda x: (max(r["peak_mb"] for r in x), max(r["train_mb"] for r in x))  # noqa: E731
         a = B * T / statistics.median(r["median_s"] for r in ours)
         if not peers:
@@ -283,6 +372,8 @@ def main():
         print(f"| {workload} | {ours[0]['trained']} of {B * (T - 1)} | {a:,.0f} | {speed(theirs):,.0f} | "
               f"{ratio(theirs):.2f}x | {extra}{m0:,.0f} / {t0:,.0f} | {m1:,.0f} / {t1:,.0f} | {m0 / m1:.2f} |",
               flush=True)
+    if args.profile:
+        print_profiles(measured)
     if model_path != path:
         import shutil
 
