@@ -2,8 +2,8 @@
 
 The SFT warm start of examples/rlhf_demo.py: LoRA r=8 alpha=16 on every linear of SmolLM2-135M-Instruct,
 the arithmetic task packed into 8 rows of 1024 tokens, fp32 (or --precision bf16), AdamW. The same run in
-fresh processes, alternating: "kept", as `minicustom train` runs (it calls keep_freed_memory: glibc keeps the
-pages a step frees), and "glibc default", the same `train` call in a process that did not. For each: tokens/s of the median
+fresh processes, alternating: "kept", a process that called keep_freed_memory first (glibc keeps the pages a
+step frees), and "glibc default", the same `train` call in a process that did not. For each: tokens/s of the median
 step after the first (the first pays one-time costs), the process's user and system CPU seconds and minor
 page faults over the whole run (model loading included), and its peak RSS.
 
@@ -26,21 +26,16 @@ MODES = ("kept", "glibc default")
 
 def worker(mode: str, steps: int, batch_size: int, precision: str) -> None:
     import torch
+    from demo_lora import demo_lora_model  # benchmarks/, the script's folder
 
-    import minicustom as mc
     from minicustom.data import load_examples
-    from minicustom.gguf import fetch_demo_model
     from minicustom.train import TrainConfig, train
     from minicustom.train.heap import keep_freed_memory
 
     torch.set_num_threads(2)
     if mode == "kept":
-        keep_freed_memory()  # as the CLI's train and compare commands do
-    path = fetch_demo_model(install=False)
-    tok = mc.load_tokenizer(path)
-    model = mc.load_model(path)
-    torch.manual_seed(0)
-    mc.apply_lora(model, r=8, alpha=16, targets="all-linear", verbose=False)
+        keep_freed_memory()
+    model, tok = demo_lora_model()
     examples = load_examples(ROOT / "examples/data/tasks/arithmetic/train.jsonl", tok, max_length=1024)
     config = TrainConfig(lr=1e-3, max_steps=steps, batch_size=batch_size, max_length=1024, save_every=0,
                          exact_match=0, precision=precision, seed=0)

@@ -39,16 +39,12 @@ U = 2.0**-8
 
 
 def run(precision: str, steps: int, out: Path):
-    import minicustom as mc
+    from demo_lora import demo_lora_model  # benchmarks/, the script's folder
+
     from minicustom.data import load_examples
-    from minicustom.gguf import fetch_demo_model
     from minicustom.train import TrainConfig, train
 
-    path = fetch_demo_model(install=False)
-    tok = mc.load_tokenizer(path)
-    model = mc.load_model(path)
-    torch.manual_seed(0)
-    mc.apply_lora(model, r=8, alpha=16, targets="all-linear", verbose=False)
+    model, tok = demo_lora_model()
     examples = load_examples(ROOT / "examples/data/city_train.jsonl", tok, max_length=256)
     held_out = load_examples(ROOT / "examples/data/city_eval.jsonl", tok, max_length=256)
     config = TrainConfig(lr=1e-3, max_steps=steps, batch_size=4, max_length=256, save_every=0, exact_match=60,

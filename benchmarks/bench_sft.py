@@ -19,9 +19,8 @@ loading the model and attaching LoRA: what the training step itself adds. `--gra
 activation checkpointing per block in both (minicustom's `gradient_checkpointing`, transformers'
 `gradient_checkpointing_enable`, both non-reentrant): each block keeps only its input and recomputes the rest
 in backward, so the memory left is mostly the loss's and the model's.
-On CPU `minicustom train` tells glibc to keep the memory a step frees for the next one
-(minicustom/train/heap.py), and so does minicustom's process here; `--malloc default` measures both libraries with
-glibc's defaults, `--malloc both` gives the peer the same setting.
+`--malloc minicustom|both` tells glibc, in minicustom's process or in both, to keep the memory a step frees
+for the next one (minicustom/train/heap.py); the default leaves both with glibc's defaults.
 
 `--precision bf16` (or fp16 on CUDA) trains in mixed precision: minicustom through its trainer's own path
 (minicustom.precision: the frozen base stored in bf16, autocast, fp32 adapters), transformers+peft with its
@@ -39,7 +38,7 @@ QLoRA) is reported as such and minicustom is measured alone.
 
     python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR|random] [--device cpu|cuda]
                                    [--precision fp32|bf16|fp16] [--gradient-checkpointing]
-                                   [--malloc trainer|default|both] [--profile]
+                                   [--malloc default|minicustom|both] [--profile]
                                    [--rounds 2] [--steps 3] [--threads 2]
 """
 
@@ -159,17 +158,17 @@ def profile(step) -> dict[str, float]:
 
 
 def worker(library, workload, path, model_path, steps, threads, device, precision, checkpointing=False,
-           profiled=False, malloc="trainer"):
+           profiled=False, malloc="default"):
     import contextlib
 
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if device == "cpu" and (malloc == "both" or malloc == "trainer" and library == "minicustom"):
+    if device == "cpu" and (malloc == "both" or malloc == library):
         from minicustom.train.heap import keep_freed_memory
 
-        keep_freed_memory()  # as `minicustom train` does
+        keep_freed_memory()
     ids, labels = (t.to(device) for t in batch(path, workload))
     cuda = device.startswith("cuda")
 
@@ -270,10 +269,9 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="after the timed steps each run profiles one more with torch.profiler; a table per "
                              "workload gives the seconds of each part of the step, for both libraries")
-    parser.add_argument("--malloc", choices=["trainer", "default", "both"], default="trainer",
-                        help="trainer: minicustom keeps freed memory for the next step, as `minicustom train` does "
-                             "(train/heap.py), the peer runs with glibc's defaults; default: neither does; both: "
-                             "the peer too")
+    parser.add_argument("--malloc", choices=["default", "minicustom", "both"], default="default",
+                        help="whose process keeps freed memory for the next step (train/heap.py): neither, "
+                             "minicustom's, or both")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

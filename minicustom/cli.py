@@ -43,7 +43,6 @@ from .prompting import default_stop_ids
 from .quant.linear4bit import Linear4bit, memory_report, quantize_model
 from .quant.nf4 import BLOCKSIZES
 from .tokenizer import load_tokenizer
-from .train.heap import keep_freed_memory
 from .train.state import Interrupted, TrainingError
 
 
@@ -317,8 +316,6 @@ def main(argv=None):
         raise CommandError(f"minicustom: {e}") from None
     args = parser.parse_args(argv)
     command = f"minicustom {args.command}" + (f" {args.kind}" if getattr(args, "kind", None) else "")
-    if args.command in ("train", "compare"):
-        keep_freed_memory()  # this process trains, then exits: each step reuses the pages the last freed
     try:
         args.func(args)
     except (KeyboardInterrupt, ValueError, OSError, ImportError, NotImplementedError, TrainingError, CompareError,

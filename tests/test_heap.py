@@ -44,21 +44,3 @@ def test_keep_freed_memory_reuses_the_pages_of_a_freed_tensor():
     assert default >= ROUNDS * PAGES // 2, default
     assert kept < PAGES // 16, kept
 
-
-@pytest.mark.parametrize("argv, keeps", [(["train", "sft", "--data", "none.jsonl", "--out", "o"], True),
-                                         (["compare", "--task", "city", "--out", "o"], True),
-                                         (["generate", "--prompt", "hi"], False)])
-def test_the_commands_that_train_keep_freed_memory(argv, keeps, tmp_path, monkeypatch, capsys):
-    """The CLI's training commands own their process (it exits when they end), so they set it; the others
-    and the Python API leave the process's allocator alone. Each command here fails after parsing
-    (a missing model or task)."""
-    from minicustom import cli
-
-    calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        cli.main(argv + ["--model", tmp_path / "none"])
-    err = capsys.readouterr().err
-    assert err.startswith(f"minicustom {argv[0]}") and ": error:" not in err, err  # the command's, not argparse's
-    assert bool(calls) == keeps

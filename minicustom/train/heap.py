@@ -5,10 +5,13 @@ frees them all at the end of backward. glibc's malloc serves a block over its mm
 start, rising to the size of a freed mapped block, at most 32 MiB) with a fresh mmap and unmaps it when it is
 freed, and it trims the top of its heap once more than twice that threshold is free there. Either way the
 next step asks the kernel for the same memory again, and the kernel faults in and zeroes every 4 KiB page.
-`benchmarks/bench_heap.py` (LoRA SFT of SmolLM2-135M, 8 x 1024 tokens, 4 steps, 2-core AMD EPYC): with
-glibc's defaults 9.3 million page faults and 65 of 338 CPU seconds in the kernel; kept, 4.4 million (the
-first touch of an 18 GB peak) and 55 of 331, and each step 1.05x as fast. At 4 x 256 tokens every tensor
-fits under the threshold once it has risen, and it makes no measurable difference.
+
+It matters for a step whose tensors stay over 32 MiB: transformers+peft's full logits (200 MB at 4 x 256
+tokens) made it 1.27x faster in `benchmarks/bench_sft.py --malloc both`. minicustom's chunked loss leaves no
+such tensor at that batch, and at 8 x 1024 tokens (`benchmarks/bench_heap.py`, 2-core AMD EPYC) it halved
+the page faults (9.0-9.3 million to 4.4-4.5, the rest being the first touch of an 18 GB peak) and cut the
+kernel's CPU time by 10-17 s in 4 steps, but each step was 1.05x and then 1.01x as fast, within the noise,
+while the peak grew 2-4%. So nothing in minicustom calls it: it is a switch for the caller's process.
 
 `keep_freed_memory()` sets two of glibc's malloc parameters (mallopt(3)) for the rest of the process:
 
@@ -16,12 +19,10 @@ fits under the threshold once it has risen, and it makes no measurable differenc
     M_TRIM_THRESHOLD = -1           the heap's free top is never handed back (glibc takes the value as a
                                     size_t: the largest one)
 
-so the pages one step faulted in serve the next. `minicustom train` and `compare` call it, since their process
-trains and then exits; the Python API leaves the caller's process as it is (call it before `train` to get
-the same). The cost: the process's resident memory stays at its
+so the pages one step faulted in serve the next. The cost: the process's resident memory stays at its
 high-water mark until it exits, and blocks are placed by the heap, which can leave holes that a later
-larger block cannot use (bench_heap.py's peak: 17,981 MB against 17,668). Nothing changes on other C
-libraries (musl, macOS, Windows), where it returns False; tensors on a GPU are not malloc's.
+larger block cannot use. Nothing changes on other C libraries (musl, macOS, Windows), where it
+returns False; tensors on a GPU are not malloc's.
 """
 
 from __future__ import annotations
