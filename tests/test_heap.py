@@ -43,4 +43,3 @@ def test_keep_freed_memory_reuses_the_pages_of_a_freed_tensor():
     # fault less, so at least half is asked); kept, the heap's pages are already there: a handful of faults
     assert default >= ROUNDS * PAGES // 2, default
     assert kept < PAGES // 16, kept
-
