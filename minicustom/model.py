@@ -132,6 +132,38 @@ class KVCache:
         return new
 
 
+class PromptKV:
+    """A KV cache that keeps autograd's graph: it records a forward's keys and values, then joins them to others.
+
+    Passed as `kv_cache` to a forward over a prompt (1, P), it records each layer's keys and values as
+    computed (again, unchanged, when a checkpointed layer is recomputed). After `join()`, it gives one
+    forward over continuations (B, T) each layer's recorded keys joined (torch.cat, no in-place write) to
+    the continuations' own, at positions P, P + 1, ... Training on the G samples of a prompt (GRPO) then
+    runs the prompt once, and its gradient is the sum of the rows', as if each row had run it. Uses: the
+    rollouts' shared prompts (train/rollout.py) and prompt tuning's virtual tokens (recorded only).
+    """
+
+    gated, prefix_length = None, 0
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}  # layer -> (1, nkv, P, hs)
+        self.v: dict[int, torch.Tensor] = {}
+        self.length = 0  # positions before the next forward's tokens: the model sets it to P after the prompt's
+        self.joining = False
+
+    def join(self) -> PromptKV:
+        self.joining = True
+        return self
+
+    def update(self, layer: int, k, v):
+        if not self.joining:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        B = k.shape[0]
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),  # (B, nkv, P + T, hs)
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()

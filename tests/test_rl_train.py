@@ -20,7 +20,7 @@ from minicustom.train.dpo import make_reference
 from minicustom.train.loop import accumulate_gradients
 from minicustom.train.ppo import PPOConfig, PPOTask, train_ppo, whiten
 from minicustom.train.rl import PolicyLoss, RLConfig, RLTask, train_rl
-from minicustom.train.rollout import load_prompts
+from minicustom.train.rollout import load_prompts, prompt_runs, rows_hidden, rows_table
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,54 @@ def test_policy_loss_module_equals_policy_loss(rl):
                            batch["ref_logps"])
     assert int(batch["weight"]) == int(mask.sum())
     torch.testing.assert_close(summed / batch["weight"], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["smollm", "mistral", "gemma2", "qwen3"])
+def test_rows_that_share_a_prompt_run_it_once(tmp_path, family):
+    """rows_hidden runs each shared prompt once (PromptKV) and equals forward_hidden on every row, forward and
+    LoRA gradients: runs of 3, 1 and 2 rows, prompts of 5, 9 and 9 tokens (the last two differ in one
+    token), completions of 1 to 6 tokens, right-padded. Sliding windows (mistral, gemma2: 7) reach into
+    the prompt; gemma2 soft-caps scores. fp32: the same sums, grouped by other matmul shapes (a few ulp
+    of the largest entry; a wrong position or a missing key moves entries by O(1))."""
+    path, _ = make_checkpoint(tmp_path / family, family, vocab_size=300)
+    model = policy(path)
+    g = torch.Generator().manual_seed(0)
+    p1, p2 = torch.randint(1, 300, (5,), generator=g).tolist(), torch.randint(1, 300, (9,), generator=g).tolist()
+    p3 = p2[:4] + [(p2[4] + 1) % 300] + p2[5:]
+    prompts = [p1] * 3 + [p2] + [p3] * 2
+    completions = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (6, 1, 3, 4, 2, 5)]
+    table = rows_table(prompts, completions, pad_id=0)
+    ids, labels = table["input_ids"], table["labels"]
+    assert prompt_runs(ids, labels) == [(0, 3, 5), (3, 4, 9), (4, 6, 9)]
+    embedded = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: embedded.append(o.shape[0] * o.shape[1]))
+    results = []
+    for forward in (rows_hidden, lambda m, x, _: m.forward_hidden(x)):
+        model.zero_grad()
+        h = forward(model, ids, labels)
+        (h.square() * (labels != IGNORE)[..., None]).sum().backward()  # the trained positions
+        results.append((h.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    hook.remove()
+    T = ids.shape[1]
+    assert embedded == [5, 3 * (T - 5), 9, T - 9, 9, 2 * (T - 9), 6 * T]  # each prompt once, then as rows
+    (h, grads), (h_ref, grads_ref) = results
+    scale = float(h_ref.abs().max())
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-5 * scale)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5 * float(g_ref.abs().max()))
+
+
+def test_rows_run_as_they_are_where_nothing_is_shared(rl):
+    """One row per prompt, a filler (no trained token) or gradient checkpointing: the plain forward."""
+    model, _ = rollout_task(rl, rl_config())
+    table = rows_table([[5, 6, 7], [5, 6, 8]], [[9], [9, 10]], pad_id=0)
+    assert prompt_runs(table["input_ids"], table["labels"]) is None
+    assert prompt_runs(table["input_ids"][[0, 0]], torch.full_like(table["labels"][:2], IGNORE)) is None
+    shared = rows_table([[5, 6, 7]] * 2, [[9], [9, 10]], pad_id=0)
+    model.train()
+    model.gradient_checkpointing = True
+    h = rows_hidden(model, shared["input_ids"], shared["labels"])
+    assert torch.equal(h, model.forward_hidden(shared["input_ids"]))
 
 
 @pytest.mark.parametrize("algorithm,loss_type", [("grpo", "grpo"), ("grpo", "dapo"), ("grpo", "dr_grpo"),

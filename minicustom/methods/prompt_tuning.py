@@ -42,7 +42,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..model import Prefix
+from ..model import Prefix, PromptKV
 from .base import (
     VIRTUAL_TOKENS,
     Method,
@@ -120,20 +120,6 @@ class PromptEncoder(nn.Module):
         return self.mlp_head(x) if hasattr(self, "mlp_head") else x  # (1, P, C)
 
 
-class _Capture:
-    """A stand-in KV cache for the virtual tokens' forward: it records each layer's (k, v)."""
-
-    length = prefix_length = 0
-    gated = None
-
-    def __init__(self):
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, layer: int, k, v):
-        self.kv[layer] = (k, v)  # (1, nkv, P, hs); a checkpointed recompute records them again, unused
-        return k, v
-
-
 class VirtualTokens(PrefixLayer):
     """The model's kv_prefix: named prompt encoders; the active one's E becomes every layer's prefix."""
 
@@ -153,13 +139,13 @@ class VirtualTokens(PrefixLayer):
             return None
         model = self._model[0]
         E = encoder().to(model.model.embed_tokens.weight.dtype)  # (1, P, C)
-        capture = _Capture()
+        capture = PromptKV()
         self._inside = True  # a model that asks its seam for prefixes in this forward gets none
         try:
             model.forward_hidden(inputs_embeds=E, kv_cache=capture)  # positions 0..P-1, causal
         finally:
             self._inside = False
-        return [Prefix(*capture.kv[i]) for i in range(len(capture.kv))]  # (1, nkv, P, hs) each; any B
+        return [Prefix(capture.k[i], capture.v[i]) for i in range(len(capture.k))]  # (1, nkv, P, hs) each; any B
 
 
 def _encoder(model: nn.Module, config) -> PromptEncoder:

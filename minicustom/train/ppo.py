@@ -142,7 +142,7 @@ class PPOTask(RolloutTask):
         table = rows_table([p.ids for p in prompts], ids, self.pad_id)
         mask = table["labels"][:, 1:] != IGNORE
         table["old_logps"] = table_logps(model, table, c)
-        table["old_values"] = over_rows(model, table["input_ids"], c.batch_size, lambda h, _: self.loss.values(h)) * mask
+        table["old_values"] = over_rows(model, table, c.batch_size, lambda h, _: self.loss.values(h)) * mask
         kl = torch.zeros_like(table["old_logps"])
         if self.reference is not None:
             with self.reference.scope(model) as ref_model:
