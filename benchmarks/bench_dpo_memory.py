@@ -37,7 +37,6 @@ another dtype (most are bf16) is converted on load: then each copy is private me
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -221,12 +220,13 @@ def main():
         return worker(*args.worker, path, args.steps, args.threads, args.batch_size)
 
     import peft
-    import torch
     import transformers
     import trl
 
-    print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl "
+    from minicustom.precision import describe_cpu
+
+    print(f"# {path}\n# {describe_cpu(args.threads)}, transformers {transformers.__version__}, peft "
+          f"{peft.__version__}, trl "
           f"{trl.__version__}, fp32, LoRA r=8 on 7 projections, {args.batch_size} pairs per step, "
           f"{args.rounds} round(s) x {args.steps} steps after a warm-up step\n")
     runs = {(ref, lib): [] for ref in REFERENCES for lib in LIBRARIES}

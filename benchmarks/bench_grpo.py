@@ -19,7 +19,6 @@ The variants alternate, `--repeats` times each after a warm-up; the medians and 
 """
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from demo_lora import demo_lora_model  # benchmarks/, the script's folder
 from minicustom.data import IGNORE, pad_id_for
 from minicustom.gguf import fetch_demo_model
 from minicustom.losses import policy_loss
+from minicustom.precision import describe_cpu
 from minicustom.prompting import default_stop_ids
 from minicustom.train.rl import PolicyLoss, RLConfig
 from minicustom.train.rollout import load_prompts, rows_table, sample, table_logps
@@ -124,8 +124,7 @@ def main():
             fn()
             if round_:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
-    print(f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, fp32, {platform.processor() or platform.machine()}, torch "
-          f"{torch.__version__}, {args.threads} threads, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, fp32, {describe_cpu(args.threads)}")
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f"| part | seconds (median of {args.repeats}) | vs shared |")
     print("|---|---|---|")

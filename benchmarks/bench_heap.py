@@ -63,12 +63,9 @@ def main():
         return worker(args.worker, args.steps, args.batch_size, args.precision)
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         sys.exit("bench_heap.py: keep_freed_memory sets glibc's malloc; this C library is not glibc")
-    import torch
+    from minicustom.precision import describe_cpu
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())
-    print(f"# {cpu} ({torch.backends.cpu.get_cpu_capability()}), 2 threads, "
-          f"torch {torch.__version__}, {args.precision}, LoRA r=8 on every linear of SmolLM2-135M-Instruct, "
+    print(f"# {describe_cpu(2)}, {args.precision}, LoRA r=8 on every linear of SmolLM2-135M-Instruct, "
           f"batch {args.batch_size} x 1024 packed, {args.steps} steps, {args.rounds} round(s), alternating\n")
     runs = {mode: [] for mode in MODES}
     for _ in range(args.rounds):

@@ -15,7 +15,6 @@ trainer runs its rollouts (refused where the CPU has no fast bf16 matmul, unless
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import minicustom as mc
 from minicustom.generate import left_pad
 from minicustom.gguf import fetch_demo_model
-from minicustom.precision import resolve
+from minicustom.precision import describe_cpu, resolve
 
 QUESTIONS = ("Write a short poem about the sea.", "What is 17 * 23? Think step by step.",
              "Name three rivers in Europe.", "Explain what a KV cache is in one sentence.")
@@ -68,8 +67,7 @@ def main():
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     theirs.generation_config.pad_token_id = ours.config.eos_token_id
     tok = mc.load_tokenizer(path)
-    print(f"# {path}\n# {platform.processor() or platform.machine()}, {args.threads} threads, ATen CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, transformers "
+    print(f"# {path}\n# {describe_cpu(args.threads)}, transformers "
           f"{transformers.__version__}, {args.precision}{' (autocast, fp32 weights)' if args.precision == 'bf16' else ''}"
           f", median of {args.repeats}\n")
     print("| workload | minicustom tokens/s | transformers tokens/s | ratio |\n|---|---|---|---|")

@@ -27,7 +27,6 @@ unless --force. Prints the CPU, the precision of each run, RHO, the curves again
 """
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -75,13 +74,10 @@ def main():
     parser.add_argument("--out", default="runs/bench-precision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from minicustom.precision import cpu_flags, resolve
+    from minicustom.precision import describe_cpu, resolve
 
     auto = resolve("auto", "cpu")
-    units = " ".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "none"
-    print(f"# {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}; bf16 matmul "
-          f"units: {units}), {args.threads} threads, torch {torch.__version__}; auto would pick {auto.name}: "
-          f"{auto.reason}")
+    print(f"# {describe_cpu(args.threads)}; auto would pick {auto.name}: {auto.reason}")
     if auto.name != "bf16" and not args.force:
         sys.exit("bench_precision: this CPU runs bf16 emulated (about 100x slower than fp32); --force to run anyway")
     import minicustom as mc

@@ -45,7 +45,6 @@ QLoRA) is reported as such and minicustom is measured alone.
 import argparse
 import importlib.util
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -310,15 +309,12 @@ def main():
         print(f"# {mc.memory_report(model)}")
         del model
 
-    from minicustom.precision import cpu_flags
+    from minicustom.precision import describe_cpu
 
     P = args.precision
-    where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
-             f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}; bf16 "
-             f"matmul units: {' '.join(sorted(cpu_flags() & {'avx512_bf16', 'amx_bf16'})) or 'none'}), "
-             f"{args.threads} threads")
-    print(f"# {path}{' (random weights)' if (Path(path) / 'RANDOM').exists() else ''}\n# {where}, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, precision {P}, "
+    where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}" if args.device.startswith("cuda")
+             else describe_cpu(args.threads))
+    print(f"# {path}{' (random weights)' if (Path(path) / 'RANDOM').exists() else ''}\n# {where}, transformers {transformers.__version__}, peft {peft.__version__}, precision {P}, "
           f"{args.method} r=8 on 7 projections{', activation checkpointing per block' if args.gradient_checkpointing else ''}, "
           f"malloc {args.malloc}, "
           f"batch {B} x {T}, median of {args.rounds} x {args.steps} steps\n")

@@ -16,27 +16,16 @@ before and after figures printed with the time each took.
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from minicustom.gguf import fetch_demo_model
+from minicustom.precision import describe_cpu
 
 ROOT = Path(__file__).parents[1]
 TASKS = ROOT / "examples/data/tasks"
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-             if line.startswith("model name")] if info.exists() else []
-    return f"{names[0] if names else platform.processor() or platform.machine()}, {len(names) or '?'} cores, torch " \
-           f"{torch.__version__}, {torch.get_num_threads()} threads, ATen CPU capability " \
-           f"{torch.backends.cpu.get_cpu_capability()}, float32"
 
 
 def train(kind: str, out: Path, *args) -> tuple[list[dict], float]:
@@ -140,6 +129,6 @@ if __name__ == "__main__":
         parser.error(f"unknown part {unknown[0]!r}; parts: {', '.join(PARTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     model = fetch_demo_model()
-    print(f"SmolLM2-135M-Instruct on {cpu()}")
+    print(f"SmolLM2-135M-Instruct on {describe_cpu()}, float32")
     for name in args.parts or PARTS:
         PARTS[name](model, args.out)

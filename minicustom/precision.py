@@ -20,6 +20,7 @@ its reason, which the trainer prints.
 from __future__ import annotations
 
 import contextlib
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,20 @@ def cpu_flags() -> set[str]:
         return set()
     line = next((x for x in text.splitlines() if x.startswith("flags")), "")
     return set(line.partition(":")[2].split())
+
+
+def describe_cpu(threads: int | None = None) -> str:
+    """The CPU as benchmarks and examples print it: "AMD EPYC, 2 cores (ATen AVX512; bf16 matmul units:
+    avx512_bf16), 2 threads, torch 2.13.0+cpu"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    names = [x.partition(":")[2].strip() for x in text.splitlines() if x.startswith("model name")]
+    units = " ".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "none"
+    return (f"{names[0] if names else platform.processor() or platform.machine()}, {len(names) or '?'} cores (ATen "
+            f"{torch.backends.cpu.get_cpu_capability()}; bf16 matmul units: {units}), "
+            f"{threads or torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
 def bf16_matmul_speedup(n: int = 512, repeats: int = 3) -> float:
