@@ -24,6 +24,7 @@ from .methods import (
 from .methods.bottleneck import BottleneckConfig, apply_adapters
 from .methods.ia3 import IA3Config, apply_ia3
 from .methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
+from .methods.ln_tuning import LNTuningConfig, apply_ln_tuning
 from .methods.lora import apply_lora
 from .methods.lora_layers import LoraConfig
 from .methods.prefix import PrefixConfig, apply_prefix
@@ -53,12 +54,14 @@ __all__ = [
     "BottleneckConfig",
     "IA3Config",
     "LlamaAdapterConfig",
+    "LNTuningConfig",
     "PrefixConfig",
     "PromptTuningConfig",
     "PTuningConfig",
     "apply_adapters",
     "apply_ia3",
     "apply_llama_adapter",
+    "apply_ln_tuning",
     "apply_p_tuning",
     "apply_prefix",
     "apply_prompt_tuning",

@@ -94,12 +94,16 @@ def attach(model, tok, method: Method, given: dict, seed: int):
     if isinstance(targets := given.get("targets"), list):  # names the user typed: each must name a layer
         def layer(name: str) -> bool:
             module = model.get_submodule(name)
+            if method.targetable is not None:
+                return method.targetable(module)
             return linear_like(module) or isinstance(module, torch.nn.Embedding)
 
         leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n and layer(n)})
         if unknown := [t for t in targets if not any(layer(n) for n in find_targets(model, [t]))]:
-            raise ValueError(f"--targets {','.join(targets)}: no linear or embedding layer of the model is named "
-                             f"{', '.join(unknown)} (its layers: {', '.join(leaves)}, or all-linear)")
+            kind = "linear or embedding layer" if method.targetable is None else f"layer {method.name} adapts"
+            others = "" if method.targetable else ", or all-linear"
+            raise ValueError(f"--targets {','.join(targets)}: no {kind} of the model is named "
+                             f"{', '.join(unknown)} (its layers: {', '.join(leaves)}{others})")
     torch.manual_seed(seed)  # the method's initialisation is part of the run
     apply_method(model, method.name, tokenizer=tok, **given)
 

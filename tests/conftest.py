@@ -104,6 +104,38 @@ def greedy_uncached(model, ids, n: int):
     return ids
 
 
+def token_ids(B=2, T=17, seed=1):
+    """Token ids from 3 up to the tiny models' 131: no pad (0), BOS or EOS, whose embedding rows HF treats
+    specially."""
+    return torch.randint(3, 131, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def disabled_is_the_base(model, base, ids):
+    """With adapters disabled `model` gives `base`'s logits exactly, and enabled again its own; returns those."""
+    import minicustom as mc
+
+    adapted = model(ids)
+    with mc.disable_adapters(model):
+        assert torch.equal(model(ids), base(ids))
+    assert torch.equal(model(ids), adapted)
+    return adapted
+
+
+def adamw_step_changes(model, ids) -> list[str]:
+    """One AdamW step (weight decay on) on a loss of the logits of `ids`. Asserts every frozen parameter is
+    bit-identical after it; returns the names of the trained parameters it moved."""
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model(ids).logsumexp(-1).mean().backward()
+    opt.step()
+    params = dict(model.named_parameters())
+    for n, before in frozen.items():
+        assert torch.equal(params[n], before), n
+    return [n for n, before in trained.items() if not torch.equal(params[n], before)]
+
+
 def make_checkpoint(path, family: str, seed: int = 0, **overrides):
     """Save a tiny random HF model of `family` as safetensors under path; returns (path, hf_model)."""
     model = make_hf_model(family, seed, **overrides)

@@ -28,7 +28,7 @@ tests' docstrings.
 
 import pytest
 import torch
-from conftest import make_checkpoint, make_hf_model
+from conftest import make_checkpoint, make_hf_model, token_ids
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import minicustom as mc
@@ -38,9 +38,7 @@ ATOL, RTOL = 1e-5, 1e-6  # logits
 GATOL = 1e-5  # gradients, divided by their largest entry
 
 
-def _ids(B=2, T=17, seed=1):
-    """Token ids from 3 up: no pad (0), BOS or EOS, whose embedding rows HF treats specially."""
-    return torch.randint(3, 131, (B, T), generator=torch.Generator().manual_seed(seed))
+_ids = token_ids
 
 
 def _ours(peft_name: str) -> str:

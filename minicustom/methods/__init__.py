@@ -3,6 +3,7 @@
     prompt_tuning.py  prompt tuning and p-tuning (learned virtual tokens)
     prefix.py         prefix tuning (learned keys and values in every layer)
     ia3.py            IA3 (learned rescaling vectors)
+    ln_tuning.py      LN tuning (a trainable copy of each norm's weight)
     bottleneck.py     bottleneck adapters (Houlsby, Pfeiffer, parallel)
     llama_adapter.py  LLaMA-Adapter (gated adaption prompts)
     lora.py           LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); its modules in lora_layers.py

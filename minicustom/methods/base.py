@@ -389,7 +389,8 @@ class Method:
     the learning rate it usually wants; `mergeable` says whether merging folds it into the base weights;
     `peft_type` names its adapter folders (None: a full checkpoint is written); `variant_of` marks a
     variant (rsLoRA of LoRA, ...) that compare leaves out unless asked; `uses_tokenizer` passes the
-    tokenizer to apply as `tokenizer=`. Adapter folders of `peft_type` are written by `to_peft(model,
+    tokenizer to apply as `tokenizer=`; `targetable(module)` says which modules its `targets` may name
+(None: linear and embedding layers). Adapter folders of `peft_type` are written by `to_peft(model,
     name)` -> (adapter_config, tensors, extra files) and read by `load_peft(model, path, config, tensors,
     name)`, which checks everything before it touches the model."""
 
@@ -404,6 +405,7 @@ class Method:
     uses_tokenizer: bool = False
     to_peft: Callable | None = field(default=None, repr=False)
     load_peft: Callable | None = field(default=None, repr=False)
+    targetable: Callable[[nn.Module], bool] | None = field(default=None, repr=False)  # None: linears, embeddings
 
     def defaults(self) -> dict[str, Any]:
         return {o.name: o.default for o in self.options}

@@ -51,7 +51,7 @@ from .base import (
     set_adapter,
     targets_option,
 )
-from .peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, AdapterError, check_fields
+from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys
 
 __all__ = ["IA3Config", "IA3Linear", "apply_ia3", "to_peft", "load_peft"]
 
@@ -287,26 +287,8 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     modules = dict(model.named_modules())
     expected = {name: _shape(modules[name], ff) for name, ff in plan}
 
-    found, unknown = {}, []
-    for key, t in tensors.items():
-        name = key.removeprefix(PREFIX).removesuffix(".ia3_l")
-        if not key.startswith(PREFIX) or not key.endswith(".ia3_l"):
-            unknown.append(f"{key} (an IA3 key is {PREFIX}<module>.ia3_l)")
-            continue
-        if name not in expected:
-            unknown.append(f"{key} ({'no such module' if name not in modules else 'not selected by target_modules'})")
-            continue
-        if tuple(t.shape) != expected[name]:
-            kind = "feedforward: scales the input" if expected[name][0] == 1 else "scales the output"
-            problems.append(f"{key}: shape {tuple(t.shape)}, expected {expected[name]} ({kind})")
-        found[name] = t
-    if unknown:
-        raise AdapterError(f"{path / WEIGHTS_FILE}: {len(unknown)} keys match no IA3 module of this model "
-                           f"(target_modules {config.targets!r}): " + ", ".join(sorted(unknown)[:20]))
-    problems += [f"{PREFIX}{name}.ia3_l is missing (its module is selected by target_modules {config.targets!r})"
-                 for name in sorted(set(expected) - set(found))]
-    if problems:
-        raise AdapterError(f"{path}: the adapter does not fit this model:\n  " + "\n  ".join(problems))
+    note = lambda shape: f" ({'feedforward: scales the input' if shape[0] == 1 else 'scales the output'})"  # noqa: E731
+    found = match_keys(path, tensors, ".ia3_l", expected, modules, "IA3", "module", config.targets, problems, note)
 
     # Checked: now change the model.
     layers = _attach(model, plan, adapter_name)

@@ -106,6 +106,35 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def match_keys(path: Path, tensors: dict[str, torch.Tensor], suffix: str, expected: dict[str, tuple],
+               modules: dict, method: str, unit: str, targets, problems: list[str] | None = None,
+               shape_note=lambda shape: "") -> dict[str, torch.Tensor]:
+    """The tensors of a one-key-per-module folder (PREFIX + module name + suffix), by module name. Every
+    key must belong to a module of `expected` (module name -> shape) and have its shape, and every module
+    must have its key; otherwise AdapterError naming the keys, with `problems` found before. `method` and
+    `unit` name them ("IA3", "module"); `shape_note(shape)` explains an expected shape. Changes nothing."""
+    problems = list(problems or [])
+    found, unknown = {}, []
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX).removesuffix(suffix)
+        if not key.startswith(PREFIX) or not key.endswith(suffix):
+            unknown.append(f"{key} ({method}'s keys are {PREFIX}<module>{suffix})")
+        elif name not in expected:
+            unknown.append(f"{key} ({'no such module' if name not in modules else 'not selected by target_modules'})")
+        else:
+            if tuple(t.shape) != expected[name]:
+                problems.append(f"{key}: shape {tuple(t.shape)}, expected {expected[name]}{shape_note(expected[name])}")
+            found[name] = t
+    if unknown:
+        raise AdapterError(f"{path / WEIGHTS_FILE}: {len(unknown)} keys match no {method} {unit} of this model "
+                           f"(target_modules {targets!r}): " + ", ".join(sorted(unknown)[:20]))
+    problems += [f"{PREFIX}{name}{suffix} is missing (its {unit} is selected by target_modules {targets!r})"
+                 for name in sorted(set(expected) - set(found))]
+    if problems:
+        raise AdapterError(f"{path}: the adapter does not fit this model:\n  " + "\n  ".join(problems))
+    return found
+
+
 def fingerprint_meta(model) -> dict[str, str]:
     c = model.config
     return {"minicustom_base_fingerprint": c.fingerprint(),

@@ -23,6 +23,7 @@ from .bottleneck import BOTTLENECK
 from .full import FULL
 from .ia3 import IA3
 from .llama_adapter import LLAMA_ADAPTER
+from .ln_tuning import LN_TUNING
 from .lora import DORA, LORA, OLORA, PISSA, RSLORA
 from .peft_format import (
     COMMON_FIELDS,
@@ -43,6 +44,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     P_TUNING,
     PREFIX_TUNING,
     IA3,
+    LN_TUNING,
     BOTTLENECK,
     LLAMA_ADAPTER,
     LORA,
