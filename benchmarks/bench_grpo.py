@@ -19,6 +19,7 @@ The variants alternate, `--repeats` times each after a warm-up; the medians and 
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from demo_lora import demo_lora_model  # benchmarks/, the script's folder
 from minicustom.data import IGNORE, pad_id_for
 from minicustom.gguf import fetch_demo_model
 from minicustom.losses import policy_loss
-from minicustom.precision import describe_cpu
+from minicustom.precision import describe_cpu, store_frozen
 from minicustom.prompting import default_stop_ids
 from minicustom.train.rl import PolicyLoss, RLConfig
 from minicustom.train.rollout import load_prompts, rows_table, sample, table_logps
@@ -71,6 +72,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both under torch.autocast, minicustom's frozen base stored in bf16 as its trainer "
+                             "does (the rollout is sampled in fp32 either way; the gap check too)")
+    parser.add_argument("--no-peer", action="store_true", help="minicustom alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import peft
@@ -83,15 +88,11 @@ def main():
     interleaved = torch.tensor([g * G + i for i in range(G) for g in range(PROBLEMS)])
     whole = {k: v[interleaved] if v.dim() else v for k, v in table.items()}
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(fetch_demo_model(install=False), dtype=torch.float32)
-    hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    hf.train()
-    ids, mask, completion_mask, completion_ids = peer_inputs(table, prompt_lengths, completions, pad_id_for(tok))
+    if args.precision == "bf16":
+        store_frozen(model, torch.bfloat16)  # as the trainer does
 
-    def peer_logps():
-        logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=completion_ids.shape[1] + 1).logits
-        logits = logits[:, :-1] / config.temperature  # (N, C, V), as TRL's _get_per_token_logps_and_entropies
-        return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)  # (N, C)
+    def autocast():
+        return torch.autocast("cpu", torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
 
     def ours(batch):
         def run():
@@ -100,31 +101,43 @@ def main():
             model.zero_grad(set_to_none=True)
         return run
 
-    def peer():
-        logps = peer_logps()
-        loss = policy_loss(logps, logps.detach(), table["advantages"], completion_mask, "grpo", 0.2, None, 0.0)
-        (loss * len(completions)).backward()
-        hf.zero_grad(set_to_none=True)
+    variants = {"update, shared prompts": ours(table), "update, whole rows": ours(whole)}
+    if not args.no_peer:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(fetch_demo_model(install=False), dtype=torch.float32)
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        hf.train()
+        ids, mask, completion_mask, completion_ids = peer_inputs(table, prompt_lengths, completions, pad_id_for(tok))
 
-    with torch.no_grad():  # both models are the base model (LoRA's B is 0): the same log-probs
-        theirs = peer_logps()
-        mine = table_logps(model, table, config)
-        trained = table["labels"][:, 1:] != IGNORE
-        gap = max(float((mine[i][trained[i]] - theirs[i][completion_mask[i]]).abs().max())
-                  for i in range(len(completions)))
-    print(f"largest gap between the two libraries' completion log-probs: {gap:.2e}")
+        def peer_logps():
+            logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=completion_ids.shape[1] + 1).logits
+            logits = logits[:, :-1].float() / config.temperature  # (N, C, V), as TRL's _get_per_token_logps...
+            return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)  # (N, C)
 
-    variants = {"update, shared prompts": ours(table), "update, whole rows": ours(whole), "update, transformers": peer,
-                "old log-probs, shared": lambda: table_logps(model, table, config),
-                "old log-probs, whole": lambda: table_logps(model, whole, config)}
+        def peer():
+            logps = peer_logps()
+            loss = policy_loss(logps, logps.detach(), table["advantages"], completion_mask, "grpo", 0.2, None, 0.0)
+            (loss * len(completions)).backward()
+            hf.zero_grad(set_to_none=True)
+
+        with torch.no_grad():  # both models are the base model (LoRA's B is 0): the same log-probs
+            theirs = peer_logps()
+            mine = table_logps(model, table, config)
+            trained = table["labels"][:, 1:] != IGNORE
+            gap = max(float((mine[i][trained[i]] - theirs[i][completion_mask[i]]).abs().max())
+                      for i in range(len(completions)))
+        print(f"largest gap between the two libraries' completion log-probs: {gap:.2e}")
+        variants["update, transformers"] = peer
+    variants.update({"old log-probs, shared": lambda: table_logps(model, table, config),
+                     "old log-probs, whole": lambda: table_logps(model, whole, config)})
     times = {name: [] for name in variants}
     for round_ in range(args.repeats + 1):
         for name, fn in variants.items():
             start = time.perf_counter()
-            fn()
+            with autocast():
+                fn()
             if round_:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
-    print(f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, fp32, {describe_cpu(args.threads)}")
+    print(f"SmolLM2-135M-Instruct, LoRA r=8 all-linear, {args.precision}, {describe_cpu(args.threads)}")
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f"| part | seconds (median of {args.repeats}) | vs shared |")
     print("|---|---|---|")

@@ -19,6 +19,8 @@ loading the model and attaching LoRA: what the training step itself adds. `--gra
 activation checkpointing per block in both (minicustom's `gradient_checkpointing`, transformers'
 `gradient_checkpointing_enable`, both non-reentrant): each block keeps only its input and recomputes the rest
 in backward, so the memory left is mostly the loss's and the model's.
+`--memory` traces the allocations of one more step per run and prints the tensors alive at its peak, grouped by
+the op that made them (benchmarks/memory_peak.py), beside the RSS the step added.
 `--malloc minicustom|both` tells glibc, in minicustom's process or in both, to keep the memory a step frees
 for the next one (minicustom/train/heap.py); the default leaves both with glibc's defaults.
 
@@ -38,7 +40,7 @@ QLoRA) is reported as such and minicustom is measured alone.
 
     python benchmarks/bench_sft.py [--method lora|qlora] [--model DIR|random] [--device cpu|cuda]
                                    [--precision fp32|bf16|fp16] [--gradient-checkpointing]
-                                   [--malloc default|minicustom|both] [--profile]
+                                   [--malloc default|minicustom|both] [--profile] [--memory]
                                    [--rounds 2] [--steps 3] [--threads 2]
 """
 
@@ -51,6 +53,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from memory_peak import live_at_peak  # benchmarks/, the script's folder
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 B, T = 4, 256
@@ -157,7 +161,7 @@ def profile(step) -> dict[str, float]:
 
 
 def worker(library, workload, path, model_path, steps, threads, device, precision, checkpointing=False,
-           profiled=False, malloc="default"):
+           profiled=False, malloc="default", memory=False):
     import contextlib
 
     import torch
@@ -232,7 +236,8 @@ def worker(library, workload, path, model_path, steps, threads, device, precisio
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"median_s": statistics.median(times), "peak_mb": peak, "train_mb": peak - base,
                       "first_loss": first_loss, "trained": int((labels[:, 1:] != -100).sum()),
-                      "profile": profile(step) if profiled else None}))
+                      "profile": profile(step) if profiled else None,
+                      "memory": live_at_peak(step) if memory else None}))
 
 
 def print_profiles(measured: dict) -> None:
@@ -253,6 +258,20 @@ def print_profiles(measured: dict) -> None:
             print(f"| {category} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
+def print_memory(measured: dict) -> None:
+    """Per workload and library (first round): the step's peak RSS growth, its tensors' peak, and what holds it."""
+    for workload, runs in measured.items():
+        for (library, precision), results in runs.items():
+            r = results[0]
+            m = r["memory"]
+            print(f"\n{workload}, {library} {precision}: the step adds {r['train_mb']:,.0f} MB of RSS at its peak; its "
+                  f"tensors peak at {m['peak_mb']:,.0f} MB. Alive there, by the op that made them:\n\n| made in | op | MB |"
+                  "\n|---|---|---|")
+            for phase, op, mb in m["groups"]:
+                print(f"| {phase} | {op} | {mb:,.1f} |")
+            print(f"| (the rest) | | {m['rest_mb']:,.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder, or 'random' (default: the demo model if installed, "
@@ -271,12 +290,15 @@ def main():
     parser.add_argument("--malloc", choices=["default", "minicustom", "both"], default="default",
                         help="whose process keeps freed memory for the next step (train/heap.py): neither, "
                              "minicustom's, or both")
+    parser.add_argument("--memory", action="store_true",
+                        help="after the timed steps each run traces one more step's allocations: the tensors "
+                             "alive at its peak, by the op that made them (benchmarks/memory_peak.py)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker[:2], args.model, args.worker[2], args.steps, args.threads, args.device,
                       args.worker[3], args.gradient_checkpointing,
-                      args.profile, args.malloc)
+                      args.profile, args.malloc, args.memory)
 
     import tempfile
 
@@ -333,6 +355,7 @@ def main():
                        "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
                 cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 cmd += ["--profile"] if args.profile else []
+                cmd += ["--memory"] if args.memory else []
                 cmd += ["--malloc", args.malloc]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 runs[library, precision].append(json.loads(out.strip().splitlines()[-1]))
@@ -368,6 +391,8 @@ def main():
               flush=True)
     if args.profile:
         print_profiles(measured)
+    if args.memory:
+        print_memory(measured)
     if model_path != path:
         import shutil
 
