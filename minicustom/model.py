@@ -37,6 +37,7 @@ heads, hs head dim, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,8 +128,8 @@ class KVCache:
         repeat it. Only for caches without a prefix (whose tensors may be shared by all rows)."""
         if self.prefix_length or self.gated:
             raise ValueError("a KV cache that holds a prefix cannot be re-indexed by rows")
-        new = object.__new__(KVCache)
-        new.__dict__.update(self.__dict__, k=[t[rows] for t in self.k], v=[t[rows] for t in self.v])
+        new = copy.copy(self)  # length, max_length, prefix_length, gated: the same
+        new.k, new.v = [t[rows] for t in self.k], [t[rows] for t in self.v]  # (B', nkv, S_max, hs) each
         return new
 
 
