@@ -25,6 +25,7 @@ from .methods.bottleneck import BottleneckConfig, apply_adapters
 from .methods.ia3 import IA3Config, apply_ia3
 from .methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
 from .methods.ln_tuning import LNTuningConfig, apply_ln_tuning
+from .methods.loha import LoHaConfig, apply_loha
 from .methods.lora import apply_lora
 from .methods.lora_layers import LoraConfig
 from .methods.prefix import PrefixConfig, apply_prefix
@@ -55,6 +56,7 @@ __all__ = [
     "IA3Config",
     "LlamaAdapterConfig",
     "LNTuningConfig",
+    "LoHaConfig",
     "PrefixConfig",
     "PromptTuningConfig",
     "PTuningConfig",
@@ -62,6 +64,7 @@ __all__ = [
     "apply_ia3",
     "apply_llama_adapter",
     "apply_ln_tuning",
+    "apply_loha",
     "apply_p_tuning",
     "apply_prefix",
     "apply_prompt_tuning",

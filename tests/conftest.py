@@ -122,6 +122,30 @@ def disabled_is_the_base(model, base, ids):
     return adapted
 
 
+def close_to_largest(out, ref, atol: float, what: str = ""):
+    """out equals ref within atol of ref's largest entry (the comparison for logits and gradients of
+    different magnitudes)."""
+    scale = ref.abs().max()
+    torch.testing.assert_close(out / scale, ref / scale, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def matches_peft(model, peft, ids, atol: float, prefix: str = "base_model.model."):
+    """model and its PEFT twin (the same weights, both in train mode): the logits, and every trainable
+    parameter's gradient of a fixed random probe of them, within atol of the reference's largest entry.
+    Returns our logits."""
+    probe = torch.randn(*ids.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(2))
+    out, ref = model(ids), peft(input_ids=ids).logits
+    close_to_largest(out, ref, atol, "logits")
+    (out * probe).sum().backward()
+    (ref * probe).sum().backward()
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix(prefix): p for n, p in peft.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs)
+    for name in ours:
+        close_to_largest(ours[name].grad, theirs[name].grad, atol, name)
+    return out
+
+
 def adamw_step_changes(model, ids) -> list[str]:
     """One AdamW step (weight decay on) on a loss of the logits of `ids`. Asserts every frozen parameter is
     bit-identical after it; returns the names of the trained parameters it moved."""

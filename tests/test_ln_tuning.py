@@ -23,7 +23,15 @@ import json
 
 import pytest
 import torch
-from conftest import adamw_step_changes, disabled_is_the_base, greedy_uncached, make_checkpoint, token_ids
+from conftest import (
+    adamw_step_changes,
+    close_to_largest,
+    disabled_is_the_base,
+    greedy_uncached,
+    make_checkpoint,
+    matches_peft,
+    token_ids,
+)
 from peft import LNTuningConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_cli_errors import fails
@@ -66,8 +74,7 @@ def _copy_peft_into(model, peft):
 
 
 def _assert_close(out, ref, what=""):
-    scale = ref.abs().max()
-    torch.testing.assert_close(out / scale, ref / scale, atol=TOL, rtol=0, msg=lambda m: f"{what}: {m}")
+    close_to_largest(out, ref, TOL, what)
 
 
 def _assert_adapter_matters(model, ids, out):
@@ -261,17 +268,9 @@ def test_logits_and_gradients_match_peft(tmp_path, case):
     peft.train()
 
     ids = _ids()
-    probe = torch.randn(2, 17, 131, generator=torch.Generator().manual_seed(2))
-    out, ref = model(ids), peft(input_ids=ids).logits
-    _assert_close(out, ref, "logits")
+    out = matches_peft(model, peft, ids, TOL)
     _assert_adapter_matters(model, ids, out)
-    (out * probe).sum().backward()
-    (ref * probe).sum().backward()
-    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    theirs = {n.removeprefix(PREFIX): p for n, p in peft.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and len(ours) == len(_copies(peft))
-    for name in ours:
-        _assert_close(ours[name].grad, theirs[name].grad, name)
+    assert sum(p.requires_grad for p in model.parameters()) == len(_copies(peft))
 
 
 def test_merging_matches_peft(tmp_path):

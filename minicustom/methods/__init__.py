@@ -7,6 +7,7 @@
     bottleneck.py     bottleneck adapters (Houlsby, Pfeiffer, parallel)
     llama_adapter.py  LLaMA-Adapter (gated adaption prompts)
     lora.py           LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); its modules in lora_layers.py
+    loha.py           LoHa (a Hadamard product of two low-rank updates)
     qlora.py          QLoRA's recipes: LoftQ, merging into a 4-bit base
     full.py           full fine-tuning
 

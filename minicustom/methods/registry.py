@@ -24,6 +24,7 @@ from .full import FULL
 from .ia3 import IA3
 from .llama_adapter import LLAMA_ADAPTER
 from .ln_tuning import LN_TUNING
+from .loha import LOHA
 from .lora import DORA, LORA, OLORA, PISSA, RSLORA
 from .peft_format import (
     COMMON_FIELDS,
@@ -48,6 +49,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     BOTTLENECK,
     LLAMA_ADAPTER,
     LORA,
+    LOHA,
     RSLORA,
     DORA,
     PISSA,
