@@ -46,24 +46,24 @@ class Precision:
         return self.name != "fp32"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo), empty where that file is absent."""
+def _cpuinfo(field: str) -> list[str]:
+    """The values of `field` in /proc/cpuinfo, one per core; empty where that file is absent."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return []
+    return [x.partition(":")[2].strip() for x in text.splitlines() if x.startswith(field)]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where that file is absent."""
+    return set(next(iter(_cpuinfo("flags")), "").split())
 
 
 def describe_cpu(threads: int | None = None) -> str:
     """The CPU as benchmarks and examples print it: "AMD EPYC, 2 cores (ATen AVX512; bf16 matmul units:
     avx512_bf16), 2 threads, torch 2.13.0+cpu"."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    names = [x.partition(":")[2].strip() for x in text.splitlines() if x.startswith("model name")]
+    names = _cpuinfo("model name")
     units = " ".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "none"
     return (f"{names[0] if names else platform.processor() or platform.machine()}, {len(names) or '?'} cores (ATen "
             f"{torch.backends.cpu.get_cpu_capability()}; bf16 matmul units: {units}), "

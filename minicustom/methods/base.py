@@ -390,7 +390,7 @@ class Method:
     `peft_type` names its adapter folders (None: a full checkpoint is written); `variant_of` marks a
     variant (rsLoRA of LoRA, ...) that compare leaves out unless asked; `uses_tokenizer` passes the
     tokenizer to apply as `tokenizer=`; `targetable(module)` says which modules its `targets` may name
-(None: linear and embedding layers). Adapter folders of `peft_type` are written by `to_peft(model,
+    (None: linear and embedding layers). Adapter folders of `peft_type` are written by `to_peft(model,
     name)` -> (adapter_config, tensors, extra files) and read by `load_peft(model, path, config, tensors,
     name)`, which checks everything before it touches the model."""
 

@@ -145,8 +145,8 @@ def prompt_runs(input_ids, labels) -> list[tuple[int, int, int]] | None:
 
 def rows_hidden(model: nn.Module, input_ids, labels) -> torch.Tensor:
     """model.forward_hidden(input_ids) (B, T, C) for rows of a prompt and a completion, each shared prompt
-    run once (model.PromptKV) for the rows after it: for GRPO's G samples of a ~90-token prompt, about
-    half the tokens a step computes. Equal up to rounding (the sums are grouped differently); dropout,
+    run once (model.PromptKV) for the rows after it: for the demo's 8 samples of a ~70-token prompt and
+    64-token completions, 46% fewer tokens and a 1.42x faster update (benchmarks/bench_grpo.py). Equal up to rounding (the sums are grouped differently); dropout,
     where a method has it, is drawn once for a prompt's rows. Where nothing is shared, or the model has
     a prefix or recomputes its layers (gradient checkpointing), the rows run as they are."""
     runs = prompt_runs(input_ids, labels)
