@@ -196,7 +196,7 @@ def test_config_that_is_not_utf8(folders, tmp_path):
 
 
 @pytest.mark.parametrize("value, match", [
-    ("LOKR", "peft_type 'LOKR' is not supported; supported: .*IA3, LN_TUNING, LOHA, LORA, PREFIX_TUNING"),
+    ("FOURIERFT", "peft_type 'FOURIERFT' is not supported; supported: .*IA3, .*LOHA, .*LORA, .*PREFIX_TUNING"),
     (5, "peft_type 5 is not supported"),
     (["LORA"], r"peft_type \['LORA'\] is not supported"),
     (None, "peft_type None is not supported"),

@@ -323,8 +323,8 @@ def test_corrupt_and_missing_files(ckpt, saved):
 def test_unsupported_peft_type_and_fields(ckpt, saved):
     _, path = saved
     config = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOKR"}))
-    with pytest.raises(NotImplementedError, match="peft_type 'LOKR' is not supported; supported: .*LORA"):
+    (path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FOURIERFT"}))
+    with pytest.raises(NotImplementedError, match="peft_type 'FOURIERFT' is not supported; supported: .*LORA"):
         mc.load_adapter(mc.load_model(ckpt), path)
     (path / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
     with pytest.raises(mc.AdapterError, match="fan_in_fan_out=True is not supported"):
