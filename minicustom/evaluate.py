@@ -6,8 +6,16 @@ comparison harness uses, so every method is measured by the same code. Prompts a
 sorted by length (less left padding), and results come back in the input order.
 
 Scorers: "exact" (exact_match), "label" (label_accuracy over a label set), "number" (number_match), or any
-callable (prediction, reference) -> bool | float. Left out, on purpose: log-likelihood scoring of
-multiple-choice options (lm-evaluation-harness' loglikelihood requests), BLEU/ROUGE, LLM-as-judge.
+callable (prediction, reference) -> bool | float. Beside accuracy, every generated answer's relevance to its
+reference (token F1, ROUGE-L: minicustom.metrics) and response time (time to first token, latency, tokens/s)
+are reported in `EvalResult.metrics`. Latencies are those of answers generated in batches of `batch_size`:
+an answer is ready when its row stops; batch_size=1 gives a single user's latency.
+
+Log-likelihood scoring (`evaluate_choices`, lm-evaluation-harness' multiple-choice requests): each choice c
+of a question with prompt x is scored by log p(c | x) = Σ_t log p(c_t | x, c_<t), and the prediction is the
+choice of largest score (acc), or of largest score / len(c) in characters (acc_norm, lm-eval's length
+normalization). The choice's tokens are the tokenizer's encoding of its text alone, appended to the prompt
+(the assistant turn's first tokens under a chat template). Left out: BLEU, LLM-as-judge.
 """
 
 from __future__ import annotations
@@ -15,11 +23,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
-from . import prompting
+import torch
+
+from . import metrics, prompting
 from .generate import generate
 from .model import eval_mode
 from .progress import Progress
@@ -58,11 +69,13 @@ SCORERS = {"exact": exact_match, "label": label_accuracy, "number": number_match
 @dataclass
 class EvalResult:
     """accuracy: mean score over n examples; records: one dict per example, in input order, with question,
-    prompt_tokens, output, prediction (after extraction), reference and score."""
+    prompt_tokens, output, prediction (after extraction), reference and score; metrics: relevance and
+    response time of generated answers (token_f1, rouge_l, latency_p50_s, ...), or acc_norm of choices."""
 
     accuracy: float
     n: int
     records: list[dict]
+    metrics: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, ensure_ascii=False)
@@ -112,25 +125,93 @@ def evaluate_generation(model, tokenizer, prompts: Sequence[Sequence[int]], refe
     stop = list(stop_ids) if stop_ids is not None else prompting.default_stop_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     records: list[dict | None] = [None] * len(prompts)
-    bar, total = Progress(len(prompts), 0, progress), 0.0
+    bar, total, wall = Progress(len(prompts), 0, progress), 0.0, 0.0
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             rows = [list(prompts[i]) for i in batch]
-            out = generate(model, rows, max_new_tokens, stop=stop, pad_token_id=stop[0] if stop else 0)
+            ticks = [time.perf_counter()]  # the batch's start, then the moment each new column is out
+            out = generate(model, rows, max_new_tokens, stop=stop, pad_token_id=stop[0] if stop else 0,
+                           on_token=lambda _, ticks=ticks: ticks.append(time.perf_counter()))
+            wall += ticks[-1] - ticks[0]
             T = max(len(r) for r in rows)  # left-padded to T; the new tokens follow
             for i, new in zip(batch, out[:, T:].tolist()):
+                n_new = _until_stop(new, stop)
                 text = prompting.completion_text(tokenizer, new, stop, stop_text)
                 pred = extract(text)
                 s = float(score(pred, references[i]))
                 total += s
                 records[i] = {"question": questions[i] if questions is not None else None,
                               "prompt_tokens": len(prompts[i]), "output": text, "prediction": pred,
-                              "reference": references[i], "score": s}
+                              "reference": references[i], "score": s, "new_tokens": n_new,
+                              "first_token_s": ticks[1] - ticks[0], "latency_s": ticks[n_new] - ticks[0]}
             done = start + len(batch)
             bar.update(done, f"accuracy {total / done:.3f}")
     bar.close()
-    return EvalResult(total / len(prompts), len(prompts), records)
+    return EvalResult(total / len(prompts), len(prompts), records, _answer_metrics(records, wall))
+
+
+def _until_stop(new: list[int], stop: Sequence[int]) -> int:
+    """How many of a row's new tokens it generated: up to and including its first stop token (the rest,
+    if any, is the padding of a finished row)."""
+    return next((k + 1 for k, t in enumerate(new) if t in stop), len(new))
+
+
+def _answer_metrics(records: list[dict], wall: float) -> dict:
+    return {**metrics.relevance([r["output"] for r in records], [r["reference"] for r in records]),
+            **metrics.latency_summary([r["latency_s"] for r in records], [r["first_token_s"] for r in records],
+                                      [r["new_tokens"] for r in records], wall)}
+
+
+@torch.inference_mode()
+def choice_logprobs(model, prompt: Sequence[int], choices: Sequence[Sequence[int]]) -> list[float]:
+    """log p(choice | prompt) for each choice's token ids: one forward over the rows prompt + choice (right
+    padded; causal attention keeps the padding out of every scored position)."""
+    if not prompt or not choices or any(len(c) == 0 for c in choices):
+        raise ValueError("log-likelihood scoring needs a prompt and choices of at least one token each")
+    rows = [list(prompt) + list(c) for c in choices]
+    T = max(map(len, rows))
+    device = model.model.embed_tokens.weight.device
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (K, T)
+    with eval_mode(model):
+        h = model.forward_hidden(ids)  # (K, T, C)
+        head = model.head()
+        scores = []
+        for k, c in enumerate(choices):  # c_t is predicted at position len(prompt) + t - 1
+            at = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=device)
+            logp = torch.log_softmax(head(h[k, at]).float(), dim=-1)  # (len(c), V)
+            scores.append(logp.gather(1, torch.as_tensor(c, device=device)[:, None]).sum().item())
+    return scores
+
+
+def evaluate_choices(model, tokenizer, prompts: Sequence[Sequence[int]], references: Sequence[str],
+                     choices: Sequence[str], *, questions: Sequence[str] | None = None,
+                     progress: bool = True) -> EvalResult:
+    """Multiple choice by log-likelihood: accuracy is acc (the most likely choice), metrics["acc_norm"] the
+    accuracy of the most likely per character. References must be among the choices (case-insensitive)."""
+    if len(prompts) != len(references) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts and {len(references)} references: one each, at least one")
+    if len(choices) < 2 or len({c.casefold() for c in choices}) != len(choices):
+        raise ValueError(f"choices must be at least two different answers, got {list(choices)}")
+    index = {c.casefold(): k for k, c in enumerate(choices)}
+    stray = sorted({r for r in references if r.casefold() not in index})
+    if stray:
+        raise ValueError(f"references {stray[:5]} are not among the choices {list(choices)}")
+    encoded = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
+    bar, records, hits, hits_norm = Progress(len(prompts), 0, progress), [], 0, 0
+    for i, (ids, ref) in enumerate(zip(prompts, references)):
+        lls = choice_logprobs(model, ids, encoded)
+        best = max(range(len(choices)), key=lambda k: lls[k])
+        best_norm = max(range(len(choices)), key=lambda k: lls[k] / len(choices[k]))
+        hits += best == index[ref.casefold()]
+        hits_norm += best_norm == index[ref.casefold()]
+        records.append({"question": questions[i] if questions is not None else None, "prompt_tokens": len(ids),
+                        "loglikelihoods": dict(zip(choices, lls)), "prediction": choices[best],
+                        "prediction_norm": choices[best_norm], "reference": ref,
+                        "score": float(best == index[ref.casefold()])})
+        bar.update(i + 1, f"acc {hits / (i + 1):.3f}")
+    bar.close()
+    return EvalResult(hits / len(prompts), len(prompts), records, {"acc_norm": hits_norm / len(prompts)})
 
 
 def _shots(source) -> list[Shot]:
@@ -145,9 +226,11 @@ def evaluate_task(model, tokenizer, test_records, *, shots_pool=None, k: int = 0
                   chain_of_thought: bool = False, system: str | None = None, instruction: str | None = None,
                   self_consistency: int = 0, temperature: float = 0.7, scorer="exact",
                   labels: Sequence[str] | None = None, max_prompt_tokens: int | None = None,
-                  max_new_tokens: int = 32, batch_size: int = 8, seed: int = 0, progress: bool = True) -> EvalResult:
+                  max_new_tokens: int = 32, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                  score_choices: bool = False) -> EvalResult:
     """Build each test record's prompt and evaluate: test_records and shots_pool are task records,
-    ("file:line", record) pairs, Shots or a JSONL path.
+    ("file:line", record) pairs, Shots or a JSONL path. With score_choices (and labels), the same prompts
+    are also scored by log-likelihood over the labels: metrics["loglik_acc"] and ["loglik_acc_norm"].
 
     The system prompt is `system`, else the record's own. k shots come from shots_pool by `strategy`, and
     shots_pool must share no question with the test records. Each prompt is fit to max_prompt_tokens
@@ -187,6 +270,11 @@ def evaluate_task(model, tokenizer, test_records, *, shots_pool=None, k: int = 0
                                      progress=progress, questions=questions, stop_text=stop_text)
     for record, n_shots in zip(result.records, kept):
         record["shots"] = n_shots
+    if score_choices:
+        if not labels:
+            raise ValueError("score_choices scores the labels by log-likelihood: give labels")
+        by_ll = evaluate_choices(model, tokenizer, prompts, references, labels, progress=progress)
+        result.metrics.update(loglik_acc=by_ll.accuracy, loglik_acc_norm=by_ll.metrics["acc_norm"])
     return result
 
 

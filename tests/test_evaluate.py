@@ -71,6 +71,8 @@ def fake_generate(tok, monkeypatch):
         new = [tok.encode(by_prompt[tuple(r)], add_special_tokens=False) + [stop[0]] for r in rows]
         width = max(map(len, new))
         padded = torch.tensor([n + [pad_token_id] * (width - len(n)) for n in new])
+        for column in padded.T:  # as generate streams: one call per new column
+            kw["on_token"](column)
         return torch.cat([left_pad(rows, pad_token_id)[0], padded], dim=1)
 
     monkeypatch.setattr(evaluate, "generate", fake)
@@ -138,8 +140,10 @@ def test_evaluate_task_builds_fitted_prompts_and_extracts(tok, model, monkeypatc
 
     def fake(model, rows, max_new_tokens, *, stop, pad_token_id, **kw):
         seen.extend(rows)
-        new = [tok.encode("2 + 2 = 4. The answer is 4.", add_special_tokens=False)] * len(rows)
-        return torch.cat([left_pad(rows)[0], torch.tensor(new)], dim=1)
+        new = torch.tensor([tok.encode("2 + 2 = 4. The answer is 4.", add_special_tokens=False)] * len(rows))
+        for column in new.T:
+            kw["on_token"](column)
+        return torch.cat([left_pad(rows)[0], new], dim=1)
 
     monkeypatch.setattr(evaluate, "generate", fake)
     full = len(prompting.render(tok, prompting.build_messages(
