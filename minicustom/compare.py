@@ -10,7 +10,8 @@ process, so its peak memory (the process's maximum resident set, the model inclu
 result is written to OUT/<method>/result.json as soon as it is known, and a later run with the same
 OUT reuses it (a crash loses at most the method under way). The table (comparison.md, .json) gives test
 accuracy, trainable parameters, training time, peak memory, training tokens and prompt tokens per
-test question; comparison.png plots accuracy against trainable parameters and against training time
+test question, the answers' relevance (token F1, ROUGE-L) and response time (p50/p95 latency, tokens/s),
+and on a label task the accuracy of the most likely label by log-likelihood; comparison.png plots accuracy against trainable parameters and against training time
 (with matplotlib, `pip install 'minicustom[plot]'`; the same rows are in comparison.csv either way).
 
 The methods and their learning rates come from the registry (methods/registry.py): each method's own lr,
@@ -168,11 +169,15 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
                            k=config.shots if method == "few-shot" or (method == "cot" and task.chain_of_thought_data)
                            else 0, strategy="similar", chain_of_thought=method == "cot", scorer=task.scorer,
                            labels=task.labels, max_new_tokens=max(task.max_new_tokens, 96 if method == "cot" else 0),
-                           seed=config.seed, progress=False)
+                           seed=config.seed, progress=False, score_choices=task.labels is not None)
+    m = result.metrics
     row = {"method": method, "accuracy": result.accuracy, "n_test": result.n, "trainable_params": trainable,
            "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
            "peak_mb": round(_peak_mb()), "train_tokens": tokens,
-           "prompt_tokens": round(sum(r["prompt_tokens"] for r in result.records) / max(result.n, 1), 1)}
+           "prompt_tokens": round(sum(r["prompt_tokens"] for r in result.records) / max(result.n, 1), 1),
+           "latency_p50_s": round(m["latency_p50_s"], 3), "latency_p95_s": round(m["latency_p95_s"], 3),
+           "tokens_per_s": round(m["tokens_per_s"], 1), "token_f1": round(m["token_f1"], 4),
+           "rouge_l": round(m["rouge_l"], 4), "loglik_accuracy": m.get("loglik_acc")}
     (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records))
     return row
 
@@ -223,13 +228,25 @@ def compare(model_path, task_folder, out, methods=None, config: CompareConfig | 
     return rows
 
 
+def _cell(row: dict, key: str, form: str) -> str:
+    """A number of the row, or a dash (a result.json written before the column existed, or no labels)."""
+    return "–" if row.get(key) is None else format(row[key], form)
+
+
 def markdown(rows: list[dict], task: str, n_test: int) -> str:
-    lines = [f"TaskFolder `{task}`, test accuracy on {rows[0]['n_test'] if rows else n_test} questions.", "",
+    """The table: accuracy and cost, then relevance (token F1 and ROUGE-L of the whole answer against the
+    reference) and response time (per answer, generated in batches of 8), and for a label task the accuracy
+    of the most likely label by log-likelihood."""
+    lines = [f"Task `{task}`, test accuracy on {rows[0]['n_test'] if rows else n_test} questions.", "",
              "| method | test accuracy | trainable params | training time (s) | peak memory (MB) | training tokens "
-             "| prompt tokens / question |", "|---|---|---|---|---|---|---|"]
+             "| prompt tokens / question | token F1 | ROUGE-L | p50 / p95 latency (s) | tokens/s | log-lik. accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['trainable_params']:,} | {r['train_seconds']:.0f} "
-                     f"| {r['peak_mb']:,} | {r['train_tokens']:,} | {r['prompt_tokens']:.0f} |")
+                     f"| {r['peak_mb']:,} | {r['train_tokens']:,} | {r['prompt_tokens']:.0f} "
+                     f"| {_cell(r, 'token_f1', '.3f')} | {_cell(r, 'rouge_l', '.3f')} "
+                     f"| {_cell(r, 'latency_p50_s', '.2f')} / {_cell(r, 'latency_p95_s', '.2f')} "
+                     f"| {_cell(r, 'tokens_per_s', '.0f')} | {_cell(r, 'loglik_accuracy', '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

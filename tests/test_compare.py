@@ -8,7 +8,7 @@ from conftest import CITIES
 
 import minicustom as mc
 from minicustom.cli import main
-from minicustom.compare import CompareConfig, CompareError, compare, load_task
+from minicustom.compare import CompareConfig, CompareError, compare, load_task, markdown
 from minicustom.data import DataError
 
 SYSTEM = "Answer with the name of the city only."
@@ -52,10 +52,15 @@ def test_rows_files_and_reuse(setup, task, tmp_path):
     assert by["few-shot"]["prompt_tokens"] > by["zero-shot"]["prompt_tokens"]  # the shots are in the prompt
     for r in rows:
         assert r["n_test"] == 4 and 0 <= r["accuracy"] <= 1 and r["peak_mb"] > 0
+        assert r["latency_p95_s"] >= r["latency_p50_s"] > 0 and r["tokens_per_s"] > 0
+        assert 0 <= r["token_f1"] <= 1 and 0 <= r["rouge_l"] <= 1
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["rows"] == rows and saved["task"] == "tiny-city"
     md = (tmp_path / "comparison.md").read_text()
-    assert all(f"| {m} |" in md for m in methods)
+    assert all(f"| {m} |" in md for m in methods) and "| ROUGE-L | p50 / p95 latency (s) |" in md
+    old = {k: v for k, v in rows[0].items() if k not in ("token_f1", "rouge_l", "latency_p50_s")}
+    p95, rate = rows[0]["latency_p95_s"], rows[0]["tokens_per_s"]  # a row of an older result.json: dashes
+    assert markdown([old], "t", 4).splitlines()[-1].endswith(f"| – | – | – / {p95:.2f} | {rate:.0f} | – |")
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = [json.loads(line) for line in (tmp_path / "lora" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and all("output" in a for a in answers)
