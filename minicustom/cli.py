@@ -1,4 +1,5 @@
-"""The `minicustom` command: generate, chat, serve, train sft|dpo|kto|rm|grpo|rloo|ppo, compare, inspect-data, merge, quantize, convert-gguf, export-gguf, fetch-demo-model.
+"""The `minicustom` command: generate, chat, serve, train sft|dpo|kto|rm|grpo|rloo|ppo, compare, prompts eval|search,
+ladder, inspect-data, merge, quantize, convert-gguf, export-gguf, fetch-demo-model.
 
 `--model` defaults to the demo model (SmolLM2-135M-Instruct), installed by `minicustom fetch-demo-model` (no
 other command installs anything). `python -m minicustom` is the same program. An error the user can act on
@@ -34,6 +35,7 @@ from .cli_common import (
 )
 from .cli_deploy import add_export_gguf, add_serve, merged
 from .cli_kto import add_train_kto
+from .cli_prompts import add_prompts
 from .cli_rl import add_train_rl
 from .cli_rm import add_train_rm
 from .cli_train import add_train_dpo, add_train_sft
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=COUNT, help="evaluate on the first N test records only")
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_compare)
+    add_prompts(sub)
     p = sub.add_parser("inspect-data", help="show which tokens of a dataset are trained")
     p.add_argument("--model", help="checkpoint folder whose tokenizer to use (default: the demo model)")
     add_data_args(p)

@@ -35,14 +35,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
-from .data import DataError, PreferencePair, make_example, make_pair, pad_id_for, read_jsonl
-from .evaluate import evaluate_task
-from .files import atomic_write, read_json
-from .methods import count_parameters
-from .methods.registry import ORIGINS, REGISTRY, apply_method, get_method
+from .checkpoint import load_model, save_model
+from .data import PreferencePair, make_example, make_pair, pad_id_for
+from .files import atomic_write
+from .methods import adapter_configs, count_parameters
+from .methods.registry import ORIGINS, REGISTRY, apply_method, get_method, save_adapter
 from .plot import write_compare_chart, write_compare_csv
+from .prompt_library import Variant, evaluate_variant
 from .prompting import default_stop_ids
+from .tasks import TaskFolder, load_task
 from .tokenizer import load_tokenizer
 from .train import DPOConfig, TrainConfig, train, train_dpo
 
@@ -81,45 +82,6 @@ class CompareConfig:
     num_virtual_tokens: int = 20
 
 
-@dataclass
-class TaskFolder:
-    folder: Path
-    name: str
-    scorer: str
-    labels: list[str] | None
-    max_new_tokens: int
-    train: list[dict]
-    test: list[dict]
-    prefs: list[dict]
-
-    @property
-    def chain_of_thought_data(self) -> bool:
-        return any("rationale" in r for r in self.train)
-
-
-def load_task(folder) -> TaskFolder:
-    """A task folder: task.json (name, scorer, labels, max_new_tokens), train/test JSONL, prefs_train.jsonl."""
-    folder = Path(folder)
-    if not (folder / "task.json").is_file():
-        raise DataError(f"{folder}: not a task folder (no task.json; see examples/data/tasks/)")
-    file = folder / "task.json"
-    meta = read_json(file, DataError)
-    if not isinstance(meta, dict):
-        raise DataError(f"{file}: expected a JSON object, found {type(meta).__name__}")
-    if meta.get("scorer") not in ("exact", "label", "number"):
-        raise DataError(f"{file}: 'scorer' must be exact, label or number, got {meta.get('scorer')!r}")
-    labels, max_new = meta.get("labels"), meta.get("max_new_tokens", 32)
-    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise DataError(f"{file}: 'labels' must be a list of strings, got {labels!r}")
-    if not (isinstance(max_new, int) and not isinstance(max_new, bool) and max_new >= 1):
-        raise DataError(f"{file}: 'max_new_tokens' must be a positive integer, got {max_new!r}")
-    prefs = folder / "prefs_train.jsonl"
-    return TaskFolder(folder, meta.get("name", folder.name), meta["scorer"], labels,
-                max_new, [r for _, r in read_jsonl(folder / "train.jsonl")],
-                [r for _, r in read_jsonl(folder / "test.jsonl")],
-                [r for _, r in read_jsonl(prefs)] if prefs.is_file() else [])
-
-
 # -- one method, in its own process ---------------------------------------------------------------------
 
 def _peak_mb() -> float:
@@ -131,8 +93,31 @@ def _train_tokens(out: Path) -> int:
     return sum(r.get("tokens", 0) for r in rows)
 
 
-def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig, out) -> dict:
-    """Train (or not) and evaluate one method; returns its row of the table."""
+def prompt_variant(method: str, task: TaskFolder, config: CompareConfig) -> Variant:
+    """How a method's answers are prompted: the prompting rungs as library variants, every trained method
+    zero-shot with the records' own system prompt."""
+    if method == "few-shot":
+        return Variant(method, shots=config.shots)
+    if method == "cot":
+        return Variant(method, chain_of_thought=True, shots=config.shots if task.chain_of_thought_data else 0)
+    return Variant(method)
+
+
+def save_artifact(model, out: Path, variant: Variant):
+    """What a rung leaves to use: its adapter (OUT/adapter), its whole model (OUT/model, full fine-tuning), or
+    for a prompting rung its prompt as a library line (OUT/prompt.json)."""
+    if variant.name in PROMPTING:
+        atomic_write(out / "prompt.json", lambda p: p.write_text(json.dumps(variant.to_json()) + "\n"))
+    elif adapter_configs(model):
+        save_adapter(model, out / "adapter")
+    else:
+        save_model(model, out / "model")
+
+
+def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig, out, splits=(),
+               keep: bool = False) -> dict:
+    """Train (or not) and evaluate one method; returns its row of the table: test accuracy and the other
+    columns, and `<split>_accuracy` for each of `splits`. keep: save_artifact into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -165,11 +150,8 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
     train_seconds = time.perf_counter() - t0
     trainable = count_parameters(model)[0] if method not in PROMPTING else 0
     t1 = time.perf_counter()
-    result = evaluate_task(model, tok, test, shots_pool=budget if method in ("few-shot", "cot") else None,
-                           k=config.shots if method == "few-shot" or (method == "cot" and task.chain_of_thought_data)
-                           else 0, strategy="similar", chain_of_thought=method == "cot", scorer=task.scorer,
-                           labels=task.labels, max_new_tokens=max(task.max_new_tokens, 96 if method == "cot" else 0),
-                           seed=config.seed, progress=False, score_choices=task.labels is not None)
+    variant = prompt_variant(method, task, config)
+    result = evaluate_variant(model, tok, variant, task, test, pool=budget, seed=config.seed)
     m = result.metrics
     row = {"method": method, "accuracy": result.accuracy, "n_test": result.n, "trainable_params": trainable,
            "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
@@ -178,6 +160,11 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
            "latency_p50_s": round(m["latency_p50_s"], 3), "latency_p95_s": round(m["latency_p95_s"], 3),
            "tokens_per_s": round(m["tokens_per_s"], 1), "token_f1": round(m["token_f1"], 4),
            "rouge_l": round(m["rouge_l"], 4), "loglik_accuracy": m.get("loglik_acc")}
+    for split in splits:  # accuracy on other splits (the ladder decides on validation)
+        row[f"{split}_accuracy"] = evaluate_variant(model, tok, variant, task, getattr(task, split), pool=budget,
+                                                    seed=config.seed, score_choices=False).accuracy
+    if keep:
+        save_artifact(model, out, variant)
     (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records))
     return row
 

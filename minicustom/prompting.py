@@ -106,16 +106,18 @@ def select_shots(query: str, pool: Sequence[Shot], k: int, strategy: str = "rand
     same ones on every run. similar: the k highest cosine similarities of TF-IDF bag-of-words vectors
     (idf = ln((1 + N) / (1 + df)) + 1 over the N candidates), ties going to the earlier pool entry;
     returned least similar first, so the most similar sits next to the query and is the last one
-    fit_to_budget drops.
+    fit_to_budget drops. fixed: the first k of the pool, in its order (a prompt's chosen demonstrations).
     """
-    if strategy not in ("random", "similar"):
-        raise ValueError(f"unknown shot selection strategy {strategy!r}: use 'random' or 'similar'")
+    if strategy not in ("random", "similar", "fixed"):
+        raise ValueError(f"unknown shot selection strategy {strategy!r}: use 'random', 'similar' or 'fixed'")
     if k < 0:
         raise ValueError(f"k (the number of shots) must be >= 0, got {k}")
     candidates = [s for s in pool if question_key(s.question) != question_key(query)]
     k = min(k, len(candidates))
     if k == 0:
         return []
+    if strategy == "fixed":
+        return candidates[:k]
     if strategy == "random":
         return random.Random(f"{seed}:{query}").sample(candidates, k)
     counts = [_words(s.question) for s in candidates]
