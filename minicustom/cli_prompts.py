@@ -34,8 +34,9 @@ def cmd_prompts_eval(args):
     read_library(args.library)  # a bad library is refused before the model loads
     task = load_task(args.task, splits=("train", "validation"))
     model, tok = load_model(path), load_tokenizer(path)
+    judge = (load_model(args.judge), load_tokenizer(args.judge)) if args.judge else None
     scored = evaluate_library(model, tok, args.library, task, model_name=str(path), limit=args.limit, seed=args.seed,
-                              report=_report)
+                              judge=judge, report=_report)
     table = ranking_markdown(scored, task.name)
     if args.out:
         out = Path(args.out)
@@ -102,6 +103,8 @@ def add_prompts(sub):
         q.set_defaults(func=func)
         if name == "eval":
             q.add_argument("--out", help="also write ranking.md and ranking.json here")
+            q.add_argument("--judge", help="checkpoint folder of a judge model that rates every answer 1-10 "
+                                           "against its reference (LLM-as-a-judge)")
             continue
         q.add_argument("--out", required=True, help="search folder: trace.jsonl (resumable) and best.json")
         q.add_argument("--start", help="the variant to start from (default: the library's best by its history)")

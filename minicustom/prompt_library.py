@@ -20,7 +20,7 @@ An unknown field, a wrong type or a template without {question} is an error nami
 
 `evaluate_library` scores every variant on the validation split (shots from the train split; the test split
 is not read) with the same evaluator as `compare`: accuracy, and beside it the answers' relevance (token F1,
-ROUGE-L), response time, and for label tasks the log-likelihood accuracy. Each result is appended to the
+ROUGE-L), response time, for label tasks the log-likelihood accuracy, and if asked a judge model's rating. Each result is appended to the
 history file beside the library (LIBRARY.history.jsonl: the variant as scored, model, task, split, date and
 the metrics), never rewritten, so the library keeps every past run: `best_variant` ranks the variants by
 their history ("learning from past performance"), and prompt search starts from that best entry.
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .data import DataError, read_jsonl
 from .evaluate import EvalResult, evaluate_task
+from .judge import judge_answers
 from .prompting import Shot
 from .tasks import TaskFolder
 
@@ -173,22 +174,24 @@ class Scored:
     result: EvalResult
     seconds: float
     history: list[float] = field(default_factory=list)  # earlier validation accuracies of this variant
+    judge: float | None = None  # the judge model's mean rating (1-10) of the answers, if one was asked
 
     def row(self) -> dict:
         r, m = self.result, self.result.metrics
         return {"name": self.variant.name, "accuracy": r.accuracy, "n": r.n,
                 "loglik_accuracy": m.get("loglik_acc"), "token_f1": m.get("token_f1"), "rouge_l": m.get("rouge_l"),
                 "latency_p50_s": m.get("latency_p50_s"), "latency_p95_s": m.get("latency_p95_s"),
-                "tokens_per_s": m.get("tokens_per_s"),
+                "tokens_per_s": m.get("tokens_per_s"), "judge": self.judge,
                 "prompt_tokens": sum(x["prompt_tokens"] for x in r.records) / max(r.n, 1),
                 "seconds": round(self.seconds, 1), "past_runs": len(self.history),
                 "past_best": max(self.history) if self.history else None}
 
 
 def evaluate_library(model, tokenizer, library, task: TaskFolder, *, model_name: str, limit: int | None = None,
-                     seed: int = 0, report=print) -> list[Scored]:
+                     seed: int = 0, judge=None, report=print) -> list[Scored]:
     """Score every variant on the validation split, append the results to the history, and return them
-    ranked (accuracy, then fewer prompt tokens)."""
+    ranked (accuracy, then fewer prompt tokens). judge: a (model, tokenizer) pair that also rates every
+    answer against its reference (judge.judge_answers)."""
     variants = read_library(library)
     if not task.validation:
         raise DataError(f"{task.folder}: the validation split is empty")
@@ -200,8 +203,13 @@ def evaluate_library(model, tokenizer, library, task: TaskFolder, *, model_name:
         result = evaluate_variant(model, tokenizer, v, task, task.validation, limit=limit, seed=seed)
         history = [r["accuracy"] for r in past if r.get("name") == v.name and r.get("task") == task.name
                    and r.get("variant") == v.to_json()]
-        scored.append(Scored(v, result, time.perf_counter() - t0, history))
-        report(f"    validation accuracy {result.accuracy:.3f}")
+        rating = None
+        if judge is not None:
+            rating = judge_answers(*judge, [r["question"] for r in result.records],
+                                   [r["output"] for r in result.records],
+                                   [r["reference"] for r in result.records]).mean
+        scored.append(Scored(v, result, time.perf_counter() - t0, history, rating))
+        report(f"    validation accuracy {result.accuracy:.3f}" + (f", judge {rating:.1f}" if rating else ""))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     append_history(library, [{"name": s.variant.name, "variant": s.variant.to_json(), "model": model_name,
                               "task": task.name, "split": "validation", "date": now, "seed": seed,
@@ -217,11 +225,12 @@ def _num(value, form: str) -> str:
 def ranking_markdown(scored: list[Scored], task: str) -> str:
     lines = [f"Prompt variants on `{task}`, validation split ({scored[0].result.n if scored else 0} questions), "
              "best first.", "",
-             "| rank | variant | accuracy | log-lik. accuracy | token F1 | ROUGE-L | p50 latency (s) | prompt tokens "
-             "| earlier runs (best) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| rank | variant | accuracy | log-lik. accuracy | token F1 | ROUGE-L | judge (1-10) | p50 latency (s) "
+             "| prompt tokens | earlier runs (best) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, s in enumerate(scored, 1):
         r = s.row()
         lines.append(f"| {k} | {r['name']} | {r['accuracy']:.3f} | {_num(r['loglik_accuracy'], '.3f')} "
-                     f"| {_num(r['token_f1'], '.3f')} | {_num(r['rouge_l'], '.3f')} | {_num(r['latency_p50_s'], '.2f')} "
-                     f"| {r['prompt_tokens']:.0f} | {r['past_runs']} ({_num(r['past_best'], '.3f')}) |")
+                     f"| {_num(r['token_f1'], '.3f')} | {_num(r['rouge_l'], '.3f')} | {_num(r['judge'], '.1f')} "
+                     f"| {_num(r['latency_p50_s'], '.2f')} | {r['prompt_tokens']:.0f} "
+                     f"| {r['past_runs']} ({_num(r['past_best'], '.3f')}) |")
     return "\n".join(lines) + "\n"

@@ -269,3 +269,15 @@ def model(setup):
     from minicustom import load_model
 
     return load_model(setup[1])
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """(tokenizer, model, folder): the `setup` model's kind with a context of 1024, for prompts longer than 256 tokens
+    of the test tokenizer (APE's proposal prompt, a judge's rubric)."""
+    from minicustom import load_model, load_tokenizer
+
+    path, _ = make_checkpoint(tmp_path_factory.mktemp("long") / "model", "smollm", vocab_size=400,
+                              max_position_embeddings=1024)
+    write_tokenizer(path)
+    return load_tokenizer(path), load_model(path), path

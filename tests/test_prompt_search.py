@@ -6,25 +6,14 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_checkpoint, write_tokenizer
 from test_prompt_library import write_task
 
-import minicustom as mc
 from minicustom import prompt_search
 from minicustom.prompt_library import Variant
 from minicustom.prompt_search import SearchConfig, search
 from minicustom.tasks import load_task
 
 SMALL = dict(rounds=2, candidates=2, keep=1, demo_candidates=3, max_demos=2, seed=3)
-
-
-@pytest.fixture(scope="module")
-def long(tmp_path_factory):
-    """The tiny test model with a context of 1024 (APE's proposal prompt is ~250 tokens of its tokenizer)."""
-    path, _ = make_checkpoint(tmp_path_factory.mktemp("long") / "model", "smollm", vocab_size=400,
-                              max_position_embeddings=1024)
-    write_tokenizer(path)
-    return mc.load_tokenizer(path), mc.load_model(path)
 
 
 @pytest.fixture
@@ -34,8 +23,8 @@ def task(tmp_path):
     return load_task(folder, splits=("train", "validation"))
 
 
-def test_the_search_never_reads_the_test_split(long, task, tmp_path):
-    tok, model = long
+def test_the_search_never_reads_the_test_split(long_context, task, tmp_path):
+    tok, model, _ = long_context
     result = search(model, tok, task, Variant("plain"), SearchConfig(**SMALL), tmp_path / "s", report=lambda _: None)
     trace = (tmp_path / "s" / "trace.jsonl").read_text()
     assert "Trip 10" not in trace  # test questions are "Trip 100..."; train 0-11, validation 50-52
@@ -48,8 +37,8 @@ def test_the_search_never_reads_the_test_split(long, task, tmp_path):
         search(model, tok, with_test, Variant("plain"), SearchConfig(**SMALL), tmp_path / "s2")
 
 
-def test_a_resumed_search_ends_where_an_uninterrupted_one_does(long, task, tmp_path, monkeypatch):
-    tok, model = long
+def test_a_resumed_search_ends_where_an_uninterrupted_one_does(long_context, task, tmp_path, monkeypatch):
+    tok, model, _ = long_context
     config = SearchConfig(**SMALL)
     full = search(model, tok, task, Variant("plain"), config, tmp_path / "full", report=lambda _: None)
     lines = (tmp_path / "full" / "trace.jsonl").read_text().splitlines(keepends=True)
@@ -74,8 +63,8 @@ def test_a_resumed_search_ends_where_an_uninterrupted_one_does(long, task, tmp_p
         search(model, tok, task, Variant("plain"), SearchConfig(**{**SMALL, "rounds": 3}), tmp_path / "cut")
 
 
-def test_the_budget_of_calls(long, task, tmp_path):
-    tok, model = long
+def test_the_budget_of_calls(long_context, task, tmp_path):
+    tok, model, _ = long_context
     n_val = len(task.validation)
     with pytest.raises(ValueError, match="cannot score even the starting prompt"):
         search(model, tok, task, Variant("plain"), SearchConfig(**SMALL, max_calls=n_val - 1), tmp_path / "a")
@@ -109,8 +98,8 @@ def _scripted(monkeypatch, proposals):
     return asked
 
 
-def test_ape_resamples_the_best_and_demos_are_kept_only_when_they_help(long, task, tmp_path, monkeypatch):
-    tok, model = long
+def test_ape_resamples_the_best_and_demos_are_kept_only_when_they_help(long_context, task, tmp_path, monkeypatch):
+    tok, model, _ = long_context
     asked = _scripted(monkeypatch, [["meh", "good"], ["good", "better?"]])
     config = SearchConfig(rounds=2, candidates=2, keep=1, demo_candidates=12, max_demos=2, seed=0)
     result = search(model, tok, task, Variant("plain"), config, tmp_path / "s", report=lambda _: None)
