@@ -26,6 +26,7 @@ from .methods.ia3 import IA3Config, apply_ia3
 from .methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
 from .methods.ln_tuning import LNTuningConfig, apply_ln_tuning
 from .methods.loha import LoHaConfig, apply_loha
+from .methods.lokr import LoKrConfig, apply_lokr
 from .methods.lora import apply_lora
 from .methods.lora_layers import LoraConfig
 from .methods.prefix import PrefixConfig, apply_prefix
@@ -57,6 +58,7 @@ __all__ = [
     "LlamaAdapterConfig",
     "LNTuningConfig",
     "LoHaConfig",
+    "LoKrConfig",
     "PrefixConfig",
     "PromptTuningConfig",
     "PTuningConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "apply_llama_adapter",
     "apply_ln_tuning",
     "apply_loha",
+    "apply_lokr",
     "apply_p_tuning",
     "apply_prefix",
     "apply_prompt_tuning",

@@ -8,6 +8,7 @@
     llama_adapter.py  LLaMA-Adapter (gated adaption prompts)
     lora.py           LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); its modules in lora_layers.py
     loha.py           LoHa (a Hadamard product of two low-rank updates)
+    lokr.py           LoKr (a Kronecker product of two, possibly low-rank, factors)
     qlora.py          QLoRA's recipes: LoftQ, merging into a 4-bit base
     full.py           full fine-tuning
 

@@ -256,6 +256,102 @@ class LinearAdapterLayer(AdapterLayer):
         return lin
 
 
+class FactoredLinear(LinearAdapterLayer):
+    """A linear whose adapters are each an update ΔW (out, in) built from factors (LyCORIS's LoHa, LoKr):
+    y = W0 x + b + Σ_active ΔW x; merging adds ΔW to W0 and unmerging subtracts it. A subclass names its
+    factors' ParameterDicts in FACTORS (their attribute names are the file keys; an adapter may use only
+    some of them), creates them, and computes `delta_weight(name)`."""
+
+    FACTORS: tuple[str, ...] = ()
+    method = ""  # the method's name, for messages
+
+    def __init__(self, base: nn.Linear | Linear4bit):
+        super().__init__()
+        self.hold(base)
+        self.scaling: dict[str, float] = {}  # name -> s = alpha / r
+        self.active: list[str] = []
+        self.merged: dict[str, None] = {}
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x):
+        y = self.base_forward(x)
+        for name in self.active:
+            if name not in self.merged:
+                dw = self.delta_weight(name)
+                y = y + F.linear(x.to(dw.dtype), dw)  # (B, T, in) @ (in, out) -> (B, T, out)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self, name: str):
+        if name in self.merged:
+            return
+        if self.base_layer is not None:
+            raise ValueError(f"the base is 4-bit and cannot take {self.method}'s ΔW in place (qlora.merge_4bit folds "
+                             "LoRA only); keep the adapter unmerged, or load the base in full precision to merge")
+        self.weight.add_(self.delta_weight(name).to(self.weight.dtype))
+        self.merged[name] = None
+
+    @torch.no_grad()
+    def unmerge(self, name: str):
+        if name in self.merged:
+            del self.merged[name]
+            self.weight.sub_(self.delta_weight(name).to(self.weight.dtype))
+
+    def delete(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for f in self.FACTORS:
+            if name in getattr(self, f):
+                del getattr(self, f)[name]
+        self.scaling.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(dict.fromkeys(n for f in self.FACTORS for n in getattr(self, f)))
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f)[name] for f in self.FACTORS if name in getattr(self, f)}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}"
+
+
+def plan_linears(model: nn.Module, config, cls: type[AdapterLayer], method: str) -> tuple[list[str], list[str]]:
+    """([names of the linears that config.targets and config.layers select], [problems]) for attaching a
+    `cls` of `method`; changes nothing."""
+    plan, problems = [], []
+    for name in find_targets(model, config.targets, config.layers):
+        module = model.get_submodule(name)
+        if isinstance(module, cls) and module.merged:
+            problems.append(f"{name} has adapter {list(module.merged)} merged; unmerge it before adding another")
+        elif isinstance(module, AdapterLayer) and not isinstance(module, cls):
+            problems.append(f"{name} already carries a {type(module).__name__}; {method} cannot be stacked on it")
+        elif not linear_like(module):
+            problems.append(f"{name} is a {type(module).__name__}; {method} targets nn.Linear (Conv layers are left out)")
+        else:
+            plan.append(name)
+    return plan, problems
+
+
+def plan_or_refuse(model: nn.Module, config, cls: type[AdapterLayer], method: str) -> list[str]:
+    """plan_linears' plan, where every name in a list of targets selects a module and everything selected
+    is a linear; otherwise one line: the first problem, how many more, and the names of the linears here."""
+    plan, problems = plan_linears(model, config, cls, method)
+    if isinstance(config.targets, list):
+        problems += [f"target {t!r} matches no module" for t in config.targets
+                     if not find_targets(model, [t], config.layers)]
+    if not plan and not problems:
+        problems.append(f"targets {config.targets!r} match no module")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_like(m)}))
+        raise ValueError(f"cannot attach {method}: {problems[0]}{more}; linear modules here are named {names}")
+    return plan
+
+
 class TrainableCopy(AdapterLayer):
     """modules_to_save: a full trainable copy of a module per adapter; the original stays as the base
     (its parameters registered here under their own names, so base keys do not move)."""

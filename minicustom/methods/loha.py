@@ -35,25 +35,23 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..argtypes import COUNT, POSITIVE
 from ..quant.linear4bit import Linear4bit
 from .base import (
-    AdapterLayer,
-    LinearAdapterLayer,
+    FactoredLinear,
     Method,
     Option,
     adapter_configs,
-    find_targets,
-    linear_like,
+    plan_linears,
+    plan_or_refuse,
     register_config,
     report,
     set_adapter,
     targets_option,
 )
-from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys
+from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_factors, refuse_unsupported
 
 __all__ = ["LoHaConfig", "LoHaLinear", "apply_loha", "to_peft", "load_peft"]
 
@@ -93,20 +91,20 @@ class LoHaConfig:
         return dc_replace(self, targets=list(targets) if isinstance(targets, list) else targets)
 
 
-class LoHaLinear(LinearAdapterLayer):
+class LoHaLinear(FactoredLinear):
     """LoHa on an nn.Linear (W0 shared as `weight`, b as `bias`, so base keys do not move) or on a 4-bit
-    `Linear4bit` (held as `base_layer`; its adapter runs, merging into it is refused)."""
+    `Linear4bit` (held as `base_layer`; its adapter runs, merging into it is refused). Forward, merging and
+    the adapter bookkeeping are FactoredLinear's (shared with LoKr)."""
+
+    FACTORS = FACTORS
+    method = "LoHa"
 
     def __init__(self, base: nn.Linear | Linear4bit):
-        super().__init__()
-        self.hold(base)
+        super().__init__(base)
         self.hada_w1_a = nn.ParameterDict()  # name -> (out, r)
         self.hada_w1_b = nn.ParameterDict()  # name -> (r, in)
         self.hada_w2_a = nn.ParameterDict()  # name -> (out, r)
         self.hada_w2_b = nn.ParameterDict()  # name -> (r, in)
-        self.scaling: dict[str, float] = {}  # name -> s = alpha / r
-        self.active: list[str] = []
-        self.merged: dict[str, None] = {}
 
     def add(self, name: str, r: int, scaling: float, init_weights: bool = True):
         shapes = {"hada_w1_a": (self.out_features, r), "hada_w1_b": (r, self.in_features),
@@ -126,70 +124,12 @@ class LoHaLinear(LinearAdapterLayer):
         w2 = self.hada_w2_a[name] @ self.hada_w2_b[name]  # (out, in)
         return w1 * w2 * self.scaling[name]
 
-    def forward(self, x):
-        y = self.base_forward(x)
-        for name in self.active:
-            if name not in self.merged:
-                dw = self.delta_weight(name)
-                y = y + F.linear(x.to(dw.dtype), dw)  # (B, T, in) @ (in, out) -> (B, T, out)
-        return y.to(x.dtype)
-
-    @torch.no_grad()
-    def merge(self, name: str):
-        if name in self.merged:
-            return
-        if self.base_layer is not None:
-            raise ValueError("the base is 4-bit and cannot take LoHa's ΔW in place (qlora.merge_4bit folds LoRA "
-                             "only); keep the adapter unmerged, or load the base in full precision to merge")
-        self.weight.add_(self.delta_weight(name).to(self.weight.dtype))
-        self.merged[name] = None
-
-    @torch.no_grad()
-    def unmerge(self, name: str):
-        if name in self.merged:
-            del self.merged[name]
-            self.weight.sub_(self.delta_weight(name).to(self.weight.dtype))
-
-    def delete(self, name: str):
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        for f in FACTORS:
-            if name in getattr(self, f):
-                del getattr(self, f)[name]
-        self.scaling.pop(name, None)
-        self.active = [a for a in self.active if a != name]
-
-    @property
-    def adapters(self) -> list[str]:
-        return list(self.hada_w1_a)
-
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        return {f: getattr(self, f)[name] for f in FACTORS}
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}"
-
 
 # -- attaching adapters to a model -----------------------------------------------------------------
 
 def _plan(model: nn.Module, config: LoHaConfig) -> tuple[list[str], list[str]]:
     """([names of the targeted linears], [problems]); changes nothing."""
-    plan, problems = [], []
-    for name in find_targets(model, config.targets, config.layers):
-        module = model.get_submodule(name)
-        if isinstance(module, LoHaLinear) and module.merged:
-            problems.append(f"{name} has adapter {list(module.merged)} merged; unmerge it before adding another")
-        elif isinstance(module, AdapterLayer) and not isinstance(module, LoHaLinear):
-            problems.append(f"{name} already carries a {type(module).__name__}; LoHa cannot be stacked on it")
-        elif not linear_like(module):
-            problems.append(f"{name} is a {type(module).__name__}; LoHa targets nn.Linear (Conv layers are left out)")
-        else:
-            plan.append(name)
-    return plan, problems
-
-
-def _linear_names(model: nn.Module) -> str:
-    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_like(m)}))
+    return plan_linears(model, config, LoHaLinear, "LoHa")
 
 
 def _attach(model: nn.Module, plan: list[str], adapter_name: str, config: LoHaConfig) -> dict[str, LoHaLinear]:
@@ -216,16 +156,7 @@ def apply_loha(model: nn.Module, r: int = 8, alpha: float = 8, targets=None, ini
                                    layers=layers)).resolve(model.config.model_type)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
-    plan, problems = _plan(model, config)
-    if isinstance(config.targets, list):
-        problems += [f"target {t!r} matches no module" for t in config.targets
-                     if not find_targets(model, [t], config.layers)]
-    if not plan and not problems:
-        problems.append(f"targets {config.targets!r} match no module")
-    if problems:  # one line: the first problem, and how many more
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"cannot attach LoHa: {problems[0]}{more}; linear modules here are named "
-                         f"{_linear_names(model)}")
+    plan = plan_or_refuse(model, config, LoHaLinear, "LoHa")  # one line: the first problem, and how many more
     _attach(model, plan, adapter_name, config)
     register_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
@@ -267,9 +198,7 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     every key must belong to a targeted linear; all of it is checked before the model changes."""
     where = path / CONFIG_FILE
     check_fields(peft, where, _FIELDS)
-    for key, off in _UNSUPPORTED:
-        if peft.get(key, off) not in (off, None, False, [], {}):
-            raise AdapterError(f"{where}: {key}={peft[key]!r} is not supported (minicustom's LoHa leaves it out)")
+    refuse_unsupported(peft, where, _UNSUPPORTED, "LoHa")
     config = LoHaConfig(r=peft.get("r") or 8, alpha=8 if peft.get("alpha") is None else peft["alpha"],
                         targets=peft.get("target_modules"), init_weights=peft.get("init_weights") is not False,
                         layers=peft.get("layers_to_transform")).resolve(model.config.model_type)
@@ -278,14 +207,10 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
         raise AdapterError(f"{where}: target_modules {config.targets!r}: " + (
             "; ".join(problems) or "select no module of this model"))
     modules = dict(model.named_modules())
-    r, found = config.r, {}
-    for f in FACTORS:  # one key per module and factor: match each factor's keys on their own
-        a = f.endswith("_a")
-        expected = {n: (modules[n].out_features, r) if a else (r, modules[n].in_features) for n in plan}
-        keys = {k: t for k, t in tensors.items() if k.endswith("." + f)}
-        others = {k: t for k, t in tensors.items() if not k.endswith(tuple("." + g for g in FACTORS))}
-        found[f] = match_keys(path, {**keys, **others}, "." + f, expected, modules, "LoHa", "linear",
-                              config.targets)
+    r = config.r
+    expected = {f: {n: (modules[n].out_features, r) if f.endswith("_a") else (r, modules[n].in_features)
+                    for n in plan} for f in FACTORS}
+    found = match_factors(path, tensors, expected, modules, "LoHa", config.targets)
 
     # Checked: now change the model.
     layers = _attach(model, plan, adapter_name, config)

@@ -135,6 +135,26 @@ def match_keys(path: Path, tensors: dict[str, torch.Tensor], suffix: str, expect
     return found
 
 
+def match_factors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, dict[str, tuple]],
+                  modules: dict, method: str, targets) -> dict[str, dict[str, torch.Tensor]]:
+    """match_keys for linears holding several tensors each, one key suffix a factor (LoHa's hada_w1_a, ...):
+    `expected` maps each factor to (module name -> shape) over the modules that hold it; returns factor ->
+    (module name -> tensor). Each factor's keys are matched on their own; a key ending in no factor is
+    reported with the first. Changes nothing."""
+    suffixes = tuple("." + f for f in expected)
+    others = {k: t for k, t in tensors.items() if not k.endswith(suffixes)}
+    return {f: match_keys(path, {**{k: t for k, t in tensors.items() if k.endswith("." + f)}, **others}, "." + f,
+                          shapes, modules, method, "linear", targets) for f, shapes in expected.items()}
+
+
+def refuse_unsupported(config: dict, file: Path, unsupported: tuple[tuple[str, object], ...], method: str):
+    """An AdapterError naming the first field of `unsupported` ((field, the value that means off), ...) that
+    `config` sets to something else (null, false and empty count as off)."""
+    for key, off in unsupported:
+        if config.get(key, off) not in (off, None, False, [], {}):
+            raise AdapterError(f"{file}: {key}={config[key]!r} is not supported (minicustom's {method} leaves it out)")
+
+
 def fingerprint_meta(model) -> dict[str, str]:
     c = model.config
     return {"minicustom_base_fingerprint": c.fingerprint(),

@@ -25,6 +25,7 @@ from .ia3 import IA3
 from .llama_adapter import LLAMA_ADAPTER
 from .ln_tuning import LN_TUNING
 from .loha import LOHA
+from .lokr import LOKR
 from .lora import DORA, LORA, OLORA, PISSA, RSLORA
 from .peft_format import (
     COMMON_FIELDS,
@@ -49,11 +50,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     BOTTLENECK,
     LLAMA_ADAPTER,
     LORA,
-    LOHA,
     RSLORA,
     DORA,
     PISSA,
     OLORA,
+    LOHA,
+    LOKR,
     QLORA,
     QLORA_LOFTQ,
     FULL,
