@@ -32,6 +32,7 @@ from .methods.lora_layers import LoraConfig
 from .methods.prefix import PrefixConfig, apply_prefix
 from .methods.prompt_tuning import PromptTuningConfig, PTuningConfig, apply_p_tuning, apply_prompt_tuning
 from .methods.qlora import apply_loftq, merge_4bit
+from .methods.vera import VeraConfig, apply_vera
 from .model import KVCache, Transformer
 from .prompting import Shot, build_messages, select_shots
 from .quant import nf4
@@ -62,6 +63,7 @@ __all__ = [
     "PrefixConfig",
     "PromptTuningConfig",
     "PTuningConfig",
+    "VeraConfig",
     "apply_adapters",
     "apply_ia3",
     "apply_llama_adapter",
@@ -71,6 +73,7 @@ __all__ = [
     "apply_p_tuning",
     "apply_prefix",
     "apply_prompt_tuning",
+    "apply_vera",
     "LoraConfig",
     "add_weighted_adapter",
     "apply_lora",

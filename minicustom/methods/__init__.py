@@ -6,6 +6,7 @@
     ln_tuning.py      LN tuning (a trainable copy of each norm's weight)
     bottleneck.py     bottleneck adapters (Houlsby, Pfeiffer, parallel)
     llama_adapter.py  LLaMA-Adapter (gated adaption prompts)
+    vera.py           VeRA (learned vectors scaling a shared frozen random low-rank pair)
     lora.py           LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); its modules in lora_layers.py
     loha.py           LoHa (a Hadamard product of two low-rank updates)
     lokr.py           LoKr (a Kronecker product of two, possibly low-rank, factors)

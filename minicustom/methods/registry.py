@@ -39,6 +39,7 @@ from .peft_format import (
 from .prefix import PREFIX_TUNING
 from .prompt_tuning import P_TUNING, PROMPT_TUNING
 from .qlora import QLORA, QLORA_LOFTQ
+from .vera import VERA
 
 # The ladder's trained rungs, cheapest first: one line a method.
 REGISTRY: dict[str, Method] = {m.name: m for m in (
@@ -49,6 +50,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     LN_TUNING,
     BOTTLENECK,
     LLAMA_ADAPTER,
+    VERA,
     LORA,
     RSLORA,
     DORA,
