@@ -22,6 +22,7 @@ from .methods import (
     unmerge_adapters,
 )
 from .methods.bottleneck import BottleneckConfig, apply_adapters
+from .methods.hra import HRAConfig, apply_hra
 from .methods.ia3 import IA3Config, apply_ia3
 from .methods.llama_adapter import LlamaAdapterConfig, apply_llama_adapter
 from .methods.ln_tuning import LNTuningConfig, apply_ln_tuning
@@ -55,6 +56,7 @@ __all__ = [
     "load_reward_model",
     "save_reward_model",
     "BottleneckConfig",
+    "HRAConfig",
     "IA3Config",
     "LlamaAdapterConfig",
     "LNTuningConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "PTuningConfig",
     "VeraConfig",
     "apply_adapters",
+    "apply_hra",
     "apply_ia3",
     "apply_llama_adapter",
     "apply_ln_tuning",

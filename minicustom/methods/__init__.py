@@ -10,6 +10,7 @@
     lora.py           LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); its modules in lora_layers.py
     loha.py           LoHa (a Hadamard product of two low-rank updates)
     lokr.py           LoKr (a Kronecker product of two, possibly low-rank, factors)
+    hra.py            HRA (the weight times a chain of learned Householder reflections)
     qlora.py          QLoRA's recipes: LoftQ, merging into a 4-bit base
     full.py           full fine-tuning
 

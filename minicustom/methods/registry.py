@@ -21,6 +21,7 @@ from ..files import atomic_write_all
 from .base import Method, adapter_configs, set_adapter
 from .bottleneck import BOTTLENECK
 from .full import FULL
+from .hra import HRA
 from .ia3 import IA3
 from .llama_adapter import LLAMA_ADAPTER
 from .ln_tuning import LN_TUNING
@@ -58,6 +59,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     OLORA,
     LOHA,
     LOKR,
+    HRA,
     QLORA,
     QLORA_LOFTQ,
     FULL,
