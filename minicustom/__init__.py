@@ -30,6 +30,7 @@ from .methods.loha import LoHaConfig, apply_loha
 from .methods.lokr import LoKrConfig, apply_lokr
 from .methods.lora import apply_lora
 from .methods.lora_layers import LoraConfig
+from .methods.oft import OFTConfig, apply_oft
 from .methods.prefix import PrefixConfig, apply_prefix
 from .methods.prompt_tuning import PromptTuningConfig, PTuningConfig, apply_p_tuning, apply_prompt_tuning
 from .methods.qlora import apply_loftq, merge_4bit
@@ -62,6 +63,7 @@ __all__ = [
     "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
+    "OFTConfig",
     "PrefixConfig",
     "PromptTuningConfig",
     "PTuningConfig",
@@ -73,6 +75,7 @@ __all__ = [
     "apply_ln_tuning",
     "apply_loha",
     "apply_lokr",
+    "apply_oft",
     "apply_p_tuning",
     "apply_prefix",
     "apply_prompt_tuning",

@@ -11,6 +11,7 @@
     loha.py           LoHa (a Hadamard product of two low-rank updates)
     lokr.py           LoKr (a Kronecker product of two, possibly low-rank, factors)
     hra.py            HRA (the weight times a chain of learned Householder reflections)
+    oft.py            OFT (a learned block-diagonal rotation of each linear's input)
     qlora.py          QLoRA's recipes: LoftQ, merging into a 4-bit base
     full.py           full fine-tuning
 

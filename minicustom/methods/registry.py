@@ -28,6 +28,7 @@ from .ln_tuning import LN_TUNING
 from .loha import LOHA
 from .lokr import LOKR
 from .lora import DORA, LORA, OLORA, PISSA, RSLORA
+from .oft import OFT
 from .peft_format import (
     COMMON_FIELDS,
     CONFIG_FILE,
@@ -60,6 +61,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     LOHA,
     LOKR,
     HRA,
+    OFT,
     QLORA,
     QLORA_LOFTQ,
     FULL,
