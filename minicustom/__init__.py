@@ -21,6 +21,7 @@ from .methods import (
     unload,
     unmerge_adapters,
 )
+from .methods.boft import BOFTConfig, apply_boft
 from .methods.bottleneck import BottleneckConfig, apply_adapters
 from .methods.hra import HRAConfig, apply_hra
 from .methods.ia3 import IA3Config, apply_ia3
@@ -56,6 +57,7 @@ __all__ = [
     "RewardModelError",
     "load_reward_model",
     "save_reward_model",
+    "BOFTConfig",
     "BottleneckConfig",
     "HRAConfig",
     "IA3Config",
@@ -69,6 +71,7 @@ __all__ = [
     "PTuningConfig",
     "VeraConfig",
     "apply_adapters",
+    "apply_boft",
     "apply_hra",
     "apply_ia3",
     "apply_llama_adapter",

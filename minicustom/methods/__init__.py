@@ -12,6 +12,7 @@
     lokr.py           LoKr (a Kronecker product of two, possibly low-rank, factors)
     hra.py            HRA (the weight times a chain of learned Householder reflections)
     oft.py            OFT (a learned block-diagonal rotation of each linear's input)
+    boft.py           BOFT (butterfly-factored orthogonal rotations of each linear's input, an output scale)
     qlora.py          QLoRA's recipes: LoftQ, merging into a 4-bit base
     full.py           full fine-tuning
 

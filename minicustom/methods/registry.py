@@ -19,6 +19,7 @@ from torch import nn
 
 from ..files import atomic_write_all
 from .base import Method, adapter_configs, set_adapter
+from .boft import BOFT
 from .bottleneck import BOTTLENECK
 from .full import FULL
 from .hra import HRA
@@ -62,6 +63,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     LOKR,
     HRA,
     OFT,
+    BOFT,
     QLORA,
     QLORA_LOFTQ,
     FULL,
