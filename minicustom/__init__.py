@@ -21,6 +21,7 @@ from .methods import (
     unload,
     unmerge_adapters,
 )
+from .methods.adalora import AdaLoraConfig, apply_adalora
 from .methods.boft import BOFTConfig, apply_boft
 from .methods.bottleneck import BottleneckConfig, apply_adapters
 from .methods.hra import HRAConfig, apply_hra
@@ -57,6 +58,7 @@ __all__ = [
     "RewardModelError",
     "load_reward_model",
     "save_reward_model",
+    "AdaLoraConfig",
     "BOFTConfig",
     "BottleneckConfig",
     "HRAConfig",
@@ -70,6 +72,7 @@ __all__ = [
     "PromptTuningConfig",
     "PTuningConfig",
     "VeraConfig",
+    "apply_adalora",
     "apply_adapters",
     "apply_boft",
     "apply_hra",

@@ -10,6 +10,7 @@
     lora.py           LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); its modules in lora_layers.py
     loha.py           LoHa (a Hadamard product of two low-rank updates)
     lokr.py           LoKr (a Kronecker product of two, possibly low-rank, factors)
+    adalora.py        AdaLoRA (an SVD-shaped low-rank update whose ranks are pruned to a budget)
     hra.py            HRA (the weight times a chain of learned Householder reflections)
     oft.py            OFT (a learned block-diagonal rotation of each linear's input)
     boft.py           BOFT (butterfly-factored orthogonal rotations of each linear's input, an output scale)

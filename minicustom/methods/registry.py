@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..files import atomic_write_all
+from .adalora import ADALORA
 from .base import Method, adapter_configs, set_adapter
 from .boft import BOFT
 from .bottleneck import BOTTLENECK
@@ -59,6 +60,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     DORA,
     PISSA,
     OLORA,
+    ADALORA,
     LOHA,
     LOKR,
     HRA,

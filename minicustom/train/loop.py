@@ -19,6 +19,8 @@ refused. Several processes: DDP for adapters (only the trainable tensors are all
 Mixed precision (precision.py): with precision bf16 (or fp16 on CUDA) the whole run, evaluation and
 rollouts included, is under autocast, the frozen base stored in bf16 where that is exact and put back at
 the end; fp16 scales the loss (GradScaler) and skips a step whose gradients overflowed.
+A method with a training-time rule of its own (AdaLoRA: a regularizer on the loss, a rank allocation after
+each optimizer step, state kept in checkpoints) joins through its adapter config's hooks (method_hooks).
 Left out: tensor/pipeline parallelism, sequence parallelism.
 """
 
@@ -31,7 +33,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ from torch import nn
 
 from ..data import trained_tokens
 from ..files import atomic_write
-from ..methods import lora_plus_param_groups
+from ..methods import adapter_configs, lora_plus_param_groups
 from ..model import eval_mode
 from ..plot import write_loss_chart
 from ..precision import PRECISIONS, Precision, autocast, resolve, restore_frozen, store_frozen
@@ -223,8 +225,8 @@ def evaluate_objective(task, model: nn.Module, wrapper: nn.Module, full: bool) -
 # -- gradients ----------------------------------------------------------------------------------------
 
 def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: int = 1,
-                         weight: Callable[[dict], int] = trained_tokens, scaler=None
-                         ) -> tuple[float, int, int, dict]:
+                         weight: Callable[[dict], int] = trained_tokens, scaler=None,
+                         regularizer: Callable[[], torch.Tensor] | None = None) -> tuple[float, int, int, dict]:
     """Backward over the micro-batches of one step (this process's share); returns (mean loss per unit of
     weight over all processes, total weight, tokens, the wrapper's statistics summed and divided by the
     weight). The weight is the trained tokens for SFT, the pairs for DPO: each micro-batch's summed loss
@@ -242,6 +244,9 @@ def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: 
         with wrapper.no_sync() if hasattr(wrapper, "no_sync") and not last else contextlib.nullcontext():
             s, st = wrapper(**batch)
             term = s * (world / max(n_weight, 1))
+            if last and regularizer is not None:  # once a step (every process adds it: DDP averages the same term)
+                reg = regularizer()
+                term = term + reg
             (scaler.scale(term) if scaler is not None else term).backward()
         loss_sum += s.detach().double().cpu()
         for k, v in st.items():
@@ -250,7 +255,10 @@ def accumulate_gradients(wrapper: nn.Module, micros: list[dict], device, world: 
     if world > 1:
         dist.all_reduce(sums)
     means = (sums / max(n_weight, 1)).tolist()
-    return means[0], n_weight, n_tokens, dict(zip(stats, means[1:]))
+    stats = dict(zip(stats, means[1:]))
+    if regularizer is not None:
+        stats["regularizer"] = float(reg.detach())
+    return means[0], n_weight, n_tokens, stats
 
 
 def activation_offload(config: TrainConfig, device: torch.device):
@@ -282,6 +290,42 @@ def _wrap(model: nn.Module, wrapper: nn.Module, full: bool) -> nn.Module:
     return DistributedDataParallel(wrapper)
 
 
+# -- the methods' training hooks ----------------------------------------------------------------------
+
+def method_hooks(model: nn.Module, total: int) -> list:
+    """The training hooks of the model's adapters: the seam for a method with a rule of its own at training
+    time (AdaLoRA's regularizer and rank allocation), so that the loop names no method. An adapter's config may
+    define `training_hooks(model, adapter_name, total_steps)`, called once before the first step (it may refuse
+    the run with a ValueError), which returns None or an object with any of
+        regularizer() -> a scalar tensor added to the loss once a step (its gradient flows with the loss's)
+        after_step(step) -> runs after the optimizer step and before zero_grad (the gradients still there);
+                            step counts the steps taken, this one included (1 to total)
+        state() -> tensors saved with each checkpoint; load_state(tensors) gives them back on resume."""
+    hooks = []
+    for name, config in adapter_configs(model).items():
+        if hasattr(config, "training_hooks") and (hook := config.training_hooks(model, name, total)) is not None:
+            hooks.append((name, hook))
+    return hooks
+
+
+def _regularizer(hooks: list) -> Callable[[], torch.Tensor] | None:
+    terms = [hook.regularizer for _, hook in hooks if hasattr(hook, "regularizer")]
+    return (lambda: sum(term() for term in terms)) if terms else None
+
+
+def hook_states(hooks: list) -> dict[str, torch.Tensor] | None:
+    """The hooks' checkpointed tensors, each key under its adapter's name (None: nothing to save)."""
+    state = {f"{name}\x1f{k}": t for name, hook in hooks if hasattr(hook, "state") for k, t in hook.state().items()}
+    return state or None
+
+
+def load_hook_states(hooks: list, tensors: dict[str, torch.Tensor]):
+    for name, hook in hooks:
+        if hasattr(hook, "load_state"):
+            prefix = f"{name}\x1f"
+            hook.load_state({k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)})
+
+
 # -- the loop -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -305,6 +349,7 @@ class Run:
     progress: Progress | None = None
     board: object = None  # a torch.utils.tensorboard SummaryWriter with log="tensorboard" (process 0)
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    hooks: list = field(default_factory=list)  # the adapters' training hooks (method_hooks)
 
     @property
     def config(self) -> TrainConfig:
@@ -333,6 +378,7 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
         raise TrainingError(f"{len(task.units)} rows cannot fill one step of {config.batch_size} rows x "
                             f"{config.grad_accum} micro-batches x {world} processes")
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    hooks = method_hooks(model, total)  # before anything is written: a method may refuse the run's schedule
     latest = latest_checkpoint(out, resume)
     identity = run_record(model, config, task.data_digest(), data_files, options)  # before FSDP shards it
     saved = read_state(latest) if latest else {"step": 0}
@@ -353,7 +399,8 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     device = next(p for p in model.parameters() if p.requires_grad).device
-    job = Run(task, model, wrapper, optimizer, out, identity, [], 0, total, per_epoch, full, rank, world, device)
+    job = Run(task, model, wrapper, optimizer, out, identity, [], 0, total, per_epoch, full, rank, world, device,
+              hooks=hooks)
     if precision is not None and precision.name == "fp16":
         job.scaler = torch.amp.GradScaler(device.type)
     if rank == 0:
@@ -361,7 +408,8 @@ def setup(task: Task, model: nn.Module, out: str | Path, resume: bool, data_file
         remove_partial_saves(job.folder, job.say)
     if latest:
         job.history = read_metrics(out / "metrics.jsonl", saved["step"], job.say)
-        job.step = load_checkpoint(latest, wrapper, optimizer, getattr(task, "load_state", None))
+        job.step = load_checkpoint(latest, wrapper, optimizer, getattr(task, "load_state", None),
+                                   lambda tensors: load_hook_states(hooks, tensors))
         for group, fresh in zip(optimizer.param_groups, param_groups(module, config)):  # this run's options
             group.update(peak_lr=fresh.get("lr", config.lr), weight_decay=fresh["weight_decay"], betas=config.betas)
         for change in changes:
@@ -388,7 +436,7 @@ def train_step(job: Run, units: list[int]) -> dict:
     micros = step_batches(job.task, units, config, job.rank, job.world)
     with activation_offload(config, job.device):
         loss, n_weight, n_tokens, stats = accumulate_gradients(job.wrapper, micros, job.device, job.world,
-                                                               job.task.weight, job.scaler)
+                                                               job.task.weight, job.scaler, _regularizer(job.hooks))
     if hasattr(job.task, "step_metrics"):  # metrics that are ratios of the step's sums (KTO's per-label means)
         stats = job.task.step_metrics(stats)
     if job.scaler is not None:
@@ -406,6 +454,9 @@ def train_step(job: Run, units: list[int]) -> dict:
         job.scaler.update()
     else:
         job.optimizer.step()
+    for _, hook in job.hooks if math.isfinite(grad_norm) else []:  # not after a step fp16's scaler skipped
+        if hasattr(hook, "after_step"):
+            hook.after_step(job.step + 1)  # the step's gradients are still there
     job.optimizer.zero_grad(set_to_none=True)
     job.step += 1
     seconds = time.perf_counter() - t0
@@ -417,7 +468,7 @@ def train_step(job: Run, units: list[int]) -> dict:
 def save(job: Run):
     """A checkpoint of the step just taken (every process writes its share), then the loss chart."""
     save_checkpoint(job.folder, job.wrapper, job.optimizer, job.step, job.rank, job.identity,
-                    job.task.state() if hasattr(job.task, "state") else None)
+                    job.task.state() if hasattr(job.task, "state") else None, hook_states(job.hooks))
     if job.rank == 0:
         prune_checkpoints(job.folder, job.config.keep_checkpoints)
         write_loss_chart(job.out, job.history)

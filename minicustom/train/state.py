@@ -231,9 +231,11 @@ def _trainable(wrapper: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank: int, record: dict | None = None,
-                    task_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    task_state: dict[str, torch.Tensor] | None = None,
+                    method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint-{step}: trainable tensors, optimizer state, RNG, step and the run's record, and
-    the task's own state when it has one (an RL task's current rollout, task.safetensors)."""
+    the task's own state when it has one (an RL task's current rollout, task.safetensors), and the adapters'
+    training hooks' (AdaLoRA's importance averages and rank mask, method.safetensors)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -261,6 +263,8 @@ def save_checkpoint(folder: Path, wrapper: nn.Module, optimizer, step: int, rank
         save_file(tensors, tmp / "optimizer.safetensors")
         if task_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, tmp / "task.safetensors")
+        if method_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, tmp / "method.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": meta, "run": record}))
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
@@ -282,9 +286,10 @@ def prune_checkpoints(folder: Path, keep: int):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, wrapper: nn.Module, optimizer, load_task_state=None) -> int:
+def load_checkpoint(path: Path, wrapper: nn.Module, optimizer, load_task_state=None, load_method_state=None) -> int:
     """Restore a checkpoint written by save_checkpoint; returns its step. Every name and shape is checked
-    before a tensor is copied. load_task_state receives the task's saved tensors (an empty dict if none)."""
+    before a tensor is copied. load_task_state receives the task's saved tensors, load_method_state the
+    training hooks' (an empty dict if none)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -297,10 +302,13 @@ def load_checkpoint(path: Path, wrapper: nn.Module, optimizer, load_task_state=N
             weights = {k: f.get_tensor(k) for k in f.keys()}
         with safe_open(path / "optimizer.safetensors", "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        task_state = {}
+        task_state, method_state = {}, {}
         if (path / "task.safetensors").exists():
             with safe_open(path / "task.safetensors", "pt") as f:
                 task_state = {k: f.get_tensor(k) for k in f.keys()}
+        if (path / "method.safetensors").exists():
+            with safe_open(path / "method.safetensors", "pt") as f:
+                method_state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise TrainingError(f"{path}: cannot read the checkpoint ({e})") from None
     params = _trainable(wrapper)
@@ -322,6 +330,8 @@ def load_checkpoint(path: Path, wrapper: nn.Module, optimizer, load_task_state=N
                 params[name].copy_(t)
     if load_task_state is not None:
         load_task_state(task_state)
+    if load_method_state is not None:
+        load_method_state(method_state)
     torch.set_rng_state(tensors.pop("\x1frng"))
     set_optimizer_state_dict(wrapper, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
                              options=options)
