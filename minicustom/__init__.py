@@ -36,6 +36,7 @@ from .methods.oft import OFTConfig, apply_oft
 from .methods.prefix import PrefixConfig, apply_prefix
 from .methods.prompt_tuning import PromptTuningConfig, PTuningConfig, apply_p_tuning, apply_prompt_tuning
 from .methods.qlora import apply_loftq, merge_4bit
+from .methods.trainable_tokens import TrainableTokensConfig, apply_trainable_tokens
 from .methods.vera import VeraConfig, apply_vera
 from .model import KVCache, Transformer
 from .prompting import Shot, build_messages, select_shots
@@ -43,6 +44,7 @@ from .quant import nf4
 from .quant.linear4bit import Linear4bit, memory_report, quantize_model
 from .reward_model import RewardModel, RewardModelError, load_reward_model, save_reward_model
 from .tokenizer import Tokenizer, load_tokenizer
+from .vocab import add_tokens
 
 # The LoRA-era names of merging and unmerging, which fold every mergeable method (IA3 too).
 merge_lora, unmerge_lora = merge_adapters, unmerge_adapters
@@ -71,6 +73,7 @@ __all__ = [
     "PrefixConfig",
     "PromptTuningConfig",
     "PTuningConfig",
+    "TrainableTokensConfig",
     "VeraConfig",
     "apply_adalora",
     "apply_adapters",
@@ -85,6 +88,7 @@ __all__ = [
     "apply_p_tuning",
     "apply_prefix",
     "apply_prompt_tuning",
+    "apply_trainable_tokens",
     "apply_vera",
     "LoraConfig",
     "add_weighted_adapter",
@@ -113,6 +117,7 @@ __all__ = [
     "generate",
     "load_model",
     "load_tokenizer",
+    "add_tokens",
     "save_model",
     "nf4",
     "Linear4bit",

@@ -68,6 +68,9 @@ def cmd_train_rm(args):
     check_run_folder(args.out, args.resume, model=model_path(args))
     config = RMConfig(**train_options(args, method.lr), center_rewards_coefficient=args.center_rewards_coefficient)
     given = method_options(args, method, 0)
+    if given.get("new_tokens"):
+        raise ValueError("--new-tokens is taken by train sft (which adds the tokens before reading the data and "
+                         "saves the extended tokenizer); a reward model starts from a model that has them")
     tok = load_tokenizer(model_path(args))
     model = start_model(args, pad_id_for(tok))
     check_vocab(tok, model)

@@ -26,6 +26,7 @@ from .methods.base import Method, Option, find_targets, linear_like
 from .methods.registry import REGISTRY, apply_method, get_method
 from .prompting import default_stop_ids
 from .train import DPOConfig, TrainConfig, export, train, train_dpo
+from .vocab import save_extended_base
 
 
 def init_distributed(args) -> int:
@@ -108,10 +109,15 @@ def attach(model, tok, method: Method, given: dict, seed: int):
     apply_method(model, method.name, tokenizer=tok, **given)
 
 
-def finish(args, model, rank: int, full: bool):
-    """Export the adapter (or the checkpoint), the tokenizer files of a full model and the command's options."""
-    out = Path(args.out)
-    export(model, out, base_model_name_or_path=str(model_path(args)))
+def finish(args, model, rank: int, full: bool, tok=None):
+    """Export the adapter (or the checkpoint), the tokenizer files of a full model and the command's options.
+    After --new-tokens the extended base and tokenizer go to OUT/base, which the adapter names as its base."""
+    out, base = Path(args.out), model_path(args)
+    if getattr(args, "new_tokens", None):
+        base = out / "base"
+        if rank == 0:
+            save_extended_base(model, tok, base, source=model_path(args))
+    export(model, out, base_model_name_or_path=str(base))
     if rank == 0:
         if full:
             copy_tokenizer_files(model_path(args), out)
@@ -159,6 +165,9 @@ def prepare_run(args, start: str | None, reference: str | None):
     check_run_folder(args.out, args.resume, model=model_path(args), adapter=start, reference=folder)
     rank = init_distributed(args)
     given = method_options(args, method, rank) if method else {}
+    if given.get("new_tokens"):
+        raise ValueError("--new-tokens is taken by train sft (which adds the tokens before reading the data); "
+                         "train the new tokens with sft first, then continue from that adapter")
     report = print if rank == 0 else (lambda *a, **k: None)
     return (method, rank, given, report, *load_for_training(args))
 
@@ -179,20 +188,26 @@ def cmd_train_sft(args):
     method = get_method(args.method)
     rank = init_distributed(args)
     given = method_options(args, method, rank)
+    new_tokens = bool(given.get("new_tokens"))  # they change the tokenizer: attached before the data is read
+    if new_tokens and not args.resume and (Path(args.out) / "base" / "config.json").exists():
+        raise ValueError(f"--out {args.out}/base already holds a model; nothing was written: choose another --out")
     report = print if rank == 0 else (lambda *a, **k: None)
     config = TrainConfig(**train_options(args, method.lr), packing=not args.no_packing,
                          exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
                          router_aux_loss_coef=args.router_aux_loss_coef)
     model, tok = load_for_training(args)
+    if new_tokens:
+        attach(model, tok, method, given, args.seed)
     options = dict(tokenizer=tok, max_length=config.max_length, truncation=args.truncation,
                    vocab_size=model.config.vocab_size, report=report, **data_options(args))
     examples = load_examples(args.data, **options)
     eval_examples = load_examples(args.eval_data, **options) if args.eval_data else None
-    attach(model, tok, method, given, args.seed)
+    if not new_tokens:
+        attach(model, tok, method, given, args.seed)
     train(model, examples, config, Path(args.out), eval_examples=eval_examples, tokenizer=tok,
           pad_id=pad_id_for(tok), resume=args.resume, stop_ids=default_stop_ids(model, tok), data_files=[args.data],
           options=run_options(args, method, given))
-    finish(args, model, rank, full=not adapter_configs(model))
+    finish(args, model, rank, full=not adapter_configs(model), tok=tok)
 
 
 def cmd_train_dpo(args):

@@ -22,7 +22,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _RustTokenizer
 
-from .files import read_json
+from .files import atomic_write_all, read_json
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -49,6 +49,7 @@ class Tokenizer:
                  source: str = "the tokenizer"):
         self.backend, self.source = tokenizer, source  # source: the file the template came from, for errors
         config = config or {}
+        self.config = dict(config)  # tokenizer_config.json as read, written back by `save`
         for name in _SPECIAL_NAMES:
             setattr(self, name, _token_str(config.get(name)))
         self.chat_template = chat_template
@@ -77,6 +78,34 @@ class Tokenizer:
 
     def __len__(self):
         return self.vocab_size
+
+    def add_tokens(self, tokens: list[str], special: bool = False) -> list[int]:
+        """Add tokens that are not in the vocabulary, as transformers' add_tokens(tokens, special_tokens=special)
+        does on a fast tokenizer (the `tokenizers` calls it makes): each is matched whole before the model's own
+        splitting; a normal one goes through the normalizer and is kept by decode(skip_special_tokens=True), a
+        special one is matched as typed and dropped there. Returns their ids (the next free ones)."""
+        if known := [t for t in tokens if self.backend.token_to_id(t) is not None]:
+            raise ValueError(f"token {known[0]!r} is already in the vocabulary (id {self.token_to_id(known[0])})")
+        (self.backend.add_special_tokens if special else self.backend.add_tokens)(list(tokens))
+        ids = [self.backend.token_to_id(t) for t in tokens]
+        if special:
+            self.special_ids |= set(ids)
+            extra = self.config.get("extra_special_tokens")
+            self.config["extra_special_tokens"] = [*(extra if isinstance(extra, list) else []), *tokens]
+        return ids
+
+    def save(self, path):
+        """Write tokenizer.json and tokenizer_config.json (and chat_template.jinja when the template came from
+        one) into the folder `path`, all or nothing; transformers' AutoTokenizer reads them."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = json.dumps(self.config, indent=2, ensure_ascii=False) + "\n"
+        writes = [(path / "tokenizer.json", lambda tmp: tmp.write_text(self.backend.to_str(), encoding="utf-8")),
+                  (path / "tokenizer_config.json", lambda tmp: tmp.write_text(config, encoding="utf-8"))]
+        if self.chat_template and self.config.get("chat_template") is None:
+            writes.append((path / "chat_template.jinja", lambda tmp: tmp.write_text(self.chat_template, encoding="utf-8")))
+        atomic_write_all(writes)
+        return path
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text; add_special_tokens runs the checkpoint's post-processor (e.g. BOS for Llama)."""

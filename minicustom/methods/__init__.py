@@ -4,6 +4,7 @@
     prefix.py         prefix tuning (learned keys and values in every layer)
     ia3.py            IA3 (learned rescaling vectors)
     ln_tuning.py      LN tuning (a trainable copy of each norm's weight)
+    trainable_tokens.py  trainable tokens (chosen rows of the embedding; new tokens)
     bottleneck.py     bottleneck adapters (Houlsby, Pfeiffer, parallel)
     llama_adapter.py  LLaMA-Adapter (gated adaption prompts)
     vera.py           VeRA (learned vectors scaling a shared frozen random low-rank pair)

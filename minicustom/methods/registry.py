@@ -43,6 +43,7 @@ from .peft_format import (
 from .prefix import PREFIX_TUNING
 from .prompt_tuning import P_TUNING, PROMPT_TUNING
 from .qlora import QLORA, QLORA_LOFTQ
+from .trainable_tokens import TRAINABLE_TOKENS
 from .vera import VERA
 
 # The ladder's trained rungs, cheapest first: one line a method.
@@ -52,6 +53,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     PREFIX_TUNING,
     IA3,
     LN_TUNING,
+    TRAINABLE_TOKENS,
     BOTTLENECK,
     LLAMA_ADAPTER,
     VERA,
