@@ -14,7 +14,8 @@ test question, the answers' relevance (token F1, ROUGE-L) and response time (p50
 and on a label task the accuracy of the most likely label by log-likelihood; comparison.png plots accuracy against trainable parameters and against training time
 (with matplotlib, `pip install 'minicustom[plot]'`; the same rows are in comparison.csv either way).
 
-The methods and their learning rates come from the registry (methods/registry.py): each method's own lr,
+The methods, their options and learning rates come from the registry (methods/registry.py), with r and
+alpha of CompareConfig for the LoRA family: each method's own lr,
 the usual order of magnitude for it (prompt learning and IA3 want far larger steps than LoRA, full
 fine-tuning far smaller), not tuned on the test split. Left out: tuning
 each method's hyperparameters on the validation split, repeated seeds and error bars.
@@ -129,7 +130,10 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
     if method not in PROMPTING:
         examples = [make_example(r, tok, f"{task.folder}/train.jsonl:{i + 1}") for i, r in enumerate(budget)]
         sft = get_method("lora" if method == "dpo" else method)
-        shared = {"r": config.r, "alpha": config.alpha, "num_virtual_tokens": config.num_virtual_tokens}
+        # r and alpha mean LoRA's rank and scale in the LoRA family only (OFT's r counts blocks, VeRA's rank is
+        # 256 by default): every other method keeps its registry defaults, which are PEFT's.
+        shared = {"num_virtual_tokens": config.num_virtual_tokens,
+                  **({"r": config.r, "alpha": config.alpha} if sft.peft_type == "LORA" else {})}
         apply_method(model, sft.name, tokenizer=tok, **{o.name: shared[o.name] for o in sft.options if o.name in shared})
         steps = max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
         train_config = TrainConfig(lr=sft.lr, max_steps=steps, batch_size=config.batch_size, packing=False,
