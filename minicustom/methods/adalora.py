@@ -61,19 +61,18 @@ from torch import nn
 from ..argtypes import COUNT, COUNT0, NONNEGATIVE, POSITIVE
 from ..quant.linear4bit import Linear4bit
 from .base import (
-    AdapterLayer,
     LinearAdapterLayer,
     Method,
     Option,
     adapter_configs,
-    find_targets,
-    linear_like,
+    plan_linears,
+    plan_or_refuse,
     register_config,
     report,
     set_adapter,
     targets_option,
 )
-from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys
+from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys, refuse_unsupported
 
 __all__ = ["AdaLoraConfig", "AdaLoraLinear", "RankAllocator", "apply_adalora", "to_peft", "load_peft"]
 
@@ -367,26 +366,6 @@ class RankAllocator:
 
 # -- attaching adapters to a model -----------------------------------------------------------------
 
-def _plan(model: nn.Module, config: AdaLoraConfig) -> tuple[list[str], list[str]]:
-    """([names of the targeted linears], [problems]); changes nothing."""
-    plan, problems = [], []
-    for name in find_targets(model, config.targets, config.layers):
-        module = model.get_submodule(name)
-        if isinstance(module, AdaLoraLinear) and module.merged:
-            problems.append(f"{name} has adapter {list(module.merged)} merged; unmerge it before adding another")
-        elif isinstance(module, AdapterLayer) and not isinstance(module, AdaLoraLinear):
-            problems.append(f"{name} already carries a {type(module).__name__}; AdaLoRA cannot be stacked on it")
-        elif not linear_like(module):
-            problems.append(f"{name} is a {type(module).__name__}; AdaLoRA targets nn.Linear (Conv layers are left out)")
-        else:
-            plan.append(name)
-    return plan, problems
-
-
-def _linear_names(model: nn.Module) -> str:
-    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_like(m)}))
-
-
 def _attach(model: nn.Module, plan: list[str], adapter_name: str, config: AdaLoraConfig,
             ranks: dict[str, int] | None = None) -> dict[str, AdaLoraLinear]:
     layers = {}
@@ -417,16 +396,7 @@ def apply_adalora(model: nn.Module, init_r: int = 12, target_r: int = 8, alpha: 
     config.check_pruning()
     if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
-    plan, problems = _plan(model, config)
-    if isinstance(config.targets, list):
-        problems += [f"target {t!r} matches no module" for t in config.targets
-                     if not find_targets(model, [t], config.layers)]
-    if not plan and not problems:
-        problems.append(f"targets {config.targets!r} match no module")
-    if problems:  # one line: the first problem, and how many more
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"cannot attach AdaLoRA: {problems[0]}{more}; linear modules here are named "
-                         f"{_linear_names(model)}")
+    plan = plan_or_refuse(model, config, AdaLoraLinear, "AdaLoRA")  # one line: the first problem, and how many
     _attach(model, plan, adapter_name, config)
     register_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
@@ -500,9 +470,8 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     pattern leaves, and every key must belong to a targeted linear; all of it is checked before the model changes."""
     where = path / CONFIG_FILE
     check_fields(peft, where, _FIELDS)
-    for key, off in _UNSUPPORTED:
-        if peft.get(key, off) not in (off, None, False, [], {}, "none"):
-            raise AdapterError(f"{where}: {key}={peft[key]!r} is not supported (minicustom's AdaLoRA leaves it out)")
+    # "none" means off in any of these fields, as LoRA's loader reads them.
+    refuse_unsupported({k: v for k, v in peft.items() if v != "none"}, where, _UNSUPPORTED, "AdaLoRA")
     given = {"init_r": "init_r", "target_r": "target_r", "alpha": "lora_alpha", "tinit": "tinit", "tfinal": "tfinal",
              "delta_t": "deltaT", "beta1": "beta1", "beta2": "beta2", "orth_reg_weight": "orth_reg_weight",
              "total_step": "total_step"}
@@ -512,7 +481,7 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
                                layers=peft.get("layers_to_transform")).resolve(model.config.model_type)
     except ValueError as e:
         raise AdapterError(f"{where}: {e}") from None
-    plan, problems = _plan(model, config)
+    plan, problems = plan_linears(model, config, AdaLoraLinear, "AdaLoRA")
     if problems or not plan:
         raise AdapterError(f"{where}: target_modules {config.targets!r}: " + (
             "; ".join(problems) or "select no module of this model"))

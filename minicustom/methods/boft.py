@@ -61,19 +61,19 @@ from torch import nn
 from ..argtypes import COUNT, COUNT0, DROPOUT
 from ..quant.linear4bit import Linear4bit
 from .base import (
-    AdapterLayer,
     LinearAdapterLayer,
     Method,
     Option,
     adapter_configs,
     find_targets,
     linear_like,
+    plan_linears,
     register_config,
     report,
     set_adapter,
     targets_option,
 )
-from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys
+from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys, refuse_unsupported
 
 __all__ = ["BOFTConfig", "BOFTLinear", "apply_boft", "to_peft", "load_peft", "blocks", "butterfly_perm", "cayley"]
 
@@ -283,22 +283,16 @@ class BOFTLinear(LinearAdapterLayer):
 # -- attaching adapters to a model -----------------------------------------------------------------
 
 def _plan(model: nn.Module, config: BOFTConfig) -> tuple[list[str], list[str]]:
-    """([names of the targeted linears], [problems]); changes nothing."""
-    plan, problems = [], []
-    for name in find_targets(model, config.targets, config.layers):
-        module = model.get_submodule(name)
-        if isinstance(module, BOFTLinear) and module.merged:
-            problems.append(f"{name} has adapter {list(module.merged)} merged; unmerge it before adding another")
-        elif isinstance(module, AdapterLayer) and not isinstance(module, BOFTLinear):
-            problems.append(f"{name} already carries a {type(module).__name__}; BOFT cannot be stacked on it")
-        elif not linear_like(module):
-            problems.append(f"{name} is a {type(module).__name__}; BOFT targets nn.Linear (Conv layers are left out)")
-        else:
-            try:
-                blocks(module.in_features, config)
-                plan.append(name)
-            except ValueError as e:
-                problems.append(f"{name}: {e}")
+    """plan_linears' ([names of the targeted linears], [problems]), less the linears the blocks do not fit
+    (a problem each); changes nothing."""
+    linears, problems = plan_linears(model, config, BOFTLinear, "BOFT")
+    plan = []
+    for name in linears:
+        try:
+            blocks(model.get_submodule(name).in_features, config)
+            plan.append(name)
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
     return plan, problems
 
 
@@ -390,9 +384,7 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     for key in ("boft_block_size", "boft_block_num"):
         if peft.get(key) is not None and not _count(peft[key]):
             raise AdapterError(f"{where}: field {key!r} must be a non-negative integer, found {peft[key]!r}")
-    for key, off in _UNSUPPORTED:
-        if peft.get(key, off) not in (off, None, False, [], {}):
-            raise AdapterError(f"{where}: {key}={peft[key]!r} is not supported (minicustom's BOFT leaves it out)")
+    refuse_unsupported(peft, where, _UNSUPPORTED, "BOFT")
     try:
         config = BOFTConfig(
             boft_block_size=4 if peft.get("boft_block_size") is None else peft["boft_block_size"],

@@ -57,20 +57,19 @@ from torch import nn
 from ..argtypes import COUNT
 from ..quant.linear4bit import Linear4bit
 from .base import (
-    AdapterLayer,
     LinearAdapterLayer,
     Method,
     Option,
     adapter_configs,
     adapter_layers,
-    find_targets,
-    linear_like,
+    plan_linears,
+    plan_or_refuse,
     register_config,
     report,
     set_adapter,
     targets_option,
 )
-from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys
+from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys, refuse_unsupported
 
 __all__ = ["HRAConfig", "HRALinear", "apply_hra", "orthogonality_loss", "to_peft", "load_peft"]
 
@@ -224,26 +223,6 @@ def orthogonality_loss(model: nn.Module, weight: float = 1e-4, adapter_names: li
 
 # -- attaching adapters to a model -----------------------------------------------------------------
 
-def _plan(model: nn.Module, config: HRAConfig) -> tuple[list[str], list[str]]:
-    """([names of the targeted linears], [problems]); changes nothing."""
-    plan, problems = [], []
-    for name in find_targets(model, config.targets, config.layers):
-        module = model.get_submodule(name)
-        if isinstance(module, HRALinear) and module.merged:
-            problems.append(f"{name} has adapter {list(module.merged)} merged; unmerge it before adding another")
-        elif isinstance(module, AdapterLayer) and not isinstance(module, HRALinear):
-            problems.append(f"{name} already carries a {type(module).__name__}; HRA cannot be stacked on it")
-        elif not linear_like(module):
-            problems.append(f"{name} is a {type(module).__name__}; HRA targets nn.Linear (Conv layers are left out)")
-        else:
-            plan.append(name)
-    return plan, problems
-
-
-def _linear_names(model: nn.Module) -> str:
-    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_like(m)}))
-
-
 def _attach(model: nn.Module, plan: list[str], adapter_name: str, config: HRAConfig) -> dict[str, HRALinear]:
     layers = {}
     for name in plan:
@@ -269,16 +248,7 @@ def apply_hra(model: nn.Module, r: int = 8, apply_gs: bool = False, targets=None
                                   layers=layers)).resolve(model.config.model_type)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
-    plan, problems = _plan(model, config)
-    if isinstance(config.targets, list):
-        problems += [f"target {t!r} matches no module" for t in config.targets
-                     if not find_targets(model, [t], config.layers)]
-    if not plan and not problems:
-        problems.append(f"targets {config.targets!r} match no module")
-    if problems:  # one line: the first problem, and how many more
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"cannot attach HRA: {problems[0]}{more}; linear modules here are named "
-                         f"{_linear_names(model)}")
+    plan = plan_or_refuse(model, config, HRALinear, "HRA")  # one line: the first problem, and how many more
     _attach(model, plan, adapter_name, config)
     register_config(model, adapter_name, config)
     set_adapter(model, adapter_name)
@@ -314,13 +284,11 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     belong to a targeted linear; all of it is checked before the model changes."""
     where = path / CONFIG_FILE
     check_fields(peft, where, _FIELDS)
-    for key, off in _UNSUPPORTED:
-        if peft.get(key, off) not in (off, None, [], {}):
-            raise AdapterError(f"{where}: {key}={peft[key]!r} is not supported (minicustom's HRA leaves it out)")
+    refuse_unsupported(peft, where, _UNSUPPORTED, "HRA")
     config = HRAConfig(r=peft.get("r") or 8, apply_gs=peft.get("apply_GS") is True,
                        targets=peft.get("target_modules"), init_weights=peft.get("init_weights") is not False,
                        layers=peft.get("layers_to_transform")).resolve(model.config.model_type)
-    plan, problems = _plan(model, config)
+    plan, problems = plan_linears(model, config, HRALinear, "HRA")
     if problems or not plan:
         raise AdapterError(f"{where}: target_modules {config.targets!r}: " + (
             "; ".join(problems) or "select no module of this model"))

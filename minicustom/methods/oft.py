@@ -70,7 +70,7 @@ from .base import (
     set_adapter,
     targets_option,
 )
-from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys
+from .peft_format import CONFIG_FILE, PREFIX, AdapterError, check_fields, match_keys, refuse_unsupported
 
 __all__ = ["OFTConfig", "OFTRotation", "OFTLinear", "apply_oft", "to_peft", "load_peft"]
 
@@ -430,9 +430,7 @@ def load_peft(model: nn.Module, path: Path, peft: dict, tensors: dict, adapter_n
     if "oft_block_size" not in peft:
         raise AdapterError(f"{where}: no field 'oft_block_size': a folder of PEFT < 0.14's OFT, whose weights "
                            "PEFT itself no longer reads (retrain with PEFT >= 0.18)")
-    for key, off in _UNSUPPORTED:
-        if peft.get(key, off) not in (off, None, False, [], {}):
-            raise AdapterError(f"{where}: {key}={peft[key]!r} is not supported (minicustom's OFT leaves it out)")
+    refuse_unsupported(peft, where, _UNSUPPORTED, "OFT")
     neumann, stamp = peft.get("use_cayley_neumann") is not False, peft.get("peft_version")
     if neumann and _older(stamp or "0.0.0", SERIES_SINCE):  # PEFT, too, reads no stamp as older (and warns)
         said = "no peft_version" if stamp is None else f"peft_version {stamp!r}"
