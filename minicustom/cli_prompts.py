@@ -67,13 +67,14 @@ def cmd_prompts_search(args):
     base = _start(args, task.name, str(path))
     config = SearchConfig(method=args.method, rounds=args.rounds, candidates=args.candidates, keep=args.keep,
                           max_demos=args.max_demos, demo_candidates=args.demo_candidates, max_calls=args.max_calls,
-                          max_prompt_tokens=args.max_prompt_tokens, limit=args.limit, seed=args.seed)
+                          max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, limit=args.limit, seed=args.seed)
     config.check()
     model, tok = load_model(path), load_tokenizer(path)
     _report(f"searching from {base.name!r} ({config.method}); trace in {Path(args.out) / 'trace.jsonl'}")
     result = search(model, tok, task, base, config, args.out, report=_report)
     print(f"validation accuracy {result.base_accuracy:.3f} ({base.name}) -> {result.accuracy:.3f} "
-          f"({len(result.candidates)} candidates, {result.calls} model calls, {result.minutes:.1f} min"
+          f"({len(result.candidates)} candidates, {result.calls} model calls, {result.tokens:,} tokens, "
+          f"{result.minutes:.1f} min"
           f"{', budget reached' if result.stopped_by_budget else ''})")
     print(json.dumps(result.best.to_json(), ensure_ascii=False))
 
@@ -85,7 +86,7 @@ def cmd_ladder(args):
     rungs = RUNGS[:RUNGS.index(args.up_to) + 1] if args.up_to else RUNGS
     result = ladder(model_path(args), args.task, args.out, args.target, budget_minutes=args.budget_minutes,
                     config=config, search_config=search_config, rungs=rungs, report=_report)
-    print(ladder_markdown(result, Path(args.task).name, args.target), end="")
+    print(ladder_markdown(result, load_task(args.task, splits=()).name, args.target), end="")
 
 
 def add_prompts(sub):
@@ -115,7 +116,8 @@ def add_prompts(sub):
         q.add_argument("--max-demos", type=COUNT, default=4, help="demonstrations kept at most")
         q.add_argument("--demo-candidates", type=COUNT, default=12, help="train records tried as demonstrations")
         q.add_argument("--max-calls", type=COUNT, help="budget of model calls (answers and proposals)")
-        q.add_argument("--max-prompt-tokens", type=COUNT, help="budget of tokens per prompt")
+        q.add_argument("--max-tokens", type=COUNT, help="budget of tokens (prompts and answers) for the search")
+        q.add_argument("--max-prompt-tokens", type=COUNT, help="longest prompt (shots are dropped to fit)")
     p = sub.add_parser("ladder", help="climb from zero-shot; stop at the first rung reaching --target (validation)")
     p.add_argument("--model", help="checkpoint folder (default: the demo model, SmolLM2-135M-Instruct)")
     p.add_argument("--task", required=True, help="task folder with train, validation and test JSONL")

@@ -11,14 +11,15 @@ result is written to OUT/<method>/result.json as soon as it is known, and a late
 OUT reuses it (a crash loses at most the method under way). The table (comparison.md, .json) gives test
 accuracy, trainable parameters, training time, peak memory, training tokens and prompt tokens per
 test question, the answers' relevance (token F1, ROUGE-L) and response time (p50/p95 latency, tokens/s),
-and on a label task the accuracy of the most likely label by log-likelihood; comparison.png plots accuracy against trainable parameters and against training time
-(with matplotlib, `pip install 'minicustom[plot]'`; the same rows are in comparison.csv either way).
+and on a label task the accuracy of the most likely label by log-likelihood; comparison.png plots accuracy
+against trainable parameters and against training time (with matplotlib, `pip install 'minicustom[plot]'`;
+the same rows are in comparison.csv either way). A method whose worker was killed after its training saved
+resumes from that checkpoint on the next run.
 
 The methods, their options and learning rates come from the registry (methods/registry.py), with r and
-alpha of CompareConfig for the LoRA family: each method's own lr,
-the usual order of magnitude for it (prompt learning and IA3 want far larger steps than LoRA, full
-fine-tuning far smaller), not tuned on the test split. Left out: tuning
-each method's hyperparameters on the validation split, repeated seeds and error bars.
+alpha of CompareConfig for the LoRA family: each method's own lr, the usual order of magnitude for it (prompt
+learning and IA3 want far larger steps than LoRA, full fine-tuning far smaller), not tuned on the test split.
+Left out: tuning each method's hyperparameters on the validation split, repeated seeds and error bars.
 """
 
 from __future__ import annotations
@@ -85,8 +86,14 @@ class CompareConfig:
 
 # -- one method, in its own process ---------------------------------------------------------------------
 
-def _peak_mb() -> float:
+def peak_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _saved(run: Path) -> bool:
+    """A training folder whose run saved a checkpoint (a worker killed after it): resume, not start again."""
+    return (run / "checkpoints" / "latest").is_file()
 
 
 def _train_tokens(out: Path) -> int:
@@ -139,7 +146,8 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
         train_config = TrainConfig(lr=sft.lr, max_steps=steps, batch_size=config.batch_size, packing=False,
                                    max_length=config.max_length, seed=config.seed, exact_match=0, log_every=10,
                                    save_every=0)  # never resumed: one checkpoint at the end, not a tenth each
-        train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop)
+        train(model, examples, train_config, out / "sft", pad_id=pad_id_for(tok), stop_ids=stop,
+              resume=_saved(out / "sft"))
         tokens += _train_tokens(out / "sft")
         if method == "dpo":
             pairs: list[PreferencePair] = [make_pair(r, tok, f"{task.folder}/prefs_train.jsonl:{i + 1}")
@@ -149,7 +157,7 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
             dpo_steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
             train_dpo(model, pairs, DPOConfig(lr=DPO_LR, max_steps=dpo_steps, batch_size=config.batch_size,
                                               seed=config.seed, log_every=10, save_every=0), out / "dpo",
-                      reference="snapshot", pad_id=pad_id_for(tok))
+                      reference="snapshot", pad_id=pad_id_for(tok), resume=_saved(out / "dpo"))
             tokens += _train_tokens(out / "dpo")
     train_seconds = time.perf_counter() - t0
     trainable = count_parameters(model)[0] if method not in PROMPTING else 0
@@ -159,7 +167,7 @@ def run_method(method: str, model_path, task: TaskFolder, config: CompareConfig,
     m = result.metrics
     row = {"method": method, "accuracy": result.accuracy, "n_test": result.n, "trainable_params": trainable,
            "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
-           "peak_mb": round(_peak_mb()), "train_tokens": tokens,
+           "peak_mb": round(peak_mb()), "train_tokens": tokens,
            "prompt_tokens": round(sum(r["prompt_tokens"] for r in result.records) / max(result.n, 1), 1),
            "latency_p50_s": round(m["latency_p50_s"], 3), "latency_p95_s": round(m["latency_p95_s"], 3),
            "tokens_per_s": round(m["tokens_per_s"], 1), "token_f1": round(m["token_f1"], 4),

@@ -15,7 +15,8 @@ Log-likelihood scoring (`evaluate_choices`, lm-evaluation-harness' multiple-choi
 of a question with prompt x is scored by log p(c | x) = Σ_t log p(c_t | x, c_<t), and the prediction is the
 choice of largest score (acc), or of largest score / len(c) in characters (acc_norm, lm-eval's length
 normalization). The choice's tokens are the tokenizer's encoding of its text alone, appended to the prompt
-(the assistant turn's first tokens under a chat template). Left out: BLEU, LLM-as-judge.
+(the assistant turn's first tokens under a chat template), or of " " + text after a plain "A:" prompt (lm-eval's
+target delimiter). An LLM judge is judge.py. Left out: BLEU.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def evaluate_choices(model, tokenizer, prompts: Sequence[Sequence[int]], referen
     stray = sorted({r for r in references if r.casefold() not in index})
     if stray:
         raise ValueError(f"references {stray[:5]} are not among the choices {list(choices)}")
-    encoded = [tokenizer.encode(c, add_special_tokens=False) for c in choices]
+    delimiter = "" if tokenizer.chat_template else " "  # a plain prompt ends "A:"; the answer follows a space
+    encoded = [tokenizer.encode(delimiter + c, add_special_tokens=False) for c in choices]
     bar, records, hits, hits_norm = Progress(len(prompts), 0, progress), [], 0, 0
     for i, (ids, ref) in enumerate(zip(prompts, references)):
         lls = choice_logprobs(model, ids, encoded)
@@ -246,7 +248,7 @@ def evaluate_task(model, tokenizer, test_records, *, shots_pool=None, k: int = 0
     key = prompting.question_key
     leaked = {key(s.question) for s in pool} & {key(t.question) for t in tests}
     if leaked:
-        raise ValueError(f"{len(leaked)} of {len(tests)} test questions are also in shots_pool: shots must "
+        raise ValueError(f"{len(leaked)} of {len(tests)} questions evaluated are also in shots_pool: shots must "
                          "come from another split (e.g. the training file), or the evaluation leaks answers")
     budget = max_prompt_tokens if max_prompt_tokens is not None else \
         model.config.max_position_embeddings - max_new_tokens

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import load_model
-from .compare import CompareConfig, CompareError, _peak_mb, run_method
+from .compare import CompareConfig, CompareError, peak_mb, run_method
 from .data import DataError
 from .files import atomic_write, read_json
 from .prompt_library import Variant, evaluate_variant
@@ -37,6 +37,11 @@ from .tokenizer import load_tokenizer
 
 RUNGS = ("zero-shot", "few-shot", "cot", "prompt-search", "prompt", "lora", "qlora", "full")
 PROMPT_RUNGS = ("zero-shot", "few-shot", "cot")
+ROW_KEYS = ("rung", "validation_accuracy", "accuracy", "trainable_params", "seconds", "peak_mb", "artifact")
+
+
+class LadderError(CompareError):
+    """A rung's worker failed, or OUT holds something that is not this ladder's."""
 
 
 @dataclass
@@ -69,8 +74,11 @@ def ladder(model_path, task_folder, out, target: float, *, budget_minutes: float
                 "search": asdict(search_config)}
     if (out / "settings.json").is_file():
         if read_json(out / "settings.json", DataError) != settings:
-            raise DataError(f"{out}: a ladder with other settings (model, task, budget or search) was climbed here; "
-                            "use another --out to climb with these")
+            raise LadderError(f"{out}: a ladder with other settings (model, task, budget or search) was climbed "
+                              "here; use another --out to climb with these")
+    elif out.is_dir() and any(out.iterdir()):
+        raise LadderError(f"{out} already holds files that are not a ladder's (no settings.json): use a new or "
+                          "empty --out")
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "settings.json", lambda p: p.write_text(json.dumps(settings, indent=1) + "\n"))
@@ -86,7 +94,9 @@ def ladder(model_path, task_folder, out, target: float, *, budget_minutes: float
         else:
             report(f"[{i + 1}/{len(rungs)}] {rung} ...")
             _run_worker(rung, model_path, task.folder, out, config, search_config)
-        row = json.loads(path.read_text())
+        row = read_json(path, DataError)
+        if not (isinstance(row, dict) and all(k in row for k in ROW_KEYS)):
+            raise LadderError(f"{path}: not a ladder rung's result (it needs {', '.join(ROW_KEYS)})")
         rows.append(row)
         spent += row["seconds"]
         report(f"    validation {row['validation_accuracy']:.3f}, test {row['accuracy']:.3f}, "
@@ -121,7 +131,7 @@ def _run_worker(rung: str, model_path, task_folder, out: Path, config: CompareCo
     if proc.returncode != 0:
         (out / rung).mkdir(parents=True, exist_ok=True)
         (out / rung / "error.txt").write_text(proc.stderr)
-        raise CompareError(f"rung {rung} failed (exit {proc.returncode}); its output is in "
+        raise LadderError(f"rung {rung} failed (exit {proc.returncode}); its output is in "
                            f"{out / rung / 'error.txt'}:\n{proc.stderr[-2000:]}")
 
 
@@ -148,6 +158,7 @@ def run_rung(rung: str, model_path, task_folder, out: Path, config: CompareConfi
     model, tok = load_model(model_path), load_tokenizer(model_path)
     base = _best_prompt(out)
     searched = load_task(task_folder, splits=("train", "validation"))  # the search never reads test.jsonl
+    searched.train = searched.train[:config.examples]  # the few-shot rungs' pool: one budget for every rung
     found = search(model, tok, searched, base, search_config, folder / "search", report=lambda _: None)
     test = load_task(task_folder, splits=("train", "test"))
     tests = test.test[:config.test_limit] if config.test_limit else test.test
@@ -155,7 +166,7 @@ def run_rung(rung: str, model_path, task_folder, out: Path, config: CompareConfi
     atomic_write(folder / "prompt.json", lambda p: p.write_text(json.dumps(found.best.to_json()) + "\n"))
     return {"rung": rung, "method": rung, "validation_accuracy": found.accuracy, "accuracy": result.accuracy,
             "n_test": result.n, "trainable_params": 0, "train_seconds": round(found.minutes * 60, 1),
-            "seconds": round(time.perf_counter() - t0, 1), "peak_mb": round(_peak_mb()), "calls": found.calls,
+            "seconds": round(time.perf_counter() - t0, 1), "peak_mb": round(peak_mb()), "calls": found.calls,
             "artifact": str(folder / "prompt.json")}
 
 

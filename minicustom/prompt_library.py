@@ -12,6 +12,7 @@ Fields (every one but name optional):
     instruction       the user turn, a template holding {question}; absent: the question alone
     shots             k examples drawn from the train split for each question (0: zero-shot)
     strategy          how they are drawn: "similar" (TF-IDF nearest, prompting.select_shots) or "random"
+    answer_format     how to answer, added on its own line after the question ("Answer with one word.")
     demos             fixed examples instead of drawn ones: [{"question": ..., "answer": ...}, ...]
     chain_of_thought  worked rationales in the shots and "Let's think step by step." after the question
     self_consistency  n > 1: the majority answer of n chains sampled at temperature 0.7 (0 or 1: greedy)
@@ -20,15 +21,18 @@ An unknown field, a wrong type or a template without {question} is an error nami
 
 `evaluate_library` scores every variant on the validation split (shots from the train split; the test split
 is not read) with the same evaluator as `compare`: accuracy, and beside it the answers' relevance (token F1,
-ROUGE-L), response time, for label tasks the log-likelihood accuracy, and if asked a judge model's rating. Each result is appended to the
-history file beside the library (LIBRARY.history.jsonl: the variant as scored, model, task, split, date and
-the metrics), never rewritten, so the library keeps every past run: `best_variant` ranks the variants by
-their history ("learning from past performance"), and prompt search starts from that best entry.
+ROUGE-L), response time, for label tasks the log-likelihood accuracy, and if asked a judge model's rating.
+Each variant's result is appended, as soon as it is known, to the history file beside the library
+(LIBRARY.history.jsonl: the variant as scored, model, task, split, date and the metrics); the library itself
+is never written. `best_variant` ranks the variants by their history ("learning from past performance"),
+and prompt search starts from that best entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -49,6 +53,7 @@ class Variant:
     name: str
     system: str | None = None
     instruction: str | None = None
+    answer_format: str | None = None
     shots: int = 0
     strategy: str = "similar"
     demos: list[dict] | None = None
@@ -62,7 +67,8 @@ class Variant:
         return {k: v for k, v in asdict(self).items() if k == "name" or v != getattr(default, k)}
 
 
-_TYPES = {"name": (str,), "system": (str, type(None)), "instruction": (str, type(None)), "shots": (int,),
+_TYPES = {"name": (str,), "system": (str, type(None)), "instruction": (str, type(None)),
+          "answer_format": (str, type(None)), "shots": (int,),
           "strategy": (str,), "demos": (list, type(None)), "chain_of_thought": (bool,), "self_consistency": (int,),
           "notes": (str,)}
 
@@ -115,19 +121,53 @@ def history_path(library) -> Path:
     return library.with_name(library.name + ".history.jsonl")
 
 
-def read_history(library) -> list[dict]:
-    path = history_path(library)
-    return [r for _, r in read_jsonl(path)] if path.is_file() else []
+def read_log(path) -> list[dict]:
+    """The records of an append-only JSONL log (a library's history, a search's trace); [] if there is none.
+    A last line a crash cut short (no newline at its end) is cut from the file, so the next append starts on
+    a line of its own."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [r for _, r in read_jsonl(path)] if path.stat().st_size else []
 
 
-def append_history(library, records: list[dict]) -> None:
-    """Append result lines (one write, flushed and synced: a crash keeps whole lines)."""
-    import os
-
-    with open(history_path(library), "a", encoding="utf-8") as f:
+def append_log(path, records: list[dict]) -> None:
+    """Append records, one JSON line each, in one write, flushed and synced to disk."""
+    with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         f.flush()
         os.fsync(f.fileno())
+
+
+def records_digest(*splits) -> str:
+    """A short hash of task records: which data a result was measured on."""
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_digest(model, sample: int = 4096) -> str:
+    """A short hash of a model's config and weights (an evenly strided sample of each tensor): which model a
+    result was measured with, so that another context length or other weights (a fine-tuned copy) count as
+    another model."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // sample)].float().cpu()
+        h.update(name.encode() + picked.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_history(library) -> list[dict]:
+    return read_log(history_path(library))
+
+
+def _same(record: dict, variant: Variant, task: str, model: str | None) -> bool:
+    """A history line of this variant as it is now (an edited variant starts afresh), on `task`, by `model`."""
+    return record.get("name") == variant.name and record.get("variant") == variant.to_json() and \
+        record.get("task") == task and (model is None or record.get("model") == model)
 
 
 def best_variant(library, task: str, model: str | None = None) -> Variant | None:
@@ -136,8 +176,7 @@ def best_variant(library, task: str, model: str | None = None) -> Variant | None
     variants = {v.name: v for v in read_library(library)}
     scores: dict[str, list[float]] = {}
     for r in read_history(library):
-        if r.get("task") == task and (model is None or r.get("model") == model) and r.get("name") in variants \
-                and r.get("variant") == variants[r["name"]].to_json():  # an edited variant starts afresh
+        if r.get("name") in variants and _same(r, variants[r["name"]], task, model):
             scores.setdefault(r["name"], []).append(r["accuracy"])
     if not scores:
         return None
@@ -158,10 +197,13 @@ def evaluate_variant(model, tokenizer, variant: Variant, task: TaskFolder, recor
     elif pool is None:
         pool = task.train
     k = len(variant.demos) if variant.demos else variant.shots
+    instruction = variant.instruction
+    if variant.answer_format:
+        instruction = (instruction or "{question}") + "\n" + variant.answer_format
     return evaluate_task(model, tokenizer, records, shots_pool=pool if k else None, k=k,
                          strategy="fixed" if variant.demos else variant.strategy,
                          chain_of_thought=variant.chain_of_thought, system=variant.system,
-                         instruction=variant.instruction, self_consistency=variant.self_consistency,
+                         instruction=instruction, self_consistency=variant.self_consistency,
                          temperature=SELF_CONSISTENCY_TEMPERATURE, scorer=task.scorer, labels=task.labels,
                          max_new_tokens=max(task.max_new_tokens, 96 if variant.chain_of_thought else 0),
                          batch_size=batch_size, seed=seed, progress=progress, max_prompt_tokens=max_prompt_tokens,
@@ -180,8 +222,8 @@ class Scored:
         r, m = self.result, self.result.metrics
         return {"name": self.variant.name, "accuracy": r.accuracy, "n": r.n,
                 "loglik_accuracy": m.get("loglik_acc"), "token_f1": m.get("token_f1"), "rouge_l": m.get("rouge_l"),
-                "latency_p50_s": m.get("latency_p50_s"), "latency_p95_s": m.get("latency_p95_s"),
-                "tokens_per_s": m.get("tokens_per_s"), "judge": self.judge,
+                "first_token_p50_s": m.get("first_token_p50_s"), "latency_p50_s": m.get("latency_p50_s"),
+                "latency_p95_s": m.get("latency_p95_s"), "tokens_per_s": m.get("tokens_per_s"), "judge": self.judge,
                 "prompt_tokens": sum(x["prompt_tokens"] for x in r.records) / max(r.n, 1),
                 "seconds": round(self.seconds, 1), "past_runs": len(self.history),
                 "past_best": max(self.history) if self.history else None}
@@ -201,20 +243,19 @@ def evaluate_library(model, tokenizer, library, task: TaskFolder, *, model_name:
         report(f"[{i + 1}/{len(variants)}] {v.name} ...")
         t0 = time.perf_counter()
         result = evaluate_variant(model, tokenizer, v, task, task.validation, limit=limit, seed=seed)
-        history = [r["accuracy"] for r in past if r.get("name") == v.name and r.get("task") == task.name
-                   and r.get("variant") == v.to_json()]
+        history = [r["accuracy"] for r in past if _same(r, v, task.name, model_name) and r.get("n") == result.n]
         rating = None
-        if judge is not None:
-            rating = judge_answers(*judge, [r["question"] for r in result.records],
-                                   [r["output"] for r in result.records],
+        if judge is not None:  # a self-consistency answer is its majority prediction, not the chains
+            answers = [r["output"] if isinstance(r["output"], str) else r["prediction"] for r in result.records]
+            rating = judge_answers(*judge, [r["question"] for r in result.records], answers,
                                    [r["reference"] for r in result.records]).mean
-        scored.append(Scored(v, result, time.perf_counter() - t0, history, rating))
+        s = Scored(v, result, time.perf_counter() - t0, history, rating)
+        scored.append(s)
+        append_log(history_path(library), [{  # at once: a crash later keeps this variant's result
+            "name": v.name, "variant": v.to_json(), "model": model_name, "task": task.name, "split": "validation",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": seed,
+            **{k: x for k, x in s.row().items() if k not in ("name", "past_runs", "past_best")}}])
         report(f"    validation accuracy {result.accuracy:.3f}" + (f", judge {rating:.1f}" if rating else ""))
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    append_history(library, [{"name": s.variant.name, "variant": s.variant.to_json(), "model": model_name,
-                              "task": task.name, "split": "validation", "date": now, "seed": seed,
-                              **{k: v for k, v in s.row().items() if k not in ("name", "past_runs", "past_best")}}
-                             for s in scored])
     return sorted(scored, key=lambda s: (-s.result.accuracy, s.row()["prompt_tokens"]))
 
 
@@ -225,12 +266,14 @@ def _num(value, form: str) -> str:
 def ranking_markdown(scored: list[Scored], task: str) -> str:
     lines = [f"Prompt variants on `{task}`, validation split ({scored[0].result.n if scored else 0} questions), "
              "best first.", "",
-             "| rank | variant | accuracy | log-lik. accuracy | token F1 | ROUGE-L | judge (1-10) | p50 latency (s) "
-             "| prompt tokens | earlier runs (best) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| rank | variant | accuracy | log-lik. accuracy | token F1 | ROUGE-L | judge (1-10) | first token (s) "
+             "| p50 / p95 latency (s) | prompt tokens | earlier runs (best) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, s in enumerate(scored, 1):
         r = s.row()
         lines.append(f"| {k} | {r['name']} | {r['accuracy']:.3f} | {_num(r['loglik_accuracy'], '.3f')} "
                      f"| {_num(r['token_f1'], '.3f')} | {_num(r['rouge_l'], '.3f')} | {_num(r['judge'], '.1f')} "
-                     f"| {_num(r['latency_p50_s'], '.2f')} | {r['prompt_tokens']:.0f} "
+                     f"| {_num(r['first_token_p50_s'], '.2f')} | {_num(r['latency_p50_s'], '.2f')} / "
+                     f"{_num(r['latency_p95_s'], '.2f')} | {r['prompt_tokens']:.0f} "
                      f"| {r['past_runs']} ({_num(r['past_best'], '.3f')}) |")
     return "\n".join(lines) + "\n"

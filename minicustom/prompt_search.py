@@ -5,21 +5,26 @@
   input/output pairs of the train split and proposes instructions (sampled, APE's forward template); each
   becomes the variant's system prompt and is scored by validation accuracy; the `keep` best are resampled
   as paraphrases (APE's resampling template) in the next round; after `rounds` rounds the best is kept.
-- Bootstrapped demonstrations, DSPy style (Khattab et al. 2024, "DSPy: Compiling Declarative Language Model
-  Calls into Self-Improving Pipelines", BootstrapFewShot): train records the current best prompt answers
-  correctly are the candidate demonstrations; walking them in a seeded order, a demonstration is kept when
-  adding it to the kept ones raises validation accuracy (greedy forward selection), up to `max_demos`.
-  The fixed set replaces the variant's drawn shots.
+- Bootstrapped demonstrations, after DSPy (Khattab et al. 2024, "DSPy: Compiling Declarative Language Model
+  Calls into Self-Improving Pipelines"): as its BootstrapFewShot, the candidates are train records the current
+  best prompt answers correctly (each answered with shots drawn from the other records); unlike DSPy, the
+  demonstration is the record's own reference answer (and rationale), not the model's output, and the set is
+  chosen by greedy forward selection on validation accuracy (DSPy's BootstrapFewShotWithRandomSearch scores
+  random subsets instead): walking the candidates in a seeded order, one is kept when adding it to those
+  already kept raises validation accuracy, up to `max_demos`. The fixed set replaces the drawn shots.
 
 Every candidate's score is validation accuracy (the task's scorer); ties keep the earlier candidate, so the
 starting variant (the library's best) wins unless something beats it. The test split is never read: the
-task is loaded with train and validation only. A budget of model calls (each answer generated and each
-proposal is one call) and of prompt tokens bounds the search; when the next step would pass it, the search
-stops with what it has.
+task is loaded with train and validation only. Two budgets bound the search: model calls (each answer
+generated and each proposal is one call; a step that would pass it is not started) and tokens (prompt and
+generated tokens of every call; no step starts once they are spent); `max_prompt_tokens` caps one prompt's
+length (the least relevant shots are dropped to fit). When a budget stops it, the search keeps what it has;
+a later run with a larger budget and the same OUT continues it.
 
 Seeded and resumable: every step (a round's proposals, a candidate's score) is appended to OUT/trace.jsonl
-when done, with the calls and seconds it took; a second run with the same OUT replays the recorded steps and
-continues, so an interrupted search ends where an uninterrupted one would. The result (OUT/best.json) is the
+when done (flushed to disk), with the calls, tokens and seconds it took; a second run with the same OUT, model
+and data replays the recorded steps and continues, so an interrupted search ends where an uninterrupted one
+would (a last line cut by a crash is dropped and redone). The result (OUT/best.json) is the
 best variant, as a library line, with its validation accuracy, the calls and the minutes of the whole search.
 """
 
@@ -34,10 +39,10 @@ from pathlib import Path
 import torch
 
 from . import prompting
-from .data import DataError, read_jsonl
+from .data import DataError
 from .files import atomic_write
 from .generate import generate
-from .prompt_library import Variant, evaluate_variant
+from .prompt_library import Variant, append_log, evaluate_variant, model_digest, read_log, records_digest
 from .prompting import shots_from_records
 from .tasks import TaskFolder
 
@@ -61,6 +66,7 @@ class SearchConfig:
     max_demos: int = 4  # bootstrap: demonstrations kept at most
     demo_candidates: int = 12  # bootstrap: train records tried
     max_calls: int | None = None  # budget of model calls (None: unbounded)
+    max_tokens: int | None = None  # budget of prompt + generated tokens over the search (None: unbounded)
     max_prompt_tokens: int | None = None  # longest prompt a candidate may use (None: the model's context)
     limit: int | None = None  # score on the first N validation records (None: all)
     seed: int = 0
@@ -71,7 +77,7 @@ class SearchConfig:
         for name in ("rounds", "candidates", "keep", "pairs", "max_demos", "demo_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_calls", "max_prompt_tokens", "limit"):
+        for name in ("max_calls", "max_tokens", "max_prompt_tokens", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"search budget {name} must be >= 1 (or unset), got {getattr(self, name)}: "
                                  "a search with no budget cannot score a single candidate")
@@ -81,44 +87,50 @@ class BudgetReached(Exception):
     pass
 
 
-class Trace:
-    """The search's steps, appended to OUT/trace.jsonl as they finish; replayed by key on a resumed run."""
+BUDGETS = ("max_calls", "max_tokens")  # may change between runs of one search: a larger one continues it
 
-    def __init__(self, out: Path, config: SearchConfig, base: Variant):
+
+class Trace:
+    """The search's steps, appended to OUT/trace.jsonl as they finish; replayed by key on a resumed run. The
+    header names the settings (budgets aside), the starting prompt, the model and the data searched on."""
+
+    def __init__(self, out: Path, config: SearchConfig, base: Variant, identity: dict):
         self.path = out / "trace.jsonl"
-        self.steps: dict[str, dict] = {}
-        header = {"key": "config", "config": asdict(config), "base": base.to_json()}
-        if self.path.is_file():
-            lines = [r for _, r in read_jsonl(self.path)]
-            if lines and (lines[0].get("config"), lines[0].get("base")) != (header["config"], header["base"]):
-                raise DataError(f"{self.path}: a search with other settings or another starting prompt is "
-                                "recorded here; use another --out (or delete it to start over)")
+        self.config = config
+        settings = {k: v for k, v in asdict(config).items() if k not in BUDGETS}
+        header = {"key": "header", "settings": settings, "base": base.to_json(), **identity}
+        lines = read_log(self.path)
+        if lines:
+            if {k: lines[0].get(k) for k in header} != header:
+                raise DataError(f"{self.path}: a search with other settings, another starting prompt, model or data "
+                                "is recorded here; use another --out (or delete it to start over)")
             self.steps = {r["key"]: r for r in lines[1:]}
         else:
             out.mkdir(parents=True, exist_ok=True)
-            self._append(header)
+            self.steps = {}
+            append_log(self.path, [header])
         self.calls = sum(r["calls"] for r in self.steps.values())
+        self.tokens = sum(r["tokens"] for r in self.steps.values())
         self.seconds = sum(r["seconds"] for r in self.steps.values())
         self.replayed = len(self.steps)
 
-    def _append(self, record: dict):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def step(self, key: str, cost: int, compute, max_calls: int | None) -> dict:
-        """The recorded result of `key`, or compute() -> dict (which must cost at most `cost` calls),
-        recorded; raises BudgetReached when `cost` more calls would pass max_calls."""
+    def step(self, key: str, calls: int, compute) -> dict:
+        """The recorded result of `key`, or compute() -> {..., "tokens": n} (which makes at most `calls` model
+        calls), recorded; raises BudgetReached when those calls would pass max_calls or the tokens are spent."""
         if key in self.steps:
             return self.steps[key]
-        if max_calls is not None and self.calls + cost > max_calls:
+        c = self.config
+        if (c.max_calls is not None and self.calls + calls > c.max_calls) or \
+                (c.max_tokens is not None and self.tokens >= c.max_tokens):
             raise BudgetReached
         t0 = time.perf_counter()
-        record = {"key": key, **compute(), "calls": cost}
+        record = {"key": key, **compute(), "calls": calls}
         record["seconds"] = round(time.perf_counter() - t0, 2)
-        self.calls += cost
+        self.calls += calls
+        self.tokens += record["tokens"]
         self.seconds += record["seconds"]
         self.steps[key] = record
-        self._append(record)
+        append_log(self.path, [record])
         return record
 
 
@@ -132,16 +144,24 @@ def _clean(text: str) -> str | None:
     return text[:400] or None
 
 
-def _sample(model, tokenizer, user_text: str, n: int, seed: int) -> list[str]:
-    """n sampled completions of one user turn (a seeded generator: the same n texts on every run)."""
+def _sample(model, tokenizer, user_text: str, n: int, seed: int) -> dict:
+    """n sampled completions of one user turn (a seeded generator: the same n texts on every run):
+    {"instructions": the distinct cleaned texts, in order, "tokens": prompt and generated tokens}."""
     ids = prompting.render(tokenizer, [{"role": "user", "content": user_text}])
     stop = prompting.default_stop_ids(model, tokenizer)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     out = generate(model, [ids] * n, PROPOSAL_TOKENS, temperature=PROPOSAL_TEMPERATURE, stop=stop,
                    pad_token_id=stop[0] if stop else 0, generator=generator)
     stop_text = None if tokenizer.chat_template else prompting.PLAIN_STOP
-    texts = [_clean(prompting.completion_text(tokenizer, row, stop, stop_text)) for row in out[:, len(ids):].tolist()]
-    return list(dict.fromkeys(t for t in texts if t))  # distinct, in order
+    rows = out[:, len(ids):].tolist()
+    texts = [_clean(prompting.completion_text(tokenizer, row, stop, stop_text)) for row in rows]
+    generated = sum(next((k + 1 for k, t in enumerate(row) if t in stop), len(row)) for row in rows)
+    return {"instructions": list(dict.fromkeys(t for t in texts if t)), "tokens": n * len(ids) + generated}
+
+
+def _tokens(result) -> int:
+    """Prompt and generated tokens of an evaluation's answers."""
+    return sum(r["prompt_tokens"] + r.get("new_tokens", 0) for r in result.records)
 
 
 @dataclass
@@ -150,6 +170,7 @@ class SearchResult:
     accuracy: float
     base_accuracy: float
     calls: int
+    tokens: int
     minutes: float
     candidates: list[dict]  # every scored candidate in order: variant, accuracy, stage
     stopped_by_budget: bool
@@ -172,9 +193,9 @@ class Search:
 
         def run():
             result = evaluate_variant(self.model, self.tokenizer, v, self.task, self.task.validation, limit=c.limit,
-                                      seed=c.seed, max_prompt_tokens=c.max_prompt_tokens)
-            return {"variant": v.to_json(), "accuracy": result.accuracy, "stage": stage}
-        record = self.trace.step(key, n_val * max(1, v.self_consistency), run, c.max_calls)
+                                      seed=c.seed, max_prompt_tokens=c.max_prompt_tokens, score_choices=False)
+            return {"variant": v.to_json(), "accuracy": result.accuracy, "stage": stage, "tokens": _tokens(result)}
+        record = self.trace.step(key, n_val * max(1, v.self_consistency), run)
         if all(s["variant"] != record["variant"] for s in self.scored):
             self.scored.append({k: record[k] for k in ("variant", "accuracy", "stage")})
             self.report(f"  {record['stage']}: {record['accuracy']:.3f}  {_describe(v)}")
@@ -185,8 +206,7 @@ class Search:
         return Variant(**top["variant"]), top["accuracy"]
 
     def propose(self, key: str, text: str, n: int, seed: int) -> list[str]:
-        return self.trace.step(key, n, lambda: {"instructions": _sample(self.model, self.tokenizer, text, n, seed)},
-                               self.config.max_calls)["instructions"]
+        return self.trace.step(key, n, lambda: _sample(self.model, self.tokenizer, text, n, seed))["instructions"]
 
     def ape(self, base: Variant):
         """APE: propose instructions from input/output pairs, score them as the system prompt, resample the
@@ -230,14 +250,19 @@ class Search:
         kept when adding it raises validation accuracy (greedy), at most max_demos."""
         c = self.config
         start, start_acc = self.best()
-        picked = random.Random(c.seed + 1).sample(range(len(self.train)), min(c.demo_candidates, len(self.train)))
+        demo_questions = {d["question"] for d in start.demos or []}
+        free = [i for i, s in enumerate(self.train) if s.question not in demo_questions]
+        picked = random.Random(c.seed + 1).sample(free, min(c.demo_candidates, len(free)))
 
-        def answer():
+        def answer():  # the records answered are kept out of the shots they are answered with
+            pool = [r for i, r in enumerate(self.task.train) if i not in set(picked)]
             result = evaluate_variant(self.model, self.tokenizer, start, self.task, [self.task.train[i] for i in picked],
-                                      seed=c.seed)
-            return {"correct": [i for i, r in zip(picked, result.records) if r["score"] == 1.0]}
+                                      pool=pool, seed=c.seed, max_prompt_tokens=c.max_prompt_tokens,
+                                      score_choices=False)
+            return {"correct": [i for i, r in zip(picked, result.records) if r["score"] == 1.0],
+                    "tokens": _tokens(result)}
         correct = self.trace.step("bootstrap: answer train records", len(picked) * max(1, start.self_consistency),
-                                  answer, c.max_calls)["correct"]
+                                  answer)["correct"]
         base = replace(start, shots=0, demos=None)
         current = self.score(base, "demos 0") if start.shots or start.demos else start_acc
         demos: list[dict] = []
@@ -260,7 +285,8 @@ def search(model, tokenizer, task: TaskFolder, base: Variant, config: SearchConf
         raise ValueError("prompt search never looks at the test split: load the task with "
                          "splits=('train', 'validation')")
     out = Path(out)
-    trace = Trace(out, config, base)
+    trace = Trace(out, config, base, {"model": model_digest(model), "task": task.name,
+                                      "data": records_digest(task.train, task.validation)})
     if trace.replayed:
         report(f"resuming: {trace.replayed} recorded steps in {trace.path}")
     s = Search(model, tokenizer, task, config, trace, report)
@@ -273,17 +299,17 @@ def search(model, tokenizer, task: TaskFolder, base: Variant, config: SearchConf
             s.bootstrap()
     except BudgetReached:
         if not s.scored:
-            raise ValueError(f"a budget of {config.max_calls} model calls cannot score even the starting prompt "
-                             f"(one call per validation answer)") from None
+            raise ValueError(f"the budget (max_calls {config.max_calls}, max_tokens {config.max_tokens}) cannot score "
+                             "even the starting prompt (one call per validation answer)") from None
         stopped = True
-        report(f"budget of {config.max_calls} model calls reached: keeping the best so far")
+        report(f"budget reached ({trace.calls} model calls, {trace.tokens:,} tokens): keeping the best so far")
     top, acc = s.best()
     top = replace(top, name=f"{base.name}+search", notes=f"prompt search ({config.method}) from {base.name}")
-    result = SearchResult(top, acc, s.scored[0]["accuracy"], trace.calls, round(trace.seconds / 60, 2), s.scored,
-                          stopped)
+    result = SearchResult(top, acc, s.scored[0]["accuracy"], trace.calls, trace.tokens, round(trace.seconds / 60, 2),
+                          s.scored, stopped)
     atomic_write(out / "best.json", lambda p: p.write_text(json.dumps(
         {"variant": top.to_json(), "validation_accuracy": acc, "start_accuracy": result.base_accuracy,
-         "calls": trace.calls, "minutes": result.minutes, "stopped_by_budget": stopped,
+         "calls": trace.calls, "tokens": trace.tokens, "minutes": result.minutes, "stopped_by_budget": stopped,
          "candidates": len(s.scored)}, indent=1, ensure_ascii=False) + "\n"))
     return result
 

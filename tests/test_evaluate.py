@@ -129,7 +129,7 @@ TEST = [task("What is 2 plus 2?", "4"), task("What is 6 plus 1?", "7")]
 
 
 def test_evaluate_task_refuses_shots_from_the_test_split(tok, model):
-    with pytest.raises(ValueError, match="1 of 2 test questions are also in shots_pool"):
+    with pytest.raises(ValueError, match="1 of 2 questions evaluated are also in shots_pool"):
         evaluate_task(model, tok, TEST, shots_pool=TRAIN + TEST[1:], k=2, progress=False)
     with pytest.raises(ValueError, match="shots_pool is empty or missing"):
         evaluate_task(model, tok, TEST, k=2, progress=False)

@@ -63,3 +63,20 @@ def test_a_real_judge_and_the_judge_column(setup, long_context, tmp_path, capsys
     main(["prompts", "eval", "--model", str(path), "--library", str(write_library(tmp_path / "lib.jsonl")),
           "--task", str(write_task(tmp_path / "task")), "--judge", str(judge_path)])
     assert "| judge (1-10) |" in capsys.readouterr().out
+
+
+def test_a_self_consistency_variant_is_judged_on_its_majority_answer(setup, tok, model, tmp_path, monkeypatch):
+    from minicustom import prompt_library
+    from minicustom.prompt_library import evaluate_library
+    from minicustom.tasks import load_task
+
+    seen = []
+
+    def fake_judge(model, tok, questions, answers, references, **kw):
+        seen.extend(answers)
+        return judge.Judgement([5.0] * len(answers), [""] * len(answers))
+    monkeypatch.setattr(prompt_library, "judge_answers", fake_judge)
+    library = write_library(tmp_path / "lib.jsonl", [{"name": "vote", "self_consistency": 2}])
+    task = load_task(write_task(tmp_path / "task"), splits=("train", "validation"))
+    scored = evaluate_library(model, tok, library, task, model_name="tiny", judge=(model, tok), report=lambda _: None)
+    assert scored[0].judge == 5.0 and all(a is None or isinstance(a, str) for a in seen) and len(seen) == 3

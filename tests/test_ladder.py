@@ -11,8 +11,7 @@ from minicustom import ladder as ladder_module
 from minicustom.cli import main
 from minicustom.cli_common import CommandError
 from minicustom.compare import CompareConfig
-from minicustom.data import DataError
-from minicustom.ladder import check_target, ladder
+from minicustom.ladder import LadderError, check_target, ladder
 
 
 @pytest.mark.parametrize("target, budget, message", [
@@ -27,6 +26,7 @@ def test_bad_targets_and_budgets(target, budget, message):
 
 VALIDATION = {"zero-shot": 0.3, "few-shot": 0.6, "cot": 0.5, "prompt-search": 0.7, "prompt": 0.8, "lora": 0.95,
               "qlora": 0.97, "full": 0.99}
+TEST: dict[str, float] = {}  # a rung's test accuracy when not validation - 0.1
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def scripted(setup, tmp_path, monkeypatch):
     def fake_worker(rung, model_path, task_folder, out, config, search_config):
         ran.append(rung)
         (out / rung).mkdir(parents=True)
-        row = {"rung": rung, "validation_accuracy": VALIDATION[rung], "accuracy": VALIDATION[rung] - 0.1,
+        row = {"rung": rung, "validation_accuracy": VALIDATION[rung], "accuracy": TEST.get(rung, VALIDATION[rung] - 0.1),
                "trainable_params": 0 if rung in ("zero-shot", "few-shot", "cot", "prompt-search") else 1000,
                "seconds": 60.0, "peak_mb": 900, "artifact": str(out / rung / "x")}
         (out / rung / "result.json").write_text(json.dumps(row))
@@ -71,6 +71,15 @@ def test_the_climb_stops_at_the_first_training_rung_reaching_the_target_and_reus
     assert "reached by **lora**" in md and "| lora | 0.950 | 0.850 |" in md
 
 
+def test_test_accuracy_never_decides(scripted, monkeypatch):
+    """few-shot's test accuracy (0.9) reaches the target, its validation accuracy (0.6) does not: the climb
+    goes on to the first rung whose validation accuracy reaches it."""
+    climb, ran = scripted
+    monkeypatch.setitem(TEST, "few-shot", 0.9)
+    result = climb(0.65)
+    assert result.reached == "prompt-search" and ran == ["zero-shot", "few-shot", "cot", "prompt-search"]
+
+
 def test_the_time_budget_and_a_target_no_rung_reaches(scripted):
     climb, ran = scripted
     result = climb(1.0, budget_minutes=2.5)  # 60 s a rung: the fourth does not start
@@ -82,8 +91,13 @@ def test_the_time_budget_and_a_target_no_rung_reaches(scripted):
 def test_other_settings_on_the_same_folder_are_refused(scripted, setup, tmp_path):
     climb, _ = scripted
     climb(0.55)
-    with pytest.raises(DataError, match="a ladder with other settings"):
+    with pytest.raises(LadderError, match="a ladder with other settings"):
         ladder(setup[1], tmp_path / "task", tmp_path / "out", 0.9, config=CompareConfig(examples=8))
+    (tmp_path / "compare" / "zero-shot").mkdir(parents=True)  # e.g. compare's folder: not reused as rungs
+    (tmp_path / "compare" / "zero-shot" / "result.json").write_text('{"method": "zero-shot", "accuracy": 1.0}')
+    with pytest.raises(LadderError, match="already holds files that are not a ladder's"):
+        ladder(setup[1], tmp_path / "task", tmp_path / "compare", 0.9)
+    assert not (tmp_path / "compare" / "settings.json").exists()
 
 
 def test_the_command_line_refuses_a_target_outside_0_1(setup, tmp_path, capsys):

@@ -150,7 +150,12 @@ def test_evaluate_task_reports_log_likelihood_beside_generation(tok, model):
                for q, a in (("Is it good?", "positive"), ("Is it bad?", "negative"))]
     result = evaluate_task(model, tok, records, scorer="label", labels=["positive", "negative"],
                            max_new_tokens=4, progress=False, score_choices=True)
-    assert 0 <= result.metrics["loglik_acc"] <= 1 and 0 <= result.metrics["loglik_acc_norm"] <= 1
+    prompts = [r["prompt_tokens"] for r in result.records]
+    from minicustom import prompting
+    ids = [prompting.render(tok, prompting.build_messages(r["messages"][0]["content"])) for r in records]
+    assert [len(i) for i in ids] == prompts  # the same prompts, scored both ways
+    by_ll = evaluate_choices(model, tok, ids, ["positive", "negative"], ["positive", "negative"], progress=False)
+    assert result.metrics["loglik_acc"] == by_ll.accuracy and result.metrics["loglik_acc_norm"] == by_ll.metrics["acc_norm"]
     assert "rouge_l" in result.metrics
     with pytest.raises(ValueError, match="give labels"):
         evaluate_task(model, tok, records, max_new_tokens=4, progress=False, score_choices=True)

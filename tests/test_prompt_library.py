@@ -4,6 +4,7 @@ and the best variant it picks from it, fixed demonstrations, and `minicustom pro
 import json
 
 import pytest
+import torch
 from conftest import CITIES
 
 from minicustom import prompting
@@ -15,6 +16,7 @@ from minicustom.prompt_library import (
     evaluate_library,
     evaluate_variant,
     history_path,
+    model_digest,
     parse_variant,
     ranking_markdown,
     read_history,
@@ -62,6 +64,7 @@ def test_a_library_round_trips():
 
 @pytest.mark.parametrize("line, message", [
     ({"name": "a", "temperature": 0.3}, r"lib.jsonl:2: unknown field 'temperature'; a variant has name, system"),
+    ({"name": "a", "answer_format": 3}, r"lib.jsonl:2: 'answer_format' must be str or null, got 3"),
     ({"name": ""}, r"lib.jsonl:2: 'name' must be a non-empty string"),
     ({"system": "x"}, r"lib.jsonl:2: 'name' must be a non-empty string, got None"),
     ({"name": "a", "shots": "4"}, r"lib.jsonl:2: 'shots' must be int, got '4'"),
@@ -117,12 +120,12 @@ def test_eval_ranks_keeps_a_history_and_learns_the_best(setup, tok, model, tmp_p
 
     # best_variant reads the history: the highest mean accuracy, an edited variant starting afresh
     history_path(library).write_text("".join(json.dumps(h) + "\n" for h in [
-        {"name": "plain", "variant": {"name": "plain"}, "task": "tiny-city", "model": "tiny", "accuracy": 0.5},
+        {"name": "plain", "variant": {"name": "plain"}, "task": "tiny-city", "model": "tiny", "accuracy": 0.5, "n": 3},
         {"name": "fixed", "variant": {"name": "fixed", "shots": 3}, "task": "tiny-city", "model": "tiny",
-         "accuracy": 1.0},  # another version of "fixed": not counted
-        {"name": "two-similar", "variant": LIBRARY[1], "task": "tiny-city", "model": "tiny", "accuracy": 0.25},
-        {"name": "two-similar", "variant": LIBRARY[1], "task": "tiny-city", "model": "tiny", "accuracy": 0.5},
-        {"name": "two-similar", "variant": LIBRARY[1], "task": "other", "model": "tiny", "accuracy": 1.0}]))
+         "accuracy": 1.0, "n": 3},  # another version of "fixed": not counted
+        {"name": "two-similar", "variant": LIBRARY[1], "task": "tiny-city", "model": "tiny", "accuracy": 0.25, "n": 3},
+        {"name": "two-similar", "variant": LIBRARY[1], "task": "tiny-city", "model": "tiny", "accuracy": 0.5, "n": 3},
+        {"name": "two-similar", "variant": LIBRARY[1], "task": "other", "model": "tiny", "accuracy": 1.0, "n": 3}]))
     assert best_variant(library, "tiny-city").name == "plain"
     assert best_variant(library, "tiny-city", model="another") is None
     again = evaluate_library(model, tok, library, task, model_name="tiny", report=lambda _: None)
@@ -148,3 +151,48 @@ def test_the_command_line(setup, tmp_path, capsys):
     with pytest.raises(CommandError, match="no validation.jsonl"):
         main(["prompts", "eval", "--model", str(path), "--library", str(write_library(library)), "--task",
               str(no_val)])
+
+
+def test_the_answer_format_follows_the_question(setup, tok, model, tmp_path):
+    task = load_task(write_task(tmp_path / "task"), splits=("train", "validation"))
+    v = parse_variant({"name": "fmt", "instruction": "Text: {question}", "answer_format": "One word."}, "x:1")
+    result = evaluate_variant(model, tok, v, task, task.validation[:1], score_choices=False)
+    question = task.validation[0]["messages"][1]["content"]
+    expected = prompting.render(tok, prompting.build_messages(question, system=SYSTEM,
+                                                              instruction="Text: {question}\nOne word."))
+    assert result.records[0]["prompt_tokens"] == len(expected)
+
+
+def test_each_result_is_kept_as_soon_as_it_is_known(setup, tok, model, tmp_path, monkeypatch):
+    """A crash at the second variant keeps the first one's line; a torn last line is dropped, not fatal."""
+    from minicustom import prompt_library
+
+    task = load_task(write_task(tmp_path / "task"), splits=("train", "validation"))
+    library = write_library(tmp_path / "lib.jsonl")
+    real, calls = prompt_library.evaluate_variant, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(prompt_library, "evaluate_variant", failing)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_library(model, tok, library, task, model_name="tiny", report=lambda _: None)
+    assert [h["name"] for h in read_history(library)] == ["plain"]
+    history_path(library).write_text(history_path(library).read_text() + '{"name": "fix')  # a torn append
+    assert [h["name"] for h in read_history(library)] == ["plain"]
+    assert history_path(library).read_text().endswith("}\n")
+
+
+def test_the_model_digest_tells_weights_and_context_apart(model):
+    import copy
+
+    same = copy.deepcopy(model)
+    assert model_digest(same) == model_digest(model)
+    with torch.no_grad():
+        next(iter(same.parameters())).view(-1)[0] += 1e-3  # one weight, at index 0 (always in the sample)
+    assert model_digest(same) != model_digest(model)
+    longer = copy.deepcopy(model)
+    longer.config.max_position_embeddings *= 2
+    assert model_digest(longer) != model_digest(model)
