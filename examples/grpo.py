@@ -23,7 +23,7 @@ from minicustom.train.rollout import load_prompts
 
 MODEL = model_path()
 TASK = held_out("sentiment", n_test=size(30, 4))
-STEPS, LR = size(40, 2), 3e-4
+STEPS, LR = size(24, 2), 3e-4
 PROMPTS_PER_STEP, G, MAX_NEW_TOKENS = 4, 4, 8  # 16 sampled answers a step
 OUT = out_dir("grpo")
 
