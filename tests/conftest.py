@@ -192,6 +192,13 @@ def checkpoint(tmp_path, family):
     return make_checkpoint(tmp_path / family, family)
 
 
+@pytest.fixture
+def ckpt(tmp_path):
+    """A tiny random SmolLM-style checkpoint (tied, 3:1 GQA, 72 features) in tmp_path / "base": the PEFT-method
+    tests' base."""
+    return make_checkpoint(tmp_path / "base", "smollm")[0]
+
+
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 # Llama-3-like template: writes bos_token itself, so encoding must not add a second BOS.

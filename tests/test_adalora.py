@@ -31,19 +31,12 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
 import json
 import shutil
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-)
-from peft import AdaLoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from conftest import make_checkpoint, token_ids
+from peft import AdaLoraConfig, PeftModel
+from safetensors.torch import load_file
 from test_cli_errors import fails
 
 import minicustom as mc
@@ -53,62 +46,23 @@ from minicustom.methods import adapter_configs, apply_method, get_method
 from minicustom.methods.adalora import FACTORS, AdaLoraLinear
 from minicustom.train import TrainConfig, train
 
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-EPS = torch.finfo(torch.float32).eps
-
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every factor := N(0, 0.3²), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if any(f".{f}." in name for f in FACTORS):
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def _factors(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if any(f".{f}." in n for f in FACTORS)}
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    return get_peft_model(hf, AdaLoraConfig(task_type="CAUSAL_LM", **{"total_step": 10, **kw}))
-
-
-def _untouched(model):
-    return not any(isinstance(m, AdaLoraLinear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
+# Every factor := N(0, 0.3²); PEFT's configs need a total_step, these tests' is 10.
+ADALORA = pp.Method("AdaLoRA", "adalora", mc.apply_adalora, AdaLoraConfig, AdaLoraLinear,
+                    tuple(f".{f}." for f in FACTORS), pp.normal(0.3),
+                    to_peft=pp.renamed(alpha="lora_alpha", delta_t="deltaT"), peft_defaults=dict(total_step=10))
 
 
 # -- invariants and the formula --------------------------------------------------------------------
 
 def test_identity_at_init_is_exact_and_the_draws_are_peft_s(tmp_path):
     path, hf = make_checkpoint(tmp_path / "base", "smollm")
-    base = mc.load_model(path)
     torch.manual_seed(3)
-    model = mc.apply_adalora(mc.load_model(path), verbose=False)
+    model = pp.exact_at_init(ADALORA, path)
     torch.manual_seed(3)
-    peft = _peft(hf)
+    peft = ADALORA.peft(hf)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, AdaLoraLinear) and not layer.lora_E["default"].any()
-    assert all(_factors(model)[n].equal(p) for n, p in _factors(peft).items())  # A, B drawn as PEFT draws them
-    ids = _ids()
-    with torch.no_grad():
-        assert torch.equal(model(ids), base(ids))
-    noisy = mc.apply_adalora(mc.load_model(path), init_weights=False, verbose=False)
-    with torch.no_grad():
-        assert not torch.equal(noisy(ids), base(ids))
+    assert all(ADALORA.params(model)[n].equal(p) for n, p in ADALORA.params(peft).items())  # drawn as PEFT draws
 
 
 def test_formula_by_hand():
@@ -118,7 +72,7 @@ def test_formula_by_hand():
     layer = AdaLoraLinear(lin)
     layer.add("a", 3, 5.0)
     layer.add("b", 2, 0.5, init_weights=False, ranknum=4)  # a pruned layer keeps dividing by its first rank
-    _perturb(layer.named_parameters())
+    ADALORA.perturb(layer.named_parameters())
     x = torch.randn(4, 5, 13)
 
     def dw(n, alpha, ranknum):
@@ -143,76 +97,30 @@ def test_only_the_factors_are_trainable(tmp_path, capsys, family):
             lin = model.model.layers[i].self_attn.get_submodule(m)
             for f, shape in zip(FACTORS, [(4, lin.in_features), (4, 1), (lin.out_features, 4)]):
                 expected[f"model.layers.{i}.self_attn.{m}.{f}.default"] = shape
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
-    assert n == sum(a * b for a, b in expected.values())
+    n, total = pp.trainable_shapes(model, expected)
     assert f"AdaLoRA 'default': 4 modules, init_r=4, target_r=2, alpha=8, trainable parameters {n:,} of {total:,}" \
         in capsys.readouterr().out
 
 
 def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_adalora(mc.load_model(ckpt), verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    pp.adamw_moves_every_trainable(mc.apply_adalora(mc.load_model(ckpt), verbose=False))
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "adalora")
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(ADALORA, ckpt)
 
 
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_w0(ckpt):
-    base_keys = set(mc.load_model(ckpt).state_dict())
-    model = mc.apply_adalora(mc.load_model(ckpt), targets="all-linear", verbose=False)
-    _perturb(model.named_parameters())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaLoraLinear)}
-    w0 = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ids = _ids()
-    with torch.no_grad():
-        before = model(ids)
-        _assert_adapter_matters(model, ids, before)
-        dws = {n: m.delta_weight("default") for n, m in layers.items()}
-        mc.merge_adapters(model)
-        close_to_largest(model(ids), before, TOL, "merged")
-        mc.unmerge_adapters(model)
-        for n, m in layers.items():
-            atol = 2 * EPS * (w0[n].abs() + dws[n].abs()).max().item()
-            torch.testing.assert_close(m.weight, w0[n], atol=atol, rtol=0)
-        plain = mc.merge_adapter(model)
-        close_to_largest(plain(ids), before, TOL, "unloaded")
-    assert set(plain.state_dict()) == base_keys and not any(isinstance(m, AdaLoraLinear) for m in plain.modules())
+    pp.merge_unmerge_unload(ADALORA, ckpt, pp.additive_restore_atol, targets="all-linear")
 
 
 def test_on_a_4bit_base_the_adapter_runs_and_merging_is_refused():
-    torch.manual_seed(0)
-    q = mc.Linear4bit.from_linear(torch.nn.Linear(70, 33))
-    layer = AdaLoraLinear(q)
-    layer.add("a", 2, 1.0, init_weights=False)
-    layer.active = ["a"]
-    x = torch.randn(3, 70)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), q(x) + x @ layer.delta_weight("a").T, atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="the base is 4-bit and cannot take AdaLoRA's ΔW in place"):
-            layer.merge("a")
-    assert not layer.merged
+    pp.on_a_4bit_base(AdaLoraLinear, lambda layer: layer.add("a", 2, 1.0, init_weights=False), pp.adds_delta_w,
+                      "AdaLoRA's ΔW")
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_adalora(mc.load_model(ckpt), verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(ADALORA, ckpt)
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -224,30 +132,17 @@ PARITY = {  # family, options on both sides (None targets: PEFT's default for th
 }
 
 
-def _twins(tmp_path, family, init_r=12, alpha=8, targets=None, tinit=0, tfinal=0, delta_t=1, orth_reg_weight=0.5):
-    """(folder, ours, PEFT's): the same options (target_r = 2, total_step = 10) and the same perturbed factors."""
-    path, hf = make_checkpoint(tmp_path / family, family)
-    schedule = dict(init_r=init_r, target_r=2, tinit=tinit, tfinal=tfinal, orth_reg_weight=orth_reg_weight)
-    peft = _peft(hf, lora_alpha=alpha, target_modules=targets, deltaT=delta_t, **schedule)
-    _perturb(peft.named_parameters())
-    model = mc.apply_adalora(mc.load_model(path), alpha=alpha, targets=targets, delta_t=delta_t, total_step=10,
-                             verbose=False, **schedule)
-    with torch.no_grad():
-        for n, p in _factors(model).items():
-            p.copy_(_factors(peft)[n])
-    return path, model, peft
+def _twins(tmp_path, family, **opts):
+    """(folder, ours, PEFT's): the same options (target_r = 2, total_step = 10, and `opts`) and the same perturbed
+    factors."""
+    return pp.twins(ADALORA, tmp_path, family, target_r=2, total_step=10, **opts)
 
 
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, case):
     family, opts = PARITY[case]
     _, model, peft = _twins(tmp_path, family, **opts)
-    model.train()
-    peft.train()
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
-    assert sum(p.requires_grad for p in model.parameters()) == len(_factors(peft))
+    pp.trains_as_peft(ADALORA, model, peft)
 
 
 def test_orthogonality_regularizer_is_what_peft_adds_to_the_loss(tmp_path):
@@ -256,7 +151,7 @@ def test_orthogonality_regularizer_is_what_peft_adds_to_the_loss(tmp_path):
     _, model, peft = _twins(tmp_path, "smollm", init_r=6, orth_reg_weight=0.7)
     model.train()
     peft.train()
-    ids = _ids()
+    ids = token_ids()
     hook = adapter_configs(model)["default"].training_hooks(model, "default", 10)
     reg = hook.regularizer()
     logits = model(ids)
@@ -264,11 +159,11 @@ def test_orthogonality_regularizer_is_what_peft_adds_to_the_loss(tmp_path):
     ours = ce + reg
     theirs = peft(input_ids=ids, labels=ids).loss
     assert reg > 0.1 * ce
-    close_to_largest(ours.detach(), theirs.detach(), TOL, "loss")
+    pp.close(ours.detach(), theirs.detach(), "loss")
     ours.backward()
     theirs.backward()
-    for n, p in _factors(model).items():
-        close_to_largest(p.grad, _factors(peft)[n].grad, TOL, n)
+    for n, p in ADALORA.params(model).items():
+        pp.close(p.grad, ADALORA.params(peft)[n].grad, n)
 
 
 KEPT = {1: 16, 2: 16, 3: 16, 4: 10, 5: 10, 6: 8, 7: 8, 8: 8, 9: 8, 10: 8, 11: 8, 12: 8}
@@ -289,7 +184,7 @@ def test_rank_allocation_matches_peft_s_rank_allocator(tmp_path):
     assert budgets[4] == (int(8 * (1 - 2 / 6) ** 3 + 8), True) and budgets[8] == (8, True)
     g = torch.Generator().manual_seed(5)
     for t in range(1, 13):
-        ours, theirs = _factors(model), _factors(peft)
+        ours, theirs = ADALORA.params(model), ADALORA.params(peft)
         with torch.no_grad():
             for n in sorted(ours):
                 grad = torch.randn(ours[n].shape, generator=g)
@@ -314,11 +209,7 @@ def test_rank_allocation_matches_peft_s_rank_allocator(tmp_path):
 
 def test_merging_matches_peft(tmp_path):
     _, model, peft = _twins(tmp_path, "qwen3")
-    merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs)
-    for n in ours:
-        close_to_largest(ours[n], theirs[n], TOL, n)
+    pp.merged_as_peft(model, peft)
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -330,18 +221,12 @@ FOLDERS = {  # family, options on both sides, steps of rank allocation before sa
 }
 
 
-def _peft_opts(opts):
-    peft = dict(target_modules=opts["targets"], init_r=opts.get("init_r", 12), lora_alpha=opts.get("alpha", 8),
-                target_r=2)
-    return {**peft, "layers_to_transform": opts["layers"]} if "layers" in opts else peft
-
-
 def _allocate(params, steps, allocate):
     """`steps` steps of seeded gradients and updates, each followed by allocate(t)."""
     g = torch.Generator().manual_seed(7)
     for t in range(1, steps + 1):
         with torch.no_grad():
-            for _, p in sorted((n.removeprefix(PREFIX), p) for n, p in params() if p.requires_grad):
+            for _, p in sorted((n.removeprefix(pp.PREFIX), p) for n, p in params() if p.requires_grad):
                 p.grad = torch.randn(p.shape, generator=g)
                 p.sub_(0.05 * p.grad)
         allocate(t)
@@ -350,26 +235,14 @@ def _allocate(params, steps, allocate):
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
     family, opts, steps = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    _allocate(peft.named_parameters, steps, peft.base_model.update_and_allocate)
-    peft.save_pretrained(tmp_path / "adapter")
+    model, _, path = pp.peft_folder_loads(ADALORA, tmp_path, family, {**opts, "target_r": 2}, before_save=lambda peft:
+                                          _allocate(peft.named_parameters, steps, peft.base_model.update_and_allocate))
     pattern = json.loads((tmp_path / "adapter/adapter_config.json").read_text())["rank_pattern"]
     assert (pattern is None) == (steps == 0)
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert not any(p.requires_grad for p in model.parameters())
     assert adapter_configs(model)["default"].rank_pattern == pattern
     for key, keep in (pattern or {}).items():  # the dropped triplets are gone from the tensors
         assert model.get_submodule(key.removesuffix(".lora_E")).lora_A["default"].shape[0] == sum(keep)
     assert not pattern or sum(map(sum, pattern.values())) == 2 * len(pattern) < sum(map(len, pattern.values()))
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        close_to_largest(out, peft(input_ids=ids).logits, TOL, "logits")
-    _assert_adapter_matters(model, ids, out)
     trainable = mc.load_adapter(mc.load_model(path), tmp_path / "adapter", is_trainable=True)
     if steps:  # PEFT's allocator would fail mid-run on the cut tensors: refused before the first step
         with pytest.raises(ValueError, match="AdaLoRA adapter 'default' was saved pruned"):
@@ -381,51 +254,30 @@ def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     """PeftModel.from_pretrained reads our folder (pruned by its rank_pattern), adapts the same modules and gives
-    our logits; our folder loads back here bit for bit, merged or not."""
+    our logits; our folder loads back here bit for bit, merged or not (pruned, the reloaded layers sum fewer
+    (zero) terms in another order: equal within the parity tolerance)."""
     family, opts, steps = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_adalora(mc.load_model(path), **opts, target_r=2, total_step=10, verbose=False)
-    _perturb(model.named_parameters())
-    hook = adapter_configs(model)["default"].training_hooks(model, "default", 10)
-    _allocate(model.named_parameters, steps, hook.after_step)
-    model.eval()
-    mc.save_adapter(model, tmp_path / "adapter")
-    saved = load_file(tmp_path / "adapter/adapter_model.safetensors")
-    assert sum(t.shape[0] for k, t in saved.items() if k.endswith("lora_E")) == (hook.init_bgt if not steps else
-                                                                               sum(map(sum, hook.config.rank_pattern.values())))
+    hooks = []
 
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_adapter_matters(model, ids, out)
-        close_to_largest(peft(input_ids=ids).logits, out, TOL, "logits")
-        # Pruned, the reloaded layers sum fewer (zero) terms in another order: equal within the parity tolerance.
-        same = torch.equal if not steps else (lambda a, b: close_to_largest(a, b, TOL, "reloaded") is None)
-        assert same(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert same(mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids), out)
+    def allocate(model):
+        hooks.append(adapter_configs(model)["default"].training_hooks(model, "default", 10))
+        _allocate(model.named_parameters, steps, hooks[0].after_step)
+
+    pp.our_folder_loads(ADALORA, tmp_path, family, {**opts, "target_r": 2, "total_step": 10},
+                        same=pp.within_tol if steps else torch.equal, before_save=allocate)
+    saved = load_file(tmp_path / "adapter/adapter_model.safetensors")
+    assert sum(t.shape[0] for k, t in saved.items() if k.endswith("lora_E")) == (
+        hooks[0].init_bgt if not steps else sum(map(sum, hooks[0].config.rank_pattern.values())))
 
 
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path):
     """The file holds exactly PEFT's keys and shapes, and adapter_config.json every field PEFT writes for ADALORA
     (but peft_version, which PEFT stamps itself), with the same values."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_adalora(mc.load_model(ckpt), total_step=10, verbose=False), tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = ADALORA.peft(make_checkpoint(tmp_path / "hf", "smollm")[1])
+    ours, _ = pp.saved_as_peft_saves(mc.apply_adalora(mc.load_model(ckpt), total_step=10, verbose=False), peft,
+                                     tmp_path)
     assert {k.rsplit(".", 1)[-1] for k in ours} == set(FACTORS)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_E" in ours
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -444,10 +296,7 @@ def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path):
                                         "AdaLoRA targets nn.Linear"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, options, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError, match=message) as e:
-        mc.apply_adalora(model, **options)
-    assert "\n" not in str(e.value) and _untouched(model)
+    pp.attach_refused(ADALORA, ckpt, options, message)
 
 
 def test_the_registry_entry():
@@ -459,19 +308,15 @@ def test_the_registry_entry():
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_adalora(mc.load_model(ckpt), init_r=4, target_r=2, total_step=10, verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(ADALORA, ckpt, tmp_path / "adapter", init_r=4, target_r=2, total_step=10)
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B"
     pattern = {f"model.layers.{i}.self_attn.{m}.lora_E": [True, False, True, False] for i in (0, 1)
                for m in ("q_proj", "v_proj")}
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(ADALORA, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(24, 3)}, rf"{key}: shape \(24, 3\), expected \(24, 4\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         ({**config, "init_r": 5}, good, r"lora_A: shape \(4, 72\), expected \(5, 72\)"),
@@ -488,24 +333,12 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         ({**config, "target_modules": ["input_layernorm"]}, good, "input_layernorm is a RMSNorm"),
         ({**config, "tinit": 8, "tfinal": 2}, good, "tinit 8 \\+ tfinal 2 >= total_step 10"),
         ({**config, "beta2": 1.5}, good, r"AdaLoRA option beta2 must be in \(0, 1\), found 1.5"),
-        ({**config, "lora_dropout": 0.1}, good, r"lora_dropout=0.1 is not supported"),
-        ({**config, "bias": "all"}, good, r"bias='all' is not supported"),
-        ({**config, "fan_in_fan_out": True}, good, r"fan_in_fan_out=True is not supported"),
-        ({**config, "use_dora": True}, good, r"use_dora=True is not supported"),
-        ({**config, "alpha_pattern": {"q_proj": 4}}, good, r"alpha_pattern=\{'q_proj': 4\} is not supported"),
-        ({**config, "exclude_modules": ["v_proj"]}, good, r"exclude_modules=\['v_proj'\] is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({**config, "layers_pattern": "layers"}, good, r"layers_pattern='layers' is not supported"),
+        *pp.unsupported(config, good, lora_dropout=0.1, bias="all", fan_in_fan_out=True, use_dora=True,
+                        alpha_pattern={"q_proj": 4}, exclude_modules=["v_proj"], modules_to_save=["lm_head"],
+                        layers_pattern="layers"),
         ({**config, "init_r": "4"}, good, r"field 'init_r' must be a positive integer"),
         ({**config, "deltaT": 0}, good, r"field 'deltaT' must be a positive integer"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+    ])
 
 
 # -- the trainer's hooks and the command line --------------------------------------------------------
@@ -551,9 +384,9 @@ def test_training_adds_the_regularizer_allocates_ranks_and_resumes_exactly(setup
     (tmp_path / "bare/checkpoints/checkpoint-000003/method.safetensors").unlink()
     resumed, rows = _train(setup, tmp_path / "cut", resume=True)
     assert rows == straight and adapter_configs(resumed)["default"].rank_pattern == config.rank_pattern
-    assert all(torch.equal(p, _factors(model)[n]) for n, p in _factors(resumed).items())
+    assert all(torch.equal(p, ADALORA.params(model)[n]) for n, p in ADALORA.params(resumed).items())
     bare, _ = _train(setup, tmp_path / "bare", resume=True)
-    assert not all(torch.equal(p, _factors(model)[n]) for n, p in _factors(bare).items())
+    assert not all(torch.equal(p, ADALORA.params(model)[n]) for n, p in ADALORA.params(bare).items())
 
 
 def test_a_schedule_without_a_pruning_phase_is_refused_before_training(setup, tmp_path, capsys):
@@ -589,9 +422,9 @@ def test_train_prunes_to_the_budget_and_peft_loads_the_folder(setup, tmp_path):
     ids = torch.randint(3, 400, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         adapted = model(ids)
-        close_to_largest(peft(input_ids=ids).logits, adapted, TOL, "PEFT on our folder")
+        pp.close(peft(input_ids=ids).logits, adapted, "PEFT on our folder")
         with mc.disable_adapters(model):
             assert (adapted - model(ids)).abs().max() > 1e-3  # 4 steps at lr 1e-2 moved E off zero
     main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
     with torch.no_grad():
-        close_to_largest(mc.load_model(tmp_path / "merged")(ids), adapted, TOL, "merged checkpoint")
+        pp.close(mc.load_model(tmp_path / "merged")(ids), adapted, "merged checkpoint")

@@ -34,31 +34,19 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
 """
 
 import json
-import re
 
 import peft.tuners.boft.layer as peft_boft
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-)
+from conftest import make_checkpoint
 from conftest import token_ids as _ids
-from peft import BOFTConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from peft import BOFTConfig
 
 import minicustom as mc
 from minicustom.cli import main
-from minicustom.methods import apply_method, get_method
+from minicustom.methods import get_method
 from minicustom.methods.boft import BOFTLinear, butterfly_perm, cayley
-
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-EPS = torch.finfo(torch.float32).eps
 
 
 class FakeFbd:
@@ -79,53 +67,21 @@ def fbd(monkeypatch):
     monkeypatch.setattr(peft_boft, "_FBD_CUDA", FakeFbd())
 
 
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """boft_R := N(0, 0.5²), boft_s := 1 + N(0, 0.2²), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if "boft_R" in name:
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-        elif "boft_s" in name:
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".boft_" in n}
-
-
-@torch.no_grad()
-def _copy(src, dst):
-    theirs = _params(src)
-    for n, p in _params(dst).items():
-        p.copy_(theirs[n])
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    return get_peft_model(hf, BOFTConfig(task_type="CAUSAL_LM", **kw))
-
-
 def _peft_opts(opts):
     """Our options as PEFT's BOFTConfig fields (PEFT wants boft_block_size=0 spelled out)."""
-    kw = {k: v for k, v in opts.items() if k not in ("targets", "layers")}
+    kw = pp.renamed()(opts)
     if kw.get("boft_block_num"):
         kw.setdefault("boft_block_size", 0)
-    kw["target_modules"] = opts.get("targets")
-    return {**kw, "layers_to_transform": opts["layers"]} if "layers" in opts else kw
+    return kw
 
 
-def _untouched(model):
-    return not any(isinstance(m, BOFTLinear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
+def _draw(name, p, g):
+    """boft_R := N(0, 0.5²), boft_s := 1 + N(0, 0.2²)."""
+    return 0.5 * torch.randn(p.shape, generator=g) if "boft_R" in name else 1 + 0.2 * torch.randn(p.shape, generator=g)
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
+BOFT = pp.Method("BOFT", "boft", mc.apply_boft, BOFTConfig, BOFTLinear, (".boft_R", ".boft_s"), _draw,
+                 to_peft=_peft_opts)
 
 
 # -- invariants and the formula --------------------------------------------------------------------
@@ -133,21 +89,15 @@ def ckpt(tmp_path):
 def test_identity_at_init_is_exact(ckpt):
     """Exact on SmolLM's bias-free q_proj/v_proj; with a bias, PEFT's (y - b)·1 + b rounds twice: each entry
     within eps·(|y| + 2|b|) of y (u = eps/2)."""
-    base = mc.load_model(ckpt)
-    model = mc.apply_boft(mc.load_model(ckpt), verbose=False)
+    model = pp.exact_at_init(BOFT, ckpt)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, BOFTLinear) and torch.equal(layer.rotation("default"), torch.eye(layer.in_features))
-    ids = _ids()
     with torch.no_grad():
-        assert torch.equal(model(ids), base(ids))
-    noisy = mc.apply_boft(mc.load_model(ckpt), init_weights=False, verbose=False)
-    with torch.no_grad():
-        assert not torch.equal(noisy(ids), base(ids))
         layer = BOFTLinear(lin := torch.nn.Linear(24, 9))
         layer.add("a", mc.BOFTConfig())
         layer.active = ["a"]
         x = 4 * torch.randn(5, 24, generator=torch.Generator().manual_seed(0))
-        assert ((layer(x) - lin(x)).abs() <= EPS * (lin(x).abs() + 2 * lin.bias.abs())).all()
+        assert ((layer(x) - lin(x)).abs() <= pp.EPS * (lin(x).abs() + 2 * lin.bias.abs())).all()
 
 
 def test_formula_by_hand():
@@ -160,7 +110,7 @@ def test_formula_by_hand():
     layer = BOFTLinear(lin)
     layer.add("a", mc.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3))
     layer.add("b", mc.BOFTConfig(boft_block_size=0, boft_block_num=2))
-    _perturb(layer.named_parameters())
+    BOFT.perturb(layer.named_parameters())
     perms = [list(range(8)), [0, 2, 1, 3, 4, 6, 5, 7], [0, 2, 4, 6, 1, 3, 5, 7]]
     assert layer.boft_perm["a"].tolist() == perms and layer.boft_perm["b"].tolist() == [list(range(8))]
 
@@ -208,10 +158,10 @@ def test_random_init_draws_are_peft_s(tmp_path):
     the same seed gives PEFT's tensors bit for bit."""
     path, hf = make_checkpoint(tmp_path, "qwen3")
     torch.manual_seed(7)
-    peft = _peft(hf, init_weights=False, target_modules="all-linear")
+    peft = BOFT.peft(hf, init_weights=False, target_modules="all-linear")
     torch.manual_seed(7)
     model = mc.apply_boft(mc.load_model(path), init_weights=False, targets="all-linear", verbose=False)
-    ours, theirs = _params(model), _params(peft)
+    ours, theirs = BOFT.params(model), BOFT.params(peft)
     assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
     assert ours["model.layers.0.mlp.down_proj.boft_s.default"].std() > 0.05
 
@@ -227,82 +177,43 @@ def test_only_boft_r_and_s_are_trainable(tmp_path, capsys, family):
             lin = model.model.layers[i].self_attn.get_submodule(m)
             expected[f"model.layers.{i}.self_attn.{m}.boft_R.default"] = (1, lin.in_features // 4, 4, 4)
             expected[f"model.layers.{i}.self_attn.{m}.boft_s.default"] = (lin.out_features, 1)
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
-    assert n == sum(torch.Size(s).numel() for s in expected.values())
+    n, total = pp.trainable_shapes(model, expected)
     assert (f"BOFT 'default': 4 modules, boft_block_size=4, boft_n_butterfly_factor=1, trainable parameters "
             f"{n:,} of {total:,}") in capsys.readouterr().out
 
 
 def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_boft(mc.load_model(ckpt), boft_n_butterfly_factor=2, verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    pp.adamw_moves_every_trainable(mc.apply_boft(mc.load_model(ckpt), boft_n_butterfly_factor=2, verbose=False))
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "boft")
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(BOFT, ckpt)
 
 
 @pytest.mark.parametrize("opts", [dict(boft_block_size=4), dict(boft_block_size=2, boft_n_butterfly_factor=3)])
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_w0(tmp_path, opts):
+    def restore_atol(m, w0):  # a few roundings per non-zero of a row of R, of max|W0|·max(s)/min(s)
+        s, (_, _, H, _) = m.boft_s["default"], m.boft_R["default"].shape
+        k = 2 ** (opts.get("boft_n_butterfly_factor", 1) - 1) * H  # non-zeros in a row of R
+        return 8 * k * pp.EPS * (w0.abs().max() * s.max() / s.min()).item()
+
     path, _ = make_checkpoint(tmp_path, "llama-bias")
-    base_keys = set(mc.load_model(path).state_dict())
-    model = mc.apply_boft(mc.load_model(path), targets="all-linear", **opts, verbose=False)
-    _perturb(model.named_parameters())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, BOFTLinear)}
-    w0 = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ids = _ids()
-    with torch.no_grad():
-        before = model(ids)
-        _assert_adapter_matters(model, ids, before)
-        mc.merge_adapters(model)
-        close_to_largest(model(ids), before, TOL, "merged")
-        mc.unmerge_adapters(model)
-        for n, m in layers.items():
-            s, (_, _, H, _) = m.boft_s["default"], m.boft_R["default"].shape
-            k = 2 ** (opts.get("boft_n_butterfly_factor", 1) - 1) * H  # non-zeros in a row of R
-            atol = 8 * k * EPS * (w0[n].abs().max() * s.max() / s.min()).item()
-            torch.testing.assert_close(m.weight, w0[n], atol=atol, rtol=0)
-        plain = mc.merge_adapter(model)
-        close_to_largest(plain(ids), before, TOL, "unloaded")
-    assert set(plain.state_dict()) == base_keys and not any(isinstance(m, BOFTLinear) for m in plain.modules())
+    pp.merge_unmerge_unload(BOFT, path, restore_atol, targets="all-linear", **opts)
 
 
 def test_on_a_4bit_base_the_adapter_runs_and_merging_is_refused():
     """On a Linear4bit base: s ⊙ (W4 Rᵀ x) + b, PEFT's way (b taken off the 4-bit output and added back);
     merging refuses and changes nothing."""
-    torch.manual_seed(0)
-    q = mc.Linear4bit.from_linear(torch.nn.Linear(72, 33))
-    layer = BOFTLinear(q)
-    layer.add("a", mc.BOFTConfig(boft_block_size=6, init_weights=False))
-    layer.active = ["a"]
-    x = torch.randn(3, 72)
-    with torch.no_grad():
+    def expected(layer, q, x):
         R, s = layer.rotation("a"), layer.boft_s["a"].squeeze(-1)
-        torch.testing.assert_close(layer(x), s * (q(x @ R) - q.bias) + q.bias, atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="the base is 4-bit and cannot take BOFT's rotation in place"):
-            layer.merge("a")
-    assert not layer.merged
+        return s * (q(x @ R) - q.bias) + q.bias
+
+    pp.on_a_4bit_base(BOFTLinear, lambda layer: layer.add("a", mc.BOFTConfig(boft_block_size=6, init_weights=False)),
+                      expected, "BOFT's rotation", in_features=72)
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_boft(mc.load_model(ckpt), boft_block_num=4, verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(BOFT, ckpt, boft_block_num=4)
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -319,29 +230,21 @@ PARITY = {  # family, options on both sides (None targets: PEFT's default for th
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, fbd, case):
     family, opts = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_boft(mc.load_model(path), **opts, verbose=False)
-    assert {n: p.shape for n, p in _params(model).items()} == {n: p.shape for n, p in _params(peft).items()}
-    _copy(peft, model)
+    _, model, peft = pp.twins(BOFT, tmp_path, family, **opts)
+    assert {n: p.shape for n, p in BOFT.params(model).items()} == {n: p.shape for n, p in BOFT.params(peft).items()}
     for n, layer in model.named_modules():
         if isinstance(layer, BOFTLinear):
-            theirs = peft.get_submodule(PREFIX + n)
+            theirs = peft.get_submodule(pp.PREFIX + n)
             assert torch.equal(layer.permutation_matrices("default"), theirs.boft_P), n
             assert torch.equal(layer.rotation("default"), theirs.get_delta_weight("default")[0]), n
-    model.train()
-    peft.train()
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
+    pp.trains_as_peft(BOFT, model, peft)
 
 
 def test_peft_without_its_cuda_extension_trains_one_butterfly_factor(tmp_path):
     """The docstring's claim: without fbd_cuda, PEFT's boft_R is (1, D, H, H) whatever the factor says."""
-    peft = _peft(make_checkpoint(tmp_path, "smollm")[1], boft_block_size=4, boft_n_butterfly_factor=2)
+    peft = BOFT.peft(make_checkpoint(tmp_path, "smollm")[1], boft_block_size=4, boft_n_butterfly_factor=2)
     m = 1 if peft_boft.get_fbd_cuda() is None else 2  # 2 where the extension builds (CUDA_HOME, nvcc, ninja)
-    assert {p.shape for n, p in _params(peft).items() if ".boft_R" in n} == {(m, 18, 4, 4)}
+    assert {p.shape for n, p in BOFT.params(peft).items() if ".boft_R" in n} == {(m, 18, 4, 4)}
 
 
 @pytest.mark.parametrize("p", [0.25, 0.6])
@@ -350,13 +253,9 @@ def test_multiplicative_dropout_is_peft_s_draw_for_draw(tmp_path, fbd, p):
     per module in forward order) give the same blocks set to I, so the logits and gradients match; in eval
     mode nothing is dropped (the forward equals the dropout-free one), nor when merging, and training forwards
     differ."""
-    path, hf = make_checkpoint(tmp_path, "qwen3")
-    opts = dict(boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=p,
-                targets=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])  # down_proj: 88 = 11 blocks of 8
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_boft(mc.load_model(path), **opts, verbose=False)
-    _copy(peft, model)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]  # down_proj: 88 = 11 blocks of 8
+    _, model, peft = pp.twins(BOFT, tmp_path, "qwen3", boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=p,
+                              targets=targets)
     ids = _ids()
     model.train()
     peft.train()
@@ -364,12 +263,12 @@ def test_multiplicative_dropout_is_peft_s_draw_for_draw(tmp_path, fbd, p):
     ours = model(ids)
     torch.manual_seed(5)
     theirs = peft(input_ids=ids).logits
-    close_to_largest(ours, theirs, TOL, "logits")
+    pp.close(ours, theirs, "logits")
     probe = torch.randn(ours.shape, generator=torch.Generator().manual_seed(2))
     (ours * probe).sum().backward()
     (theirs * probe).sum().backward()
-    for n, q in _params(peft).items():
-        close_to_largest(_params(model)[n].grad, q.grad, TOL, n)
+    for n, q in BOFT.params(peft).items():
+        pp.close(BOFT.params(model)[n].grad, q.grad, n)
     with torch.no_grad():
         assert (model(ids) - ours).abs().max() > 1e-3  # the next draws drop other blocks
         model.eval()
@@ -383,22 +282,14 @@ def test_multiplicative_dropout_is_peft_s_draw_for_draw(tmp_path, fbd, p):
             if isinstance(layer, BOFTLinear):
                 layer.boft_dropout["default"] = p
         mc.merge_adapters(model)  # in training mode: merging never drops blocks
-        close_to_largest(model.eval()(ids), clean, TOL, "merged")
+        pp.close(model.eval()(ids), clean, "merged")
 
 
 def test_merging_matches_peft(tmp_path, fbd):
     """merge_and_unload on both sides: the same folded weights (within the parity tolerance)."""
-    path, hf = make_checkpoint(tmp_path / "base", "qwen3")
-    opts = dict(boft_block_size=4, boft_n_butterfly_factor=2, targets="all-linear")
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_boft(mc.load_model(path), **opts, verbose=False)
-    _copy(peft, model)
-    merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs)
-    for n in ours:
-        close_to_largest(ours[n], theirs[n], TOL, n)
+    _, model, peft = pp.twins(BOFT, tmp_path, "qwen3", boft_block_size=4, boft_n_butterfly_factor=2,
+                              targets="all-linear")
+    pp.merged_as_peft(model, peft)
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -413,78 +304,31 @@ FOLDERS = {  # family, options on both sides
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, fbd, case):
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_params(model)) == set(_params(peft))
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        close_to_largest(out, peft(input_ids=ids).logits, TOL, "logits")
-    _assert_adapter_matters(model, ids, out)
+    pp.peft_folder_loads(BOFT, tmp_path, *FOLDERS[case])
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, fbd, case):
     """PeftModel.from_pretrained reads our folder, adapts the same modules and gives our logits; our folder
     loads back here bit for bit, merged or not."""
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_boft(mc.load_model(path), **opts, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert set(_params(peft)) == set(_params(model))
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        close_to_largest(peft(input_ids=ids).logits, out, TOL, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "merged").eval()(ids), out)
+    pp.our_folder_loads(BOFT, tmp_path, *FOLDERS[case])
 
 
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path):
     """The file holds exactly PEFT's keys and shapes, and adapter_config.json every field PEFT writes for
     BOFT (but peft_version, which PEFT stamps itself), with the same values."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf, boft_block_size=0, boft_block_num=6, boft_dropout=0.1).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_boft(mc.load_model(ckpt), boft_block_num=6, boft_dropout=0.1, verbose=False),
-                    tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    opts = dict(boft_block_num=6, boft_dropout=0.1)
+    peft = BOFT.peft(make_checkpoint(tmp_path / "hf", "smollm")[1], **_peft_opts(opts))
+    ours, _ = pp.saved_as_peft_saves(mc.apply_boft(mc.load_model(ckpt), verbose=False, **opts), peft, tmp_path)
     assert ours["base_model.model.model.layers.0.self_attn.q_proj.boft_R"].shape == (1, 6, 12, 12)
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 # -- errors -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("opts, message", [
-    (dict(targets=["q_proj", "nope"]), "target 'nope' matches no module"),
-    (dict(targets=["input_layernorm"]), "model.layers.0.input_layernorm is a RMSNorm; BOFT targets nn.Linear"),
-])
+@pytest.mark.parametrize("opts, message", [(dict(targets=t), m) for t, m in pp.not_a_linear("BOFT")[:2]])
 def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, opts, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError) as e:
-        mc.apply_boft(model, **opts)
-    assert str(e.value).startswith(f"cannot attach BOFT: {message}") and "\n" not in str(e.value)
-    assert "linear modules here are named down_proj, gate_proj, k_proj, lm_head, o_proj" in str(e.value)
-    assert _untouched(model)
+    error = pp.attach_refused(BOFT, ckpt, opts, "^cannot attach BOFT: ")
+    assert error.startswith(f"cannot attach BOFT: {message}") and pp.LINEARS_HERE in error
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -503,13 +347,9 @@ def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, opts, message
 def test_blocks_that_do_not_fit_a_linear_are_one_line_naming_it_and_the_numbers(fbd, tmp_path, opts, message):
     """Refused before the model changes; PEFT (with its extension, so that m is honoured) refuses them too."""
     path, hf = make_checkpoint(tmp_path, "smollm")
-    model = mc.load_model(path)
-    with pytest.raises(ValueError) as e:
-        mc.apply_boft(model, **opts)
-    assert re.match(f"cannot attach BOFT: {message}", str(e.value)) and "\n" not in str(e.value), str(e.value)
-    assert _untouched(model)
+    pp.attach_refused(BOFT, path, opts, f"^cannot attach BOFT: {message}")
     with pytest.raises(ValueError):
-        _peft(hf, **_peft_opts(opts))
+        BOFT.peft(hf, **_peft_opts(opts))
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -520,10 +360,7 @@ def test_blocks_that_do_not_fit_a_linear_are_one_line_naming_it_and_the_numbers(
     (dict(boft_dropout=1.0), r"boft_dropout must be a number in \[0, 1\), found 1.0"),
 ])
 def test_bad_options_are_refused_before_anything_changes(ckpt, opts, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError, match=message) as e:
-        mc.apply_boft(model, **opts)
-    assert "\n" not in str(e.value) and _untouched(model)
+    pp.attach_refused(BOFT, ckpt, opts, message)
 
 
 def test_the_registry_entry():
@@ -535,18 +372,14 @@ def test_the_registry_entry():
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_boft(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(BOFT, ckpt, tmp_path / "adapter")
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.self_attn.v_proj.boft_s"
     r_key = "base_model.model.model.layers.0.self_attn.q_proj.boft_R"
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(BOFT, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(23, 1)}, rf"{key}: shape \(23, 1\), expected \(24, 1\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         ({**config, "boft_block_size": 6}, good, rf"{r_key}: shape \(1, 18, 4, 4\), expected \(1, 12, 6, 6\) "
@@ -562,18 +395,9 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         (config, {**good, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(8, 72)},
          "BOFT's keys are base_model.model.<module>.boft_R"),
         ({**config, "target_modules": ["input_layernorm"]}, good, "input_layernorm is a RMSNorm"),
-        ({**config, "bias": "boft_only"}, good, r"bias='boft_only' is not supported"),
-        ({**config, "exclude_modules": ["v_proj"]}, good, r"exclude_modules=\['v_proj'\] is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({**config, "layers_pattern": "layers"}, good, r"layers_pattern='layers' is not supported"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+        *pp.unsupported(config, good, bias="boft_only", exclude_modules=["v_proj"], modules_to_save=["lm_head"],
+                        layers_pattern="layers"),
+    ])
 
 
 # -- the command line -------------------------------------------------------------------------------
@@ -597,4 +421,4 @@ def test_train_and_merge_from_the_command_line(setup, tmp_path):
     assert not torch.equal(adapted, base)  # two steps at lr 1e-2 moved boft_R and boft_s
     main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
     with torch.no_grad():
-        close_to_largest(mc.load_model(tmp_path / "merged")(ids), adapted, TOL, "merged checkpoint")
+        pp.close(mc.load_model(tmp_path / "merged")(ids), adapted, "merged checkpoint")

@@ -29,75 +29,25 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
   keeps the parity tolerance.
 """
 
-import json
 import math
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-)
-from peft import HRAConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from conftest import make_checkpoint, token_ids
+from peft import HRAConfig
 
 import minicustom as mc
-from minicustom.cli import main
-from minicustom.methods import apply_method, get_method
+from minicustom.methods import get_method
 from minicustom.methods.hra import HRALinear, orthogonality_loss
-from minicustom.prompting import default_stop_ids
 
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-EPS = torch.finfo(torch.float32).eps
 # Odd r on purpose in several tests: ours and PEFT's warning about the unpaired init (checked once, below).
 pytestmark = [pytest.mark.filterwarnings("ignore:HRA. r=.* is odd"),
               pytest.mark.filterwarnings("ignore:The symmetric initialization can NOT")]
 
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every U := N(0, 1), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if ".hra_u" in name:
-            p.copy_(torch.randn(p.shape, generator=g))
-
-
-def _us(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".hra_u" in n}
-
-
-def _copy_us(model, peft):
-    ours, theirs = _us(model), _us(peft)
-    assert set(ours) == set(theirs)
-    with torch.no_grad():
-        for n, p in ours.items():
-            p.copy_(theirs[n])
-
-
-def _assert_close(out, ref, what=""):
-    close_to_largest(out, ref, TOL, what)
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    return get_peft_model(hf, HRAConfig(task_type="CAUSAL_LM", **kw))
-
-
-def _untouched(model):
-    return not any(isinstance(m, HRALinear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
+# Every U := N(0, 1).
+HRA = pp.Method("HRA", "hra", mc.apply_hra, HRAConfig, HRALinear, (".hra_u",), pp.normal(1.0),
+             to_peft=pp.renamed(apply_gs="apply_GS"))
 
 
 def _reflections(u):
@@ -108,11 +58,6 @@ def _reflections(u):
         ui = u[:, i:i + 1]
         r = r @ (torch.eye(u.shape[0], dtype=torch.float64) - 2 * ui @ ui.T / (ui.T @ ui))
     return r
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
 
 
 # -- invariants and the formula --------------------------------------------------------------------
@@ -127,10 +72,10 @@ def test_identity_at_init_for_even_r(ckpt):
     assert isinstance(layer, HRALinear) and u.shape == (72, 8)
     assert torch.equal(u[:, 0::2], u[:, 1::2]) and not torch.equal(u[:, 0], u[:, 2])
     eye = torch.eye(72)
-    torch.testing.assert_close(layer.rotation("default"), eye, atol=4 * 8 * EPS, rtol=0)
-    ids = _ids()
+    torch.testing.assert_close(layer.rotation("default"), eye, atol=4 * 8 * pp.EPS, rtol=0)
+    ids = token_ids()
     with torch.no_grad():
-        _assert_close(model(ids), base(ids), "identity at init")
+        pp.close(model(ids), base(ids), "identity at init")
         for kw in (dict(init_weights=False), dict(apply_gs=True), dict(r=3)):
             other = mc.apply_hra(mc.load_model(ckpt), **kw, verbose=False)
             assert (other.model.layers[0].self_attn.q_proj.rotation("default") - eye).abs().max() > 0.1, kw
@@ -148,10 +93,10 @@ def test_init_draws_equal_peft_s_from_the_same_seed(tmp_path, kw):
     draws, in the same module order, as PEFT's."""
     path, hf = make_checkpoint(tmp_path, "qwen3")
     torch.manual_seed(7)
-    peft = _peft(hf, target_modules="all-linear", **kw)
+    peft = HRA.peft(hf, target_modules="all-linear", **kw)
     torch.manual_seed(7)
     model = mc.apply_hra(mc.load_model(path), targets="all-linear", verbose=False, **kw)
-    ours, theirs = _us(model), _us(peft)
+    ours, theirs = HRA.params(model), HRA.params(peft)
     assert set(ours) == set(theirs) and len(ours) == 14
     for n in ours:
         assert torch.equal(ours[n], theirs[n]), n
@@ -166,7 +111,7 @@ def test_formula_by_hand():
     layer.add("a", 3, init_weights=False)
     layer.add("b", 2, init_weights=False)
     layer.add("gs", 4, apply_gs=True, init_weights=False)
-    _perturb(layer.named_parameters())
+    HRA.perturb(layer.named_parameters())
     x = torch.randn(4, 5, 13)
     w0 = lin.weight.detach().double()
     ra, rb = _reflections(layer.hra_u["a"]), _reflections(layer.hra_u["b"])
@@ -191,101 +136,54 @@ def test_only_u_is_trainable(tmp_path, capsys, family):
     """PEFT's default targets for both families: q_proj and v_proj in each of the 2 layers, U (in, r) each."""
     path, _ = make_checkpoint(tmp_path, family)
     model = mc.apply_hra(mc.load_model(path), r=4)
-    expected = {}
-    for i in range(model.config.num_hidden_layers):
-        for m in ("q_proj", "v_proj"):
-            expected[f"model.layers.{i}.self_attn.{m}.hra_u.default"] = (model.config.hidden_size, 4)
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
-    assert n == sum(a * b for a, b in expected.values())
+    n, total = pp.trainable_shapes(model, {f"model.layers.{i}.self_attn.{m}.hra_u.default": (model.config.hidden_size, 4)
+                                        for i in range(model.config.num_hidden_layers) for m in ("q_proj", "v_proj")})
     assert f"HRA 'default': 4 modules, r=4, apply_gs=False, trainable parameters {n:,} of {total:,}" in \
         capsys.readouterr().out
 
 
 def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_hra(mc.load_model(ckpt), verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    pp.adamw_moves_every_trainable(mc.apply_hra(mc.load_model(ckpt), verbose=False))
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "hra")
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(HRA, ckpt)
 
 
 @pytest.mark.parametrize("apply_gs", [False, True])
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_w0(ckpt, apply_gs):
-    base_keys = set(mc.load_model(ckpt).state_dict())
-    model = mc.apply_hra(mc.load_model(ckpt), r=5, apply_gs=apply_gs, targets="all-linear", verbose=False)
-    _perturb(model.named_parameters())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, HRALinear)}
-    w0 = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ids = _ids()
-    with torch.no_grad():
-        before = model(ids)
-        _assert_adapter_matters(model, ids, before)
-        mc.merge_adapters(model)
-        assert all(not torch.equal(m.weight, w0[n]) for n, m in layers.items())
-        _assert_close(model(ids), before, "merged")
-        mc.unmerge_adapters(model)
-        for n, m in layers.items():
-            atol = 4 * 5 * EPS * w0[n].abs().max().item() * math.sqrt(m.in_features)
-            torch.testing.assert_close(m.weight, w0[n], atol=atol, rtol=0)
-        plain = mc.merge_adapter(model)
-        _assert_close(plain(ids), before, "unloaded")
-    assert set(plain.state_dict()) == base_keys and not any(isinstance(m, HRALinear) for m in plain.modules())
+    pp.merge_unmerge_unload(HRA, ckpt, lambda m, w0: 4 * 5 * pp.EPS * w0.abs().max().item() * math.sqrt(m.in_features),
+                         r=5, apply_gs=apply_gs, targets="all-linear")
 
 
 def test_two_adapters_merge_in_order_and_unmerge_in_reverse(ckpt):
     model = mc.apply_hra(mc.load_model(ckpt), r=3, verbose=False)
     mc.apply_hra(model, r=2, apply_gs=True, adapter_name="b", verbose=False)
-    _perturb(model.named_parameters())
+    HRA.perturb(model.named_parameters())
     mc.set_adapter(model, ["default", "b"])
     layer = model.model.layers[1].self_attn.v_proj
     w0 = layer.weight.detach().clone()
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         before = model(ids)
         expected = w0.double() @ _reflections(layer.hra_u["default"]) @ layer.rotation("b").double()
         mc.merge_adapters(model)
         torch.testing.assert_close(layer.weight.double(), expected, atol=1e-5, rtol=0)
-        _assert_close(model(ids), before, "two merged")
+        pp.close(model(ids), before, "two merged")
         mc.unmerge_adapters(model)
         torch.testing.assert_close(layer.weight, w0, atol=1e-5, rtol=0)
 
 
 def test_on_a_4bit_base_the_adapter_runs_and_merging_is_refused():
     """On a Linear4bit base W0 R x + b is the 4-bit layer applied to R x; merging into it refuses, unchanged."""
-    torch.manual_seed(0)
-    q = mc.Linear4bit.from_linear(torch.nn.Linear(70, 33))
-    layer = HRALinear(q)
-    layer.add("a", 3, init_weights=False)
-    layer.active = ["a"]
-    x = torch.randn(3, 70)
+    layer, q, x = pp.on_a_4bit_base(HRALinear, lambda layer: layer.add("a", 3, init_weights=False),
+                                 lambda layer, q, x: q(x @ layer.rotation("a").T), "HRA's rotation")
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), q(x @ layer.rotation("a").T), atol=1e-5, rtol=1e-5)
         assert (layer(x) - q(x)).abs().max() > 0.1
-        with pytest.raises(ValueError, match="the base is 4-bit and cannot take HRA's rotation in place"):
-            layer.merge("a")
-    assert not layer.merged
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_hra(mc.load_model(ckpt), verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(HRA, ckpt)
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -299,39 +197,20 @@ PARITY = {  # family, options on our side (None targets: PEFT's default for the 
 }
 
 
-def _peft_opts(opts):
-    peft = dict(target_modules=opts.get("targets"), r=opts.get("r", 8), apply_GS=opts.get("apply_gs", False))
-    return {**peft, "layers_to_transform": opts["layers"]} if "layers" in opts else peft
-
-
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, case):
     family, opts = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_hra(mc.load_model(path), **opts, verbose=False)
-    _copy_us(model, peft)
-    model.train()
-    peft.train()
-
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
-    assert sum(p.requires_grad for p in model.parameters()) == len(_us(peft))
+    _, model, peft = pp.twins(HRA, tmp_path, family, **opts)
+    pp.trains_as_peft(HRA, model, peft)
 
 
 @pytest.mark.parametrize("apply_gs", [False, True])
 def test_merging_and_unmerging_match_peft(tmp_path, apply_gs):
     """merge_adapter (W0 R) and unmerge (W H_r ... H_1) on both sides: the same weights (parity tolerance)."""
-    path, hf = make_checkpoint(tmp_path / "base", "qwen3")
-    peft = _peft(hf, r=4, apply_GS=apply_gs, target_modules="all-linear")
-    _perturb(peft.named_parameters())
-    model = mc.apply_hra(mc.load_model(path), r=4, apply_gs=apply_gs, targets="all-linear", verbose=False)
-    _copy_us(model, peft)
+    _, model, peft = pp.twins(HRA, tmp_path, "qwen3", r=4, apply_gs=apply_gs, targets="all-linear")
 
     def weights(m):
-        return {n.removeprefix(PREFIX).replace(".base_layer", ""): p for n, p in m.named_parameters()
+        return {n.removeprefix(pp.PREFIX).replace(".base_layer", ""): p for n, p in m.named_parameters()
                 if not p.requires_grad}
 
     with torch.no_grad():
@@ -340,14 +219,14 @@ def test_merging_and_unmerging_match_peft(tmp_path, apply_gs):
         ours, theirs = weights(model), weights(peft)
         assert set(ours) == set(theirs)
         for n in ours:
-            _assert_close(ours[n], theirs[n], f"merged {n}")
+            pp.close(ours[n], theirs[n], f"merged {n}")
         mc.unmerge_adapters(model)
         peft.base_model.unmerge_adapter()
         for n, p in weights(model).items():
-            _assert_close(p, weights(peft)[n], f"unmerged {n}")
+            pp.close(p, weights(peft)[n], f"unmerged {n}")
     merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
     for n, p in merged.named_parameters():
-        _assert_close(p, dict(ref.named_parameters())[n], n)
+        pp.close(p, dict(ref.named_parameters())[n], n)
 
 
 # -- the orthogonality regularizer ------------------------------------------------------------------
@@ -364,20 +243,20 @@ def _authors_regularizer(peft, lamda):
 
 def test_orthogonality_loss_equals_the_authors_on_peft_s_parameters(tmp_path):
     path, hf = make_checkpoint(tmp_path / "base", "qwen3")
-    peft = _peft(hf, r=6, target_modules="all-linear")
+    peft = HRA.peft(hf, r=6, target_modules="all-linear")
     model = mc.apply_hra(mc.load_model(path), r=6, targets="all-linear", verbose=False)
-    _copy_us(model, peft)
+    HRA.copy_peft_into(model, peft)
     torch.testing.assert_close(orthogonality_loss(model), _authors_regularizer(peft, 1e-4), rtol=1e-6, atol=0)
-    _perturb(peft.named_parameters())
-    _copy_us(model, peft)
+    HRA.perturb(peft.named_parameters())
+    HRA.copy_peft_into(model, peft)
     ours, ref = orthogonality_loss(model, weight=1e-4), _authors_regularizer(peft, 1e-4)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
     assert ours > 0 and torch.equal(orthogonality_loss(model, weight=2e-4), 2 * ours)
     ours.backward()
     ref.backward()
-    theirs = _us(peft)
-    for n, p in _us(model).items():
-        close_to_largest(p.grad, theirs[n].grad, TOL, n)
+    theirs = HRA.params(peft)
+    for n, p in HRA.params(model).items():
+        pp.close(p.grad, theirs[n].grad, n)
     with torch.no_grad(), mc.disable_adapters(model):
         assert torch.equal(orthogonality_loss(model), torch.zeros(()))  # nothing active, nothing added
     assert torch.equal(orthogonality_loss(mc.load_model(path)), torch.zeros(()))
@@ -415,79 +294,32 @@ FOLDERS = {  # family, options on both sides
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_us(model)) == set(_us(peft))
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(out, peft(input_ids=ids).logits, "logits")
-    _assert_adapter_matters(model, ids, out)
+    pp.peft_folder_loads(HRA, tmp_path, *FOLDERS[case])
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
-    """PeftModel.from_pretrained reads our folder, adapts the same modules and gives our logits; our folder
-    loads back here bit for bit, merged or not."""
+    """PeftModel.from_pretrained reads our folder, adapts the same modules (apply_GS as ours) and gives our
+    logits; our folder loads back here bit for bit, merged or not."""
     family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_hra(mc.load_model(path), **opts, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert set(_us(peft)) == set(_us(model))
+    _, peft, _ = pp.our_folder_loads(HRA, tmp_path, family, opts)
     assert peft.peft_config["default"].apply_GS == opts.get("apply_gs", False)
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(peft(input_ids=ids).logits, out, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids), out)
 
 
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path):
     """The file holds exactly PEFT's keys and shapes, and adapter_config.json every field PEFT writes for
     HRA (but peft_version, which PEFT stamps itself), with the same values."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_hra(mc.load_model(ckpt), verbose=False), tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = HRA.peft(make_checkpoint(tmp_path / "hf", "smollm")[1])
+    ours, _ = pp.saved_as_peft_saves(mc.apply_hra(mc.load_model(ckpt), verbose=False), peft, tmp_path)
     assert "base_model.model.model.layers.0.self_attn.q_proj.hra_u" in ours
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 # -- errors -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("targets, message", [
-    (["q_proj", "nope"], "target 'nope' matches no module"),
-    (["input_layernorm"], "model.layers.0.input_layernorm is a RMSNorm; HRA targets nn.Linear"),
-    (r".*\.layers\.0\.self_attn", "model.layers.0.self_attn is a Attention; HRA targets nn.Linear"),
-])
+@pytest.mark.parametrize("targets, message", pp.not_a_linear("HRA"))
 def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, targets, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError) as e:
-        mc.apply_hra(model, targets=targets)
-    assert str(e.value).startswith(f"cannot attach HRA: {message}") and "\n" not in str(e.value)
-    assert "linear modules here are named down_proj, gate_proj, k_proj, lm_head, o_proj" in str(e.value)
-    assert _untouched(model)
+    error = pp.attach_refused(HRA, ckpt, dict(targets=targets), "^cannot attach HRA: ")
+    assert error.startswith(f"cannot attach HRA: {message}") and pp.LINEARS_HERE in error
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -497,11 +329,8 @@ def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, targets, mess
     (dict(apply_gs="yes"), "HRA's apply_gs must be True or False, found 'yes'"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, kw, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError, match=f"^{message}$"):
-        mc.apply_hra(model, **kw)
-    assert _untouched(model)
-    mc.apply_hra(model, verbose=False)
+    pp.attach_refused(HRA, ckpt, kw, f"^{message}$")
+    model = mc.apply_hra(mc.load_model(ckpt), verbose=False)
     with pytest.raises(ValueError, match="^an adapter named 'default' already exists"):
         mc.apply_hra(model, r=2, verbose=False)
 
@@ -514,17 +343,13 @@ def test_the_registry_entry():
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_hra(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(HRA, ckpt, tmp_path / "adapter")
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.self_attn.v_proj.hra_u"
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(HRA, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(71, 8)}, rf"{key}: shape \(71, 8\), expected \(72, 8\) \(in_features, r\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         ({**config, "r": 4}, good, r"q_proj.hra_u: shape \(72, 8\), expected \(72, 4\)"),
@@ -533,22 +358,13 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         (config, {**good, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(8, 72)},
          "HRA's keys are base_model.model.<module>.hra_u"),
         ({**config, "target_modules": ["input_layernorm"]}, good, "input_layernorm is a RMSNorm"),
-        ({**config, "bias": "hra_only"}, good, r"bias='hra_only' is not supported"),
         ({**config, "bias": "all"}, good, r"bias='all' is not supported"),
-        ({**config, "exclude_modules": ["v_proj"]}, good, r"exclude_modules=\['v_proj'\] is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({**config, "layers_pattern": "layers"}, good, r"layers_pattern='layers' is not supported"),
+        *pp.unsupported(config, good, bias="hra_only", exclude_modules=["v_proj"], modules_to_save=["lm_head"],
+                        layers_pattern="layers"),
         ({**config, "r": "8"}, good, r"field 'r' must be a positive integer"),
         ({**config, "apply_GS": "yes"}, good, r"field 'apply_GS' must be true or false"),
         ({**config, "init_weights": 1}, good, r"field 'init_weights' must be true or false"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+    ])
 
 
 # -- the command line -------------------------------------------------------------------------------
@@ -557,31 +373,7 @@ def test_train_generate_and_merge_from_the_command_line(setup, tmp_path, capsys)
     """`train sft --method hra --r 4 --apply-gs` exports a PEFT HRA folder; `generate --adapter` answers as the
     library does with it; `merge` writes a plain checkpoint whose logits equal the adapted ones within the
     parity tolerance."""
-    root, path = setup
-    out = tmp_path / "run"
-    main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(out),
-          "--method", "hra", "--r", "4", "--apply-gs", "--max-length", "128", "--batch-size", "2",
-          "--max-steps", "3", "--lr", "1e-2", "--exact-match", "0", "--seed", "1"])
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = pp.cli_train(setup, tmp_path / "run", "--method", "hra", "--r", "4", "--apply-gs", "--lr", "1e-2")
     assert (config["peft_type"], config["r"], config["apply_GS"], config["target_modules"]) == (
         "HRA", 4, True, ["q_proj", "v_proj"])
-    capsys.readouterr()
-    main(["generate", "--model", str(path), "--adapter", str(out), "--prompt", "Where is Paris?",
-          "--max-new-tokens", "6"])
-    cli_answer = capsys.readouterr().out
-
-    model, tok = mc.load_model(path), mc.load_tokenizer(path)
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Where is Paris?"}],
-                                                add_generation_prompt=True)])
-    with torch.no_grad():
-        base = model(ids)
-    mc.load_adapter(model, out)
-    with torch.no_grad():
-        adapted = model(ids)
-    assert not torch.equal(adapted, base)
-    new = model.generate(ids, max_new_tokens=6, stop=default_stop_ids(model, tok))[0, ids.shape[1]:]
-    assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
-
-    main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
-    with torch.no_grad():
-        _assert_close(mc.load_model(tmp_path / "merged")(ids), adapted, "merged checkpoint")
+    pp.cli_generate_and_merge(setup, tmp_path / "run", tmp_path, capsys)

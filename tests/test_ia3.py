@@ -24,9 +24,10 @@ Exactness and tolerances (fp32; eps = 1.2e-7):
 
 import json
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import adamw_step_changes, disabled_is_the_base, make_checkpoint, token_ids
+from conftest import adamw_step_changes, make_checkpoint, token_ids
 from peft import IA3Config, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -44,13 +45,8 @@ PREFIX = "base_model.model."
 _ids = token_ids
 
 
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every ia3_l := 1 + 0.3·N(0, 1), in name order."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(named_params):
-        if "ia3_l." in name:
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+# Every ia3_l := 1 + 0.3·N(0, 1).
+IA3 = pp.Method("IA3", "ia3", mc.apply_ia3, IA3Config, IA3Linear, ("ia3_l.",), pp.normal(0.3, mean=1.0))
 
 
 def _vectors(model) -> dict[str, torch.Tensor]:
@@ -139,23 +135,14 @@ def test_base_bit_identical_after_an_adamw_step(ckpt):
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = mc.apply_ia3(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_lora(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(IA3, ckpt)
 
 
 def test_merge_equivalence_unmerge_and_unload(ckpt):
     """The bias of a scaled output is scaled too (l ⊙ (W x + b)); the feedforward bias is not."""
     base_keys = set(mc.load_model(ckpt).state_dict())
     model = mc.apply_ia3(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     w0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".ia3_l." not in n}
     ids = _ids()
     with torch.no_grad():
@@ -183,7 +170,7 @@ def test_several_named_adapters(ckpt):
     model = mc.load_model(ckpt)
     mc.apply_ia3(model, adapter_name="a", verbose=False)
     mc.apply_ia3(model, targets=["v_proj", "up_proj"], feedforward=["up_proj"], adapter_name="b", verbose=False)
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     v = model.model.layers[0].self_attn.v_proj
     assert v.adapters == ["a", "b"]
     x = torch.randn(3, 64)
@@ -207,7 +194,7 @@ def test_merge_refuses_a_weight_tied_to_another_module(tmp_path):
     embeddings too, so merging refuses and leaves both untouched (PEFT would write through)."""
     path, _ = make_checkpoint(tmp_path, "smollm")
     model = mc.apply_ia3(mc.load_model(path), targets=["v_proj", "lm_head"], feedforward=["lm_head"], verbose=False)
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="cannot merge into lm_head: its weight is tied to another module"):
         mc.merge_lora(model)
@@ -221,7 +208,7 @@ def test_cached_generate_equals_uncached_greedy_loop(tmp_path, family):
     whole sequence at every step (mistral: with a sliding window)."""
     path, _ = make_checkpoint(tmp_path, family)
     model = mc.apply_ia3(mc.load_model(path), verbose=False).eval()
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     seq = _ids(2, 5, seed=6)
     cached = model.generate(seq, max_new_tokens=15)
     with torch.no_grad():
@@ -248,7 +235,7 @@ def test_4bit_base_equals_the_dequantized_linear():
         for m in (a, b):
             m.add("default")
             m.active = ["default"]
-            _perturb(m.named_parameters())
+            IA3.perturb(m.named_parameters())
         ya, yb = a(x), b(x)
         torch.testing.assert_close(ya, yb, atol=1e-6, rtol=1e-6)
         ya.square().sum().backward()
@@ -263,7 +250,7 @@ def test_4bit_model_saves_the_same_keys(tmp_path):
     path, _ = make_checkpoint(tmp_path / "base", "smollm")
     model = mc.apply_ia3(mc.load_model(path, quantize="nf4"), verbose=False)
     assert isinstance(model.model.layers[0].mlp.down_proj.base_layer, linear4bit.Linear4bit)
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     mc.save_adapter(model, tmp_path / "a")
     loaded = mc.load_adapter(mc.load_model(path, quantize="nf4"), tmp_path / "a")
     ids = _ids()
@@ -290,7 +277,7 @@ def test_logits_and_gradients_match_peft(tmp_path, family, variant):
     ours_kw, peft_kw = VARIANTS[variant]
     path, hf = make_checkpoint(tmp_path / family, family)
     peft = _peft(hf, **peft_kw)
-    _perturb(peft.named_parameters())
+    IA3.perturb(peft.named_parameters())
     model = mc.apply_ia3(mc.load_model(path), verbose=False, **ours_kw)
     _copy_peft_into(model, peft)
     assert _layers(model) == _layers(peft)
@@ -323,7 +310,7 @@ def test_two_active_adapters_and_merging_match_peft(tmp_path):
     peft = _peft(hf)
     peft.add_adapter("b", IA3Config(task_type="CAUSAL_LM", **b_kw))
     peft.base_model.set_adapter(["default", "b"])
-    _perturb(peft.named_parameters())
+    IA3.perturb(peft.named_parameters())
     model = mc.load_model(path)
     mc.apply_ia3(model, verbose=False)
     mc.apply_ia3(model, targets=b_kw["target_modules"], feedforward=["down_proj"], adapter_name="b", verbose=False)
@@ -356,7 +343,7 @@ def test_two_active_adapters_and_merging_match_peft(tmp_path):
 def test_merge_adapter_matches_peft_merge_and_unload(tmp_path):
     path, hf = make_checkpoint(tmp_path / "base", "qwen2")
     peft = _peft(hf, target_modules="all-linear", feedforward_modules=["down_proj", "o_proj"])
-    _perturb(peft.named_parameters())
+    IA3.perturb(peft.named_parameters())
     model = mc.apply_ia3(mc.load_model(path), targets="all-linear", feedforward=["down_proj", "o_proj"], verbose=False)
     _copy_peft_into(model, peft)
     merged, ref = mc.merge_adapter(model).eval(), peft.merge_and_unload().eval()
@@ -386,7 +373,7 @@ def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
     family, kw = LOAD_CASES[case]
     path, hf = make_checkpoint(tmp_path / "base", family)
     peft = _peft(hf, **kw)
-    _perturb(peft.named_parameters())
+    IA3.perturb(peft.named_parameters())
     peft.save_pretrained(tmp_path / "adapter")
 
     model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
@@ -417,7 +404,7 @@ def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     family, kw = SAVE_CASES[case]
     path, hf = make_checkpoint(tmp_path / "base", family)
     model = mc.apply_ia3(mc.load_model(path), verbose=False, **kw).eval()
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     mc.save_adapter(model, tmp_path / "adapter")
 
     peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
@@ -454,7 +441,7 @@ def test_folder_keys_and_config_are_peft_s(tmp_path):
 @pytest.fixture
 def saved(ckpt, tmp_path):
     model = mc.apply_ia3(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
+    IA3.perturb(model.named_parameters())
     mc.save_adapter(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
 

@@ -21,78 +21,28 @@ Exactness and tolerances (fp32; eps = 1.2e-7):
 
 import json
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-)
-from peft import LNTuningConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from conftest import make_checkpoint, token_ids
+from peft import LNTuningConfig
+from safetensors.torch import load_file
 from test_cli_errors import fails
 
 import minicustom as mc
 from minicustom.cli import main
-from minicustom.methods import apply_method
 from minicustom.methods.ln_tuning import LNTuningNorm
 from minicustom.model import RMSNorm
-from minicustom.prompting import default_stop_ids
 
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-
-
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every copy γ' := γ' + 0.3·N(0, 1), in name order."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(named_params):
-        if ".ln_tuning_layers." in name:
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+# Every copy γ' := γ' + 0.3·N(0, 1).
+LN = pp.Method("LN tuning", "ln_tuning", mc.apply_ln_tuning, LNTuningConfig, LNTuningNorm, (".ln_tuning_layers.",),
+               lambda name, p, g: p + 0.3 * torch.randn(p.shape, generator=g))
 
 
 def _copies(model, adapter="default") -> dict[str, torch.Tensor]:
     """{module name: γ'} of every norm holding `adapter`, PEFT's names mapped to ours."""
-    return {n.removeprefix(PREFIX): m.ln_tuning_layers[adapter].weight for n, m in model.named_modules()
+    return {n.removeprefix(pp.PREFIX): m.ln_tuning_layers[adapter].weight for n, m in model.named_modules()
             if hasattr(m, "ln_tuning_layers") and adapter in m.ln_tuning_layers}
-
-
-@torch.no_grad()
-def _copy_peft_into(model, peft):
-    ours, theirs = _copies(model), _copies(peft)
-    assert set(ours) == set(theirs)
-    for name, p in ours.items():
-        p.copy_(theirs[name])
-
-
-def _assert_close(out, ref, what=""):
-    close_to_largest(out, ref, TOL, what)
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, adapter_name="default", **kw):
-    return get_peft_model(hf, LNTuningConfig(task_type="CAUSAL_LM", **kw), adapter_name=adapter_name)
-
-
-def _untouched(model):
-    return not any(isinstance(m, LNTuningNorm) for m in model.modules()) and not getattr(model, "adapter_configs", {})
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
 
 
 # -- invariants and the formula --------------------------------------------------------------------
@@ -100,13 +50,9 @@ def ckpt(tmp_path):
 @pytest.mark.parametrize("family", ["smollm", "gemma3"])
 def test_identity_at_init_is_exact(tmp_path, family):
     path, _ = make_checkpoint(tmp_path, family)
-    base = mc.load_model(path)
-    model = mc.apply_ln_tuning(mc.load_model(path), verbose=False)
+    model = pp.exact_at_init(LN, path, noisy=False)
     for name, copy_ in _copies(model).items():
         assert torch.equal(copy_, model.get_submodule(name).weight) and copy_ is not model.get_submodule(name).weight
-    ids = _ids()
-    with torch.no_grad():
-        assert torch.equal(model(ids), base(ids))
 
 
 def test_formula_by_hand():
@@ -146,29 +92,17 @@ def test_only_the_norm_copies_are_trainable(tmp_path, capsys, family, norms):
     expected = {f"model.layers.{i}.{m}.ln_tuning_layers.default.weight": (C,)
                 for i in range(model.config.num_hidden_layers) for m in names}
     expected["model.norm.ln_tuning_layers.default.weight"] = (C,)
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
+    n, total = pp.trainable_shapes(model, expected)
     assert len(expected) == norms and n == norms * C
     assert f"LN tuning 'default': {norms} norms, trainable parameters {n:,} of {total:,}" in capsys.readouterr().out
 
 
 def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_ln_tuning(mc.load_model(ckpt), verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # every copy
+    pp.adamw_moves_every_trainable(mc.apply_ln_tuning(mc.load_model(ckpt), verbose=False))  # every copy
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "ln_tuning")
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(LN, ckpt)
 
 
 def test_merge_swaps_exactly_and_unmerge_restores_the_base(ckpt):
@@ -176,10 +110,10 @@ def test_merge_swaps_exactly_and_unmerge_restores_the_base(ckpt):
     γ is back (the same tensor); unloading leaves plain RMSNorms under the base keys."""
     base_keys = set(mc.load_model(ckpt).state_dict())
     model = mc.apply_ln_tuning(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
+    LN.perturb(model.named_parameters())
     gammas = {n: model.get_submodule(n).weight for n in _copies(model)}
     tuned = {n: p.detach().clone() for n, p in _copies(model).items()}
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         before = model(ids)
         mc.merge_adapters(model)
@@ -203,7 +137,7 @@ def test_one_adapter_at_a_time(ckpt):
     mc.apply_ln_tuning(model, adapter_name="a", verbose=False)
     mc.apply_ln_tuning(model, targets=["norm"], adapter_name="b", verbose=False)
     mc.apply_ln_tuning(model, adapter_name="c", verbose=False)
-    _perturb(model.named_parameters())
+    LN.perturb(model.named_parameters())
     final, first = model.model.norm, model.model.layers[0].input_layernorm
     assert final.adapters == ["a", "b", "c"] and first.adapters == ["a", "c"]
     mc.set_adapter(model, "b")
@@ -214,7 +148,7 @@ def test_one_adapter_at_a_time(ckpt):
         assert torch.equal(first(x), first.base()(x))
         mc.set_adapter(model, ["a", "c"])
         with pytest.raises(ValueError, match="LN tuning applies one adapter at a time"):
-            model(_ids())
+            model(token_ids())
         with pytest.raises(ValueError, match=r"merges one adapter at a time \(as PEFT\); active: \['a', 'c'\]"):
             mc.merge_adapters(model)
         assert not any(m.merged for m in model.modules() if isinstance(m, LNTuningNorm))
@@ -235,14 +169,7 @@ def test_one_adapter_at_a_time(ckpt):
 
 @pytest.mark.parametrize("family", ["smollm", "gemma3"])
 def test_cached_generate_equals_uncached_greedy_loop(tmp_path, family):
-    path, _ = make_checkpoint(tmp_path, family)
-    model = mc.apply_ln_tuning(mc.load_model(path), verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(LN, make_checkpoint(tmp_path, family)[0])
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -259,31 +186,17 @@ PARITY = {  # family, targets (None: PEFT's default for the family, on both side
 def test_logits_and_gradients_match_peft(tmp_path, case):
     """Same copies on both: the same norms are adapted, and logits and the gradient of every copy equal PEFT's."""
     family, targets = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, target_modules=targets)
-    _perturb(peft.named_parameters())
-    model = mc.apply_ln_tuning(mc.load_model(path), targets=targets, verbose=False)
-    _copy_peft_into(model, peft)
-    model.train()
-    peft.train()
-
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
-    assert sum(p.requires_grad for p in model.parameters()) == len(_copies(peft))
+    _, model, peft = pp.twins(LN, tmp_path, family, targets=targets)
+    pp.trains_as_peft(LN, model, peft)
 
 
 def test_merging_matches_peft(tmp_path):
     """PEFT's merge swaps too: merged and unmerged, every norm weight equals PEFT's base_layer weight and
     every copy PEFT's, bit for bit; merge_and_unload gives the same parameters."""
-    path, hf = make_checkpoint(tmp_path / "base", "gemma3")
-    peft = _peft(hf)
-    _perturb(peft.named_parameters())
-    model = mc.apply_ln_tuning(mc.load_model(path), verbose=False)
-    _copy_peft_into(model, peft)
+    _, model, peft = pp.twins(LN, tmp_path, "gemma3")
 
     def weights(m):
-        return {n.removeprefix(PREFIX).replace(".base_layer", ""): p.detach().clone() for n, p in m.named_parameters()}
+        return {n.removeprefix(pp.PREFIX).replace(".base_layer", ""): p.detach().clone() for n, p in m.named_parameters()}
 
     with torch.no_grad():
         for merge in (True, False):
@@ -292,12 +205,10 @@ def test_merging_matches_peft(tmp_path):
             ours, theirs = weights(model), weights(peft)
             assert set(ours) == set(theirs)
             assert all(torch.equal(ours[n], theirs[n]) for n in ours), merge
-    merged, ref = mc.merge_adapter(model).eval(), peft.merge_and_unload().eval()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
-    ids = _ids()
+    merged, ref = pp.merged_as_peft(model, peft, exact=True)
+    ids = token_ids()
     with torch.no_grad():
-        _assert_close(merged(ids), ref(input_ids=ids).logits, "merged logits")
+        pp.close(merged.eval()(ids), ref.eval()(input_ids=ids).logits, "merged logits")
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -313,20 +224,7 @@ FOLDERS = {  # family, targets on both sides
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
     family, targets = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, target_modules=targets)
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_copies(model)) == set(_copies(peft))
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(out, peft(input_ids=ids).logits, "logits")
-    _assert_adapter_matters(model, ids, out)
+    pp.peft_folder_loads(LN, tmp_path, family, dict(targets=targets))
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
@@ -334,21 +232,7 @@ def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     """PeftModel.from_pretrained on a copy of the HF base reads our folder, adapts the same norms and gives
     our logits; our folder loads back in minicustom bit for bit, and a merged adapter saves γ', not γ."""
     family, targets = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_ln_tuning(mc.load_model(path), targets=targets, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert set(_copies(peft)) == set(_copies(model))
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(peft(input_ids=ids).logits, out, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids), out)
+    pp.our_folder_loads(LN, tmp_path, family, dict(targets=targets))
     assert load_file(tmp_path / "merged/adapter_model.safetensors").keys() == load_file(
         tmp_path / "adapter/adapter_model.safetensors").keys()
 
@@ -356,20 +240,9 @@ def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path):
     """The file holds exactly PEFT's keys and shapes, and adapter_config.json every field PEFT writes for
     LN_TUNING (but peft_version, which PEFT stamps itself), with the same values."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_ln_tuning(mc.load_model(ckpt), verbose=False), tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = LN.peft(make_checkpoint(tmp_path / "hf", "smollm")[1])
+    ours, _ = pp.saved_as_peft_saves(mc.apply_ln_tuning(mc.load_model(ckpt), verbose=False), peft, tmp_path)
     assert "base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight" in ours
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -382,27 +255,20 @@ def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path):
     (r".*\.layers\.0\..*", "model.layers.0.self_attn (Attention) is not a norm"),
 ])
 def test_a_target_that_is_not_a_norm_is_one_line_naming_it(ckpt, targets, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError) as e:
-        mc.apply_ln_tuning(model, targets=targets)
-    assert str(e.value).startswith(f"cannot attach LN tuning: {message}") and "\n" not in str(e.value)
-    assert str(e.value).endswith("norms here are named input_layernorm, norm, post_attention_layernorm")
-    assert _untouched(model)
+    error = pp.attach_refused(LN, ckpt, dict(targets=targets), "^cannot attach LN tuning: ")
+    assert error.startswith(f"cannot attach LN tuning: {message}")
+    assert error.endswith("norms here are named input_layernorm, norm, post_attention_layernorm")
 
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_ln_tuning(mc.load_model(ckpt), verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(LN, ckpt, tmp_path / "adapter")
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.input_layernorm.ln_tuning_layers.weight"
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(LN, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(71)}, rf"{key}: shape \(71,\), expected \(72,\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         (config, {**good, "base_model.model.model.layers.0.self_attn.q_norm.ln_tuning_layers.weight": torch.ones(8)},
@@ -410,49 +276,19 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         (config, {**good, "base_model.model.model.layers.0.input_layernorm.ia3_l": torch.ones(72)},
          "LN tuning's keys are base_model.model.<module>.ln_tuning_layers.weight"),
         ({**config, "target_modules": ["q_proj"]}, good, r"q_proj \(Linear\) is not a norm"),
-        ({**config, "exclude_modules": ["norm"]}, good, r"exclude_modules=\['norm'\] is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+        *pp.unsupported(config, good, exclude_modules=["norm"], modules_to_save=["lm_head"]),
+    ])
 
 
 # -- the command line -------------------------------------------------------------------------------
 
 def test_train_generate_and_merge_from_the_command_line(setup, tmp_path, capsys):
     """`train sft --method ln_tuning` exports a PEFT folder; `generate --adapter` answers as the library does
-    with it; `merge` writes a plain checkpoint with the same logits."""
-    root, path = setup
-    out = tmp_path / "run"
-    main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(out),
-          "--method", "ln_tuning", "--max-length", "128", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-2",
-          "--exact-match", "0", "--seed", "1"])
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LN_TUNING"
-    capsys.readouterr()
-    main(["generate", "--model", str(path), "--adapter", str(out), "--prompt", "Where is Paris?",
-          "--max-new-tokens", "6"])
-    cli_answer = capsys.readouterr().out
-
-    model, tok = mc.load_model(path), mc.load_tokenizer(path)
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Where is Paris?"}],
-                                                add_generation_prompt=True)])
-    with torch.no_grad():
-        base = model(ids)
-    mc.load_adapter(model, out)
-    with torch.no_grad():
-        adapted = model(ids)
-    assert not torch.equal(adapted, base)  # three steps at lr 1e-2 moved the copies off γ
-    new = model.generate(ids, max_new_tokens=6, stop=default_stop_ids(model, tok))[0, ids.shape[1]:]
-    assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
-
-    main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
-    with torch.no_grad():
-        assert torch.equal(mc.load_model(tmp_path / "merged")(ids), adapted)
+    with it (three steps at lr 1e-2 moved the copies off γ); `merge` writes a plain checkpoint with the same
+    logits."""
+    config = pp.cli_train(setup, tmp_path / "run", "--method", "ln_tuning", "--lr", "1e-2")
+    assert config["peft_type"] == "LN_TUNING"
+    pp.cli_generate_and_merge(setup, tmp_path / "run", tmp_path, capsys, exact=True)
 
 
 def test_targets_on_the_command_line_are_norms(setup, tmp_path, capsys):

@@ -29,75 +29,21 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
   PEFT <-> minicustom keeps the parity tolerance.
 """
 
-import json
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-)
-from peft import LoKrConfig, PeftModel, get_peft_model
+from conftest import make_checkpoint
+from peft import LoKrConfig
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import minicustom as mc
-from minicustom.cli import main
-from minicustom.methods import apply_method, get_method
+from minicustom.methods import get_method
 from minicustom.methods.lokr import FACTORS, LoKrLinear, factor_shapes, factorization
-from minicustom.prompting import default_stop_ids
 
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-EPS = torch.finfo(torch.float32).eps
-
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every factor := N(0, 0.3²), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if ".lokr_" in name:
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def _factors(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".lokr_" in n}
-
-
-def _assert_close(out, ref, what=""):
-    close_to_largest(out, ref, TOL, what)
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    return get_peft_model(hf, LoKrConfig(task_type="CAUSAL_LM", **kw))
-
-
-def _peft_opts(opts):
-    """Our keyword arguments as LoKrConfig's fields."""
-    names = {"targets": "target_modules", "layers": "layers_to_transform"}
-    return {names.get(k, k): v for k, v in opts.items()}
-
-
-def _untouched(model):
-    return not any(isinstance(m, LoKrLinear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
+# Every factor := N(0, 0.3²).
+LOKR = pp.Method("LoKr", "lokr", mc.apply_lokr, LoKrConfig, LoKrLinear, (".lokr_",), pp.normal(0.3))
 
 
 # -- the factorization and the formula -------------------------------------------------------------
@@ -141,7 +87,7 @@ def test_formula_by_hand():
     assert set(layer.adapter_state("a")) == {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}
     assert set(layer.adapter_state("b")) == {"lokr_w1", "lokr_w2"}
     assert set(layer.adapter_state("c")) == {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
-    _perturb(layer.named_parameters())
+    LOKR.perturb(layer.named_parameters())
     x = torch.randn(4, 5, 12)
 
     def dw(n):
@@ -162,18 +108,11 @@ def test_formula_by_hand():
 @pytest.mark.parametrize("init, zero", [(True, {"lokr_w1", "lokr_w1_a"}), ("lycoris", {"lokr_w2", "lokr_w2_b"})])
 @pytest.mark.parametrize("r, both", [(8, False), (2, True)])
 def test_identity_at_init_is_exact(ckpt, init, zero, r, both):
-    base = mc.load_model(ckpt)
-    model = mc.apply_lokr(mc.load_model(ckpt), r=r, decompose_both=both, init_weights=init, verbose=False)
+    model = pp.exact_at_init(LOKR, ckpt, r=r, decompose_both=both, init_weights=init)
     state = model.model.layers[0].self_attn.q_proj.adapter_state("default")
     assert any(f in zero for f in state)
     for f, t in state.items():  # the zero factor is zero; every other one Kaiming, not zero
         assert (not t.any()) if f in zero else t.abs().sum() > 0, f
-    ids = _ids()
-    with torch.no_grad():
-        assert torch.equal(model(ids), base(ids))
-    noisy = mc.apply_lokr(mc.load_model(ckpt), r=r, decompose_both=both, init_weights=False, verbose=False)
-    with torch.no_grad():
-        assert not torch.equal(noisy(ids), base(ids))
 
 
 @pytest.mark.parametrize("init", [True, False, "lycoris"])
@@ -182,10 +121,10 @@ def test_identity_at_init_is_exact(ckpt, init, zero, r, both):
 def test_the_same_seed_draws_peft_s_factors(tmp_path, init, opts):
     path, hf = make_checkpoint(tmp_path, "qwen3")
     torch.manual_seed(3)
-    peft = _peft(hf, init_weights=init, **_peft_opts(opts))
+    peft = LOKR.peft(hf, init_weights=init, **LOKR.to_peft(opts))
     torch.manual_seed(3)
     model = mc.apply_lokr(mc.load_model(path), init_weights=init, verbose=False, **opts)
-    ours, theirs = _factors(model), _factors(peft)
+    ours, theirs = LOKR.params(model), LOKR.params(peft)
     assert set(ours) == set(theirs)
     for n in ours:
         assert torch.equal(ours[n], theirs[n]), n
@@ -205,81 +144,35 @@ def test_only_the_factors_are_trainable(tmp_path, capsys, family):
         "qwen3": {"q_proj": dict(lokr_w1=(8, 8), lokr_w2_a=(12, 4), lokr_w2_b=(4, 8)),
                   "v_proj": dict(lokr_w1=(6, 8), lokr_w2=(8, 8))},
     }[family]
-    expected = {f"model.layers.{i}.self_attn.{m}.{f}.default": shape
-                for i in range(2) for m, factors in shapes.items() for f, shape in factors.items()}
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
-    assert n == sum(a * b for a, b in expected.values())
+    n, total = pp.trainable_shapes(model, {f"model.layers.{i}.self_attn.{m}.{f}.default": shape
+                                        for i in range(2) for m, factors in shapes.items()
+                                        for f, shape in factors.items()})
     printed = capsys.readouterr().out
     assert f"LoKr 'default': 4 modules, r=4, alpha=8, trainable parameters {n:,} of {total:,}" in printed
 
 
 def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_lokr(mc.load_model(ckpt), r=2, decompose_both=True, verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
     # w1_a = 0 at init: w1_b and w2's factors get zero gradients at the first step (weight decay moves them)
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    pp.adamw_moves_every_trainable(mc.apply_lokr(mc.load_model(ckpt), r=2, decompose_both=True, verbose=False))
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "lokr")
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(LOKR, ckpt)
 
 
 @pytest.mark.parametrize("opts", [dict(r=8), dict(r=2, decompose_both=True, decompose_factor=4)])
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_w0(ckpt, opts):
-    base_keys = set(mc.load_model(ckpt).state_dict())
-    model = mc.apply_lokr(mc.load_model(ckpt), targets="all-linear", verbose=False, **opts)
-    _perturb(model.named_parameters())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoKrLinear)}
-    w0 = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ids = _ids()
-    with torch.no_grad():
-        before = model(ids)
-        _assert_adapter_matters(model, ids, before)
-        dws = {n: m.delta_weight("default") for n, m in layers.items()}
-        mc.merge_adapters(model)
-        _assert_close(model(ids), before, "merged")
-        mc.unmerge_adapters(model)
-        for n, m in layers.items():
-            atol = 2 * EPS * (w0[n].abs() + dws[n].abs()).max().item()
-            torch.testing.assert_close(m.weight, w0[n], atol=atol, rtol=0)
-        plain = mc.merge_adapter(model)
-        _assert_close(plain(ids), before, "unloaded")
-    assert set(plain.state_dict()) == base_keys and not any(isinstance(m, LoKrLinear) for m in plain.modules())
+    pp.merge_unmerge_unload(LOKR, ckpt, pp.additive_restore_atol, targets="all-linear", **opts)
 
 
 def test_on_a_4bit_base_the_adapter_runs_and_merging_is_refused():
     """On a Linear4bit base LoKr adds ΔW x to the 4-bit layer's output; merging into it refuses, unchanged."""
-    torch.manual_seed(0)
-    q = mc.Linear4bit.from_linear(torch.nn.Linear(70, 33))
-    layer = LoKrLinear(q)
-    layer.add("a", factor_shapes(33, 70, 2), 1.0, init_weights=False)
-    layer.active = ["a"]
-    x = torch.randn(3, 70)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), q(x) + x @ layer.delta_weight("a").T, atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="the base is 4-bit and cannot take LoKr's ΔW in place"):
-            layer.merge("a")
-    assert not layer.merged
+    pp.on_a_4bit_base(LoKrLinear, lambda layer: layer.add("a", factor_shapes(33, 70, 2), 1.0, init_weights=False),
+                   pp.adds_delta_w, "LoKr's ΔW")
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_lokr(mc.load_model(ckpt), verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(LOKR, ckpt)
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -296,39 +189,14 @@ PARITY = {  # family, options on both sides (None targets: PEFT's default for th
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, case):
     family, opts = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_lokr(mc.load_model(path), **opts, verbose=False)
-    ours, theirs = _factors(model), _factors(peft)
-    assert set(ours) == set(theirs)
-    with torch.no_grad():
-        for n, p in ours.items():
-            p.copy_(theirs[n])
-    model.train()
-    peft.train()
-
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
-    assert sum(p.requires_grad for p in model.parameters()) == len(_factors(peft))
+    _, model, peft = pp.twins(LOKR, tmp_path, family, **opts)
+    pp.trains_as_peft(LOKR, model, peft)
 
 
 def test_merging_matches_peft(tmp_path):
     """merge_and_unload on both sides: the same folded weights (within the parity tolerance)."""
-    path, hf = make_checkpoint(tmp_path / "base", "qwen3")
-    opts = dict(r=2, decompose_both=True, targets="all-linear")
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_lokr(mc.load_model(path), verbose=False, **opts)
-    with torch.no_grad():
-        for n, p in _factors(model).items():
-            p.copy_(_factors(peft)[n])
-    merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs)
-    for n in ours:
-        _assert_close(ours[n], theirs[n], n)
+    _, model, peft = pp.twins(LOKR, tmp_path, "qwen3", r=2, decompose_both=True, targets="all-linear")
+    pp.merged_as_peft(model, peft)
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -344,43 +212,14 @@ FOLDERS = {  # family, options on both sides
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_factors(model)) == set(_factors(peft))
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(out, peft(input_ids=ids).logits, "logits")
-    _assert_adapter_matters(model, ids, out)
+    pp.peft_folder_loads(LOKR, tmp_path, *FOLDERS[case])
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     """PeftModel.from_pretrained reads our folder, adapts the same modules with the same factors and gives our
     logits; our folder loads back here bit for bit, merged or not."""
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_lokr(mc.load_model(path), **opts, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert set(_factors(peft)) == set(_factors(model))
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(peft(input_ids=ids).logits, out, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids), out)
+    pp.our_folder_loads(LOKR, tmp_path, *FOLDERS[case])
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(r=2, decompose_both=True, decompose_factor=4, init_weights="lycoris",
@@ -388,37 +227,18 @@ def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path, opts):
     """The file holds exactly PEFT's keys and shapes, and adapter_config.json every field PEFT writes for
     LOKR (but peft_version, which PEFT stamps itself), with the same values."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf, **opts).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_lokr(mc.load_model(ckpt), verbose=False, **opts), tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = LOKR.peft(make_checkpoint(tmp_path / "hf", "smollm")[1], **opts)
+    ours, _ = pp.saved_as_peft_saves(mc.apply_lokr(mc.load_model(ckpt), verbose=False, **opts), peft, tmp_path)
     assert {k.rsplit(".", 1)[-1] for k in ours} <= set(FACTORS)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lokr_w1" in ours  # 4 < 8/2 fails: w1 is full
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 # -- errors -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("targets, message", [
-    (["q_proj", "nope"], "target 'nope' matches no module"),
-    (["input_layernorm"], "model.layers.0.input_layernorm is a RMSNorm; LoKr targets nn.Linear"),
-    (r".*\.layers\.0\.self_attn", "model.layers.0.self_attn is a Attention; LoKr targets nn.Linear"),
-])
+@pytest.mark.parametrize("targets, message", pp.not_a_linear("LoKr"))
 def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, targets, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError) as e:
-        mc.apply_lokr(model, targets=targets)
-    assert str(e.value).startswith(f"cannot attach LoKr: {message}") and "\n" not in str(e.value)
-    assert "linear modules here are named down_proj, gate_proj, k_proj, lm_head, o_proj" in str(e.value)
-    assert _untouched(model)
+    error = pp.attach_refused(LOKR, ckpt, dict(targets=targets), "^cannot attach LoKr: ")
+    assert error.startswith(f"cannot attach LoKr: {message}") and pp.LINEARS_HERE in error
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -431,11 +251,7 @@ def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, targets, mess
     (dict(decompose_both="yes"), "LoKr decompose_both must be True or False, found 'yes'"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, opts, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError) as e:
-        mc.apply_lokr(model, **opts)
-    assert str(e.value) == message
-    assert _untouched(model)
+    assert pp.attach_refused(LOKR, ckpt, opts) == message
 
 
 def test_the_registry_entry():
@@ -446,20 +262,16 @@ def test_the_registry_entry():
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_lokr(mc.load_model(ckpt), r=4, verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(LOKR, ckpt, tmp_path / "adapter", r=4)
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
     """r = 4 on smollm: q_proj holds lokr_w1 (8, 8), lokr_w2_a (9, 4), lokr_w2_b (4, 9); v_proj lokr_w1 (4, 8),
     lokr_w2_a (6, 4), lokr_w2_b (4, 9) (see test_only_the_factors_are_trainable)."""
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lokr_w2_b"
     q = "base_model.model.model.layers.0.self_attn.q_proj."
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(LOKR, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(4, 8)}, rf"{key}: shape \(4, 8\), expected \(4, 9\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         ({**config, "r": 3}, good, r"lokr_w2_a: shape \(9, 4\), expected \(9, 3\)"),
@@ -474,62 +286,30 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
          "LoKr's keys are base_model.model.<module>.lokr_w1"),
         ({**config, "target_modules": ["input_layernorm"]}, good, "input_layernorm is a RMSNorm"),
         ({**config, "rank_dropout": 0.1}, good, r"rank_dropout=0.1 is not supported \(minicustom's LoKr leaves it"),
-        ({**config, "module_dropout": 0.2}, good, r"module_dropout=0.2 is not supported"),
-        ({**config, "use_effective_conv2d": True}, good, r"use_effective_conv2d=True is not supported"),
-        ({**config, "rank_pattern": {"q_proj": 4}}, good, r"rank_pattern=\{'q_proj': 4\} is not supported"),
-        ({**config, "alpha_pattern": {"q_proj": 4}}, good, r"alpha_pattern=\{'q_proj': 4\} is not supported"),
-        ({**config, "exclude_modules": ["v_proj"]}, good, r"exclude_modules=\['v_proj'\] is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({**config, "layers_pattern": "layers"}, good, r"layers_pattern='layers' is not supported"),
+        *pp.unsupported(config, good, module_dropout=0.2, use_effective_conv2d=True, rank_pattern={"q_proj": 4},
+                        alpha_pattern={"q_proj": 4}, exclude_modules=["v_proj"], modules_to_save=["lm_head"],
+                        layers_pattern="layers"),
         ({**config, "r": "8"}, good, r"field 'r' must be a positive integer"),
         ({**config, "init_weights": "gaussian"}, good, r"field 'init_weights' must be true, false or \"lycoris\""),
         ({**config, "decompose_factor": 0}, good, r"field 'decompose_factor' must be -1 or a positive integer"),
         ({**config, "decompose_factor": 2.5}, good, r"field 'decompose_factor' must be -1 or a positive integer"),
         ({**config, "decompose_both": "yes"}, good, r"field 'decompose_both' must be true or false"),
         ({**config, "rank_dropout_scale": 1}, good, r"field 'rank_dropout_scale' must be true or false"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+    ])
 
 
 # -- the command line -------------------------------------------------------------------------------
 
 def test_train_generate_and_merge_from_the_command_line(setup, tmp_path, capsys):
     """`train sft --method lokr --r 2 --decompose-both --decompose-factor 4` exports a PEFT LOKR folder with
-    those options; `generate --adapter` answers as the library does with it; `merge` writes a plain checkpoint
-    whose logits equal the adapted ones within the parity tolerance (merging rounds W0 + ΔW once)."""
-    root, path = setup
+    those options; `generate --adapter` answers as the library does with it (three steps at lr 1e-2 moved w1 off
+    zero); `merge` writes a plain checkpoint whose logits equal the adapted ones within the parity tolerance
+    (merging rounds W0 + ΔW once)."""
     out = tmp_path / "run"
-    main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(out),
-          "--method", "lokr", "--r", "2", "--decompose-both", "--decompose-factor", "4", "--max-length", "128",
-          "--batch-size", "2", "--max-steps", "3", "--lr", "1e-2", "--exact-match", "0", "--seed", "1"])
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = pp.cli_train(setup, out, "--method", "lokr", "--r", "2", "--decompose-both", "--decompose-factor", "4",
+                       "--lr", "1e-2")
     assert (config["peft_type"], config["r"], config["target_modules"]) == ("LOKR", 2, ["q_proj", "v_proj"])
     assert (config["decompose_both"], config["decompose_factor"]) == (True, 4)
     keys = load_file(out / "adapter_model.safetensors")
     assert keys["base_model.model.model.layers.0.self_attn.q_proj.lokr_w2_a"].shape == (18, 2)  # 72 = 4·18
-    capsys.readouterr()
-    main(["generate", "--model", str(path), "--adapter", str(out), "--prompt", "Where is Paris?",
-          "--max-new-tokens", "6"])
-    cli_answer = capsys.readouterr().out
-
-    model, tok = mc.load_model(path), mc.load_tokenizer(path)
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Where is Paris?"}],
-                                                add_generation_prompt=True)])
-    with torch.no_grad():
-        base = model(ids)
-    mc.load_adapter(model, out)
-    with torch.no_grad():
-        adapted = model(ids)
-    assert not torch.equal(adapted, base)  # three steps at lr 1e-2 moved w1 off zero
-    new = model.generate(ids, max_new_tokens=6, stop=default_stop_ids(model, tok))[0, ids.shape[1]:]
-    assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
-
-    main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
-    with torch.no_grad():
-        _assert_close(mc.load_model(tmp_path / "merged")(ids), adapted, "merged checkpoint")
+    pp.cli_generate_and_merge(setup, out, tmp_path, capsys)

@@ -27,67 +27,29 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
 
 import json
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-)
-from peft import OFTConfig, PeftModel, get_peft_model
+from conftest import make_checkpoint, token_ids
+from peft import OFTConfig
 from peft.tuners.oft.layer import OFTLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import minicustom as mc
-from minicustom.cli import main
-from minicustom.methods import apply_method, get_method
+from minicustom.methods import get_method
 from minicustom.methods.oft import OFTLinear, _nearest_divisor
-from minicustom.prompting import default_stop_ids
-
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-EPS = torch.finfo(torch.float32).eps
-
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every packed Q := N(0, 0.1²), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if ".oft_R." in name:
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _qs(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".oft_R." in n}
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    return get_peft_model(hf, OFTConfig(task_type="CAUSAL_LM", **kw))
 
 
 def _peft_opts(opts):
     """Our apply_oft options -> PEFT's OFTConfig fields (PEFT wants the unset one of r / oft_block_size 0)."""
-    out = {("target_modules" if k == "targets" else "layers_to_transform" if k == "layers" else k): v
-           for k, v in opts.items()}
+    out = pp.renamed()(opts)
     if "r" in out:
         out.setdefault("oft_block_size", 0)
     return out
 
 
-def _untouched(model):
-    return not any(isinstance(m, OFTLinear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
+# Every packed Q := N(0, 0.1²).
+OFT = pp.Method("OFT", "oft", mc.apply_oft, OFTConfig, OFTLinear, (".oft_R.",), pp.normal(0.1), to_peft=_peft_opts)
 
 
 def _skew(vec, bs):
@@ -111,26 +73,14 @@ def _r_by_hand(vec, bs, terms):
     return eye + sum(2 * torch.linalg.matrix_power(q, k) for k in range(1, last)) + torch.linalg.matrix_power(q, last)
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
-
-
 # -- invariants and the formula --------------------------------------------------------------------
 
 @pytest.mark.parametrize("opts", [dict(), dict(use_cayley_neumann=False, r=9), dict(coft=True, block_share=True,
                                                                                       oft_block_size=8)])
 def test_identity_at_init_is_exact(ckpt, opts):
-    base = mc.load_model(ckpt)
-    model = mc.apply_oft(mc.load_model(ckpt), verbose=False, **opts)
+    model = pp.exact_at_init(OFT, ckpt, **opts)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, OFTLinear) and not layer.oft_R["default"].weight.any()
-    ids = _ids()
-    with torch.no_grad():
-        assert torch.equal(model(ids), base(ids))
-    noisy = mc.apply_oft(mc.load_model(ckpt), init_weights=False, verbose=False, **opts)
-    with torch.no_grad():
-        assert not torch.equal(noisy(ids), base(ids))
 
 
 @pytest.mark.parametrize("terms", [0, 1, 2, 3, 5, 7])
@@ -191,10 +141,8 @@ def test_only_q_is_trainable(tmp_path, capsys, family):
     model = mc.apply_oft(mc.load_model(path))
     bs = 36 if family == "smollm" else 32
     nb = model.config.hidden_size // bs
-    expected = {f"model.layers.{i}.self_attn.{m}.oft_R.default.weight": (nb, bs * (bs - 1) // 2)
-                for i in range(model.config.num_hidden_layers) for m in ("q_proj", "v_proj")}
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
+    n, total = pp.trainable_shapes(model, {f"model.layers.{i}.self_attn.{m}.oft_R.default.weight": (nb, bs * (bs - 1) // 2)
+                                        for i in range(model.config.num_hidden_layers) for m in ("q_proj", "v_proj")})
     assert f"OFT 'default': 4 modules, block size {bs}, trainable parameters {n:,} of {total:,}" in \
         capsys.readouterr().out
 
@@ -207,49 +155,24 @@ def test_the_default_block_size_moves_as_peft_s_does():
 
 
 def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_oft(mc.load_model(ckpt), oft_block_size=8, verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    pp.adamw_moves_every_trainable(mc.apply_oft(mc.load_model(ckpt), oft_block_size=8, verbose=False))
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "oft")
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(OFT, ckpt)
+
+
+def _restore_atol(layer, w0):
+    """Unmerging solves W Rᵀ = W' per block: within 4 · bs · eps · cond(R_i) · max|W0| (the docstring's bound)."""
+    cond = torch.linalg.cond(layer.oft_R["default"].blocks_r().double()).max().item()
+    return 4 * layer.oft_R["default"].block_size * pp.EPS * cond * w0.abs().max().item()
 
 
 @pytest.mark.parametrize("opts", [dict(oft_block_size=8), dict(r=4, use_cayley_neumann=False),
                                   dict(oft_block_size=4, block_share=True, coft=True, eps=0.2)])
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_w0(tmp_path, opts):
     path = make_checkpoint(tmp_path / "base", "qwen3")[0]  # in_features 64, 96 (o_proj) and 88 (down_proj)
-    base_keys = set(mc.load_model(path).state_dict())
-    model = mc.apply_oft(mc.load_model(path), targets="all-linear", verbose=False, **opts)
-    _perturb(model.named_parameters())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, OFTLinear)}
-    w0 = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ids = _ids()
-    with torch.no_grad():
-        before = model(ids)
-        _assert_adapter_matters(model, ids, before)
-        conds = {n: torch.linalg.cond(m.oft_R["default"].blocks_r().double()).max().item() for n, m in layers.items()}
-        mc.merge_adapters(model)
-        assert all(not torch.equal(m.weight, w0[n]) for n, m in layers.items())
-        close_to_largest(model(ids), before, TOL, "merged")
-        mc.unmerge_adapters(model)
-        for n, m in layers.items():
-            atol = 4 * m.oft_R["default"].block_size * EPS * conds[n] * w0[n].abs().max().item()
-            torch.testing.assert_close(m.weight, w0[n], atol=atol, rtol=0)
-        close_to_largest(model(ids), before, TOL, "unmerged")
-        plain = mc.merge_adapter(model)
-        close_to_largest(plain(ids), before, TOL, "unloaded")
-    assert set(plain.state_dict()) == base_keys and not any(isinstance(m, OFTLinear) for m in plain.modules())
+    pp.merge_unmerge_unload(OFT, path, _restore_atol, targets="all-linear", **opts)
 
 
 def test_two_active_adapters_rotate_in_turn_and_merging_them_is_refused(ckpt):
@@ -257,9 +180,9 @@ def test_two_active_adapters_rotate_in_turn_and_merging_them_is_refused(ckpt):
     before anything is merged. With one active, it merges."""
     model = mc.apply_oft(mc.load_model(ckpt), oft_block_size=8, verbose=False)
     mc.apply_oft(model, oft_block_size=12, adapter_name="b", verbose=False)
-    _perturb(model.named_parameters())
+    OFT.perturb(model.named_parameters())
     mc.set_adapter(model, ["default", "b"])
-    ids = _ids()
+    ids = token_ids()
     w = model.model.layers[0].self_attn.q_proj.weight.clone()
     with torch.no_grad():
         both = model(ids)
@@ -270,32 +193,19 @@ def test_two_active_adapters_rotate_in_turn_and_merging_them_is_refused(ckpt):
         mc.set_adapter(model, "b")
         alone = model(ids)
         mc.merge_adapters(model)
-        close_to_largest(model(ids), alone, TOL, "merged b")
+        pp.close(model(ids), alone, "merged b")
 
 
 def test_on_a_4bit_base_the_input_is_rotated_and_merging_is_refused():
-    torch.manual_seed(0)
-    q = mc.Linear4bit.from_linear(torch.nn.Linear(64, 33))
-    layer = OFTLinear(q)
-    layer.add("a", 16, mc.OFTConfig(oft_block_size=16, init_weights=False))
-    layer.active = ["a"]
-    x = torch.randn(3, 64)
+    layer, q, x = pp.on_a_4bit_base(
+        OFTLinear, lambda layer: layer.add("a", 16, mc.OFTConfig(oft_block_size=16, init_weights=False)),
+        lambda layer, q, x: q(layer.oft_R["a"](x)), "OFT's rotation", in_features=64, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), q(layer.oft_R["a"](x)), atol=0, rtol=0)
         assert (layer(x) - q(x)).abs().max() > 0.1
-        with pytest.raises(ValueError, match="the base is 4-bit and cannot take OFT's rotation in place"):
-            layer.merge("a")
-    assert not layer.merged
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_oft(mc.load_model(ckpt), verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(OFT, ckpt)
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -313,39 +223,15 @@ PARITY = {  # family, options on both sides (no targets: PEFT's default for the 
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, case):
     family, opts = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_oft(mc.load_model(path), **opts, verbose=False)
-    ours, theirs = _qs(model), _qs(peft)
-    assert set(ours) == set(theirs)
-    with torch.no_grad():
-        for n, p in ours.items():
-            p.copy_(theirs[n])
-    model.train()
-    peft.train()
-
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
-    assert sum(p.requires_grad for p in model.parameters()) == len(_qs(peft))
+    _, model, peft = pp.twins(OFT, tmp_path, family, **opts)
+    pp.trains_as_peft(OFT, model, peft)
 
 
 @pytest.mark.parametrize("opts", [dict(oft_block_size=16), dict(r=8, use_cayley_neumann=False)])
 def test_merging_matches_peft(tmp_path, opts):
     """merge_and_unload on both sides: the same rotated weights (within the parity tolerance)."""
-    path, hf = make_checkpoint(tmp_path / "base", "qwen3")
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_oft(mc.load_model(path), verbose=False, **opts)
-    with torch.no_grad():
-        for n, p in _qs(model).items():
-            p.copy_(_qs(peft)[n])
-    merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs)
-    for n in ours:
-        close_to_largest(ours[n], theirs[n], TOL, n)
+    _, model, peft = pp.twins(OFT, tmp_path, "qwen3", **opts)
+    pp.merged_as_peft(model, peft)
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -361,67 +247,26 @@ FOLDERS = {  # family, options on both sides
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, **_peft_opts(opts))
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_qs(model)) == set(_qs(peft))
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        close_to_largest(out, peft(input_ids=ids).logits, TOL, "logits")
-    _assert_adapter_matters(model, ids, out)
+    pp.peft_folder_loads(OFT, tmp_path, *FOLDERS[case])
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     """PeftModel.from_pretrained reads our folder, adapts the same modules and gives our logits; our folder
-    loads back here bit for bit, merged or not (with COFT a merged one within round-off)."""
+    loads back here bit for bit, merged or not (with COFT a merged one within round-off: merging re-projects Q,
+    which moves a Q on the sphere by an ulp, PEFT's too)."""
     family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_oft(mc.load_model(path), **opts, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert set(_qs(peft)) == set(_qs(model))
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        close_to_largest(peft(input_ids=ids).logits, out, TOL, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        again = mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids)
-        if opts.get("coft"):  # merging re-projects Q, which moves a Q on the sphere by an ulp (PEFT's too)
-            close_to_largest(again, out, TOL, "merged, saved, loaded")
-        else:
-            assert torch.equal(again, out)
+    pp.our_folder_loads(OFT, tmp_path, family, opts, merged_same=pp.within_tol if opts.get("coft") else None)
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(r=4, coft=True, block_share=True)])
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path, opts):
     """The file holds exactly PEFT's keys and shapes, and adapter_config.json every field PEFT writes for OFT
     with the same values (peft_version aside: ours names the oldest PEFT with this Cayley-Neumann series)."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf, **_peft_opts(opts)).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_oft(mc.load_model(ckpt), verbose=False, **opts), tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = OFT.peft(make_checkpoint(tmp_path / "hf", "smollm")[1], **_peft_opts(opts))
+    ours, _ = pp.saved_as_peft_saves(mc.apply_oft(mc.load_model(ckpt), verbose=False, **opts), peft, tmp_path,
+                                  ours_version="0.18.0")
     assert "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight" in ours
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    assert c_ours.pop("peft_version") == "0.18.0" and c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -437,11 +282,8 @@ def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path, opts):
                                                           "nn.Linear"),
 ])
 def test_a_target_that_does_not_fit_is_one_line_naming_it(ckpt, opts, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError, match=f"^cannot attach OFT: {message}") as e:
-        mc.apply_oft(model, **opts)
-    assert "\n" not in str(e.value) and "linear modules here are named down_proj, gate_proj, k_proj" in str(e.value)
-    assert _untouched(model)
+    error = pp.attach_refused(OFT, ckpt, opts, f"^cannot attach OFT: {message}")
+    assert "linear modules here are named down_proj, gate_proj, k_proj" in error
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -455,10 +297,7 @@ def test_a_target_that_does_not_fit_is_one_line_naming_it(ckpt, opts, message):
     (dict(bias="all"), r"OFT bias='all' is not supported \(only 'none'"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, opts, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError, match=message) as e:
-        mc.apply_oft(model, **opts)
-    assert "\n" not in str(e.value) and _untouched(model)
+    pp.attach_refused(OFT, ckpt, opts, message)
 
 
 def test_the_registry_entry():
@@ -469,18 +308,14 @@ def test_the_registry_entry():
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_oft(mc.load_model(ckpt), oft_block_size=8, verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(OFT, ckpt, tmp_path / "adapter", oft_block_size=8)
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.self_attn.v_proj.oft_R.weight"
     no_size = {k: v for k, v in config.items() if k != "oft_block_size"}
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(OFT, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(9, 27)}, rf"{key}: shape \(9, 27\), expected \(9, 28\) \(blocks, block"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         ({**config, "oft_block_size": 12}, good, r"q_proj.oft_R.weight: shape \(9, 28\), expected \(6, 66\)"),
@@ -490,11 +325,8 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         (config, {**good, "base_model.model.model.layers.0.self_attn.q_proj.oft_r": torch.ones(8, 8)},
          "OFT's keys are base_model.model.<module>.oft_R.weight"),
         ({**config, "target_modules": ["input_layernorm"]}, good, "input_layernorm is a RMSNorm"),
-        ({**config, "module_dropout": 0.2}, good, r"module_dropout=0.2 is not supported"),
-        ({**config, "bias": "oft_only"}, good, r"bias='oft_only' is not supported"),
-        ({**config, "fan_in_fan_out": True}, good, r"fan_in_fan_out=True is not supported"),
-        ({**config, "exclude_modules": ["v_proj"]}, good, r"exclude_modules=\['v_proj'\] is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
+        *pp.unsupported(config, good, module_dropout=0.2, bias="oft_only", fan_in_fan_out=True,
+                        exclude_modules=["v_proj"], modules_to_save=["lm_head"]),
         ({**config, "layers_pattern": "layers", "layers_to_transform": [0, 1]}, good,
          r"layers_pattern='layers' is not supported"),
         ({**config, "r": 9}, good, "exactly one of 'r' and 'oft_block_size' must be non-zero, found r=9, "
@@ -507,14 +339,7 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         ({k: v for k, v in config.items() if k != "peft_version"}, good, "no peft_version with use_cayley_neumann"),
         # PEFT moves a size that does not divide (32 on 72 features: 36, two blocks); these tensors are 8-blocks
         ({**config, "oft_block_size": 32}, good, r"q_proj.oft_R.weight: shape \(9, 28\), expected \(2, 630\)"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+    ])
     # an old version is fine with the exact Cayley transform, which did not change
     (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_version": "0.17.1",
                                                            "use_cayley_neumann": False}))
@@ -526,33 +351,9 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
 
 def test_train_generate_and_merge_from_the_command_line(setup, tmp_path, capsys):
     """`train sft --method oft --oft-block-size 8 --coft` exports a PEFT OFT folder; `generate --adapter` answers
-    as the library does with it; `merge` writes a plain checkpoint whose logits equal the adapted ones within
-    the parity tolerance (merging rounds W0 Rᵀ once)."""
-    root, path = setup
-    out = tmp_path / "run"
-    main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(out),
-          "--method", "oft", "--oft-block-size", "8", "--coft", "--max-length", "128", "--batch-size", "2",
-          "--max-steps", "3", "--lr", "1e-2", "--exact-match", "0", "--seed", "1"])
-    config = json.loads((out / "adapter_config.json").read_text())
+    as the library does with it (three steps at lr 1e-2 moved Q off zero); `merge` writes a plain checkpoint
+    whose logits equal the adapted ones within the parity tolerance (merging rounds W0 Rᵀ once)."""
+    config = pp.cli_train(setup, tmp_path / "run", "--method", "oft", "--oft-block-size", "8", "--coft", "--lr", "1e-2")
     assert (config["peft_type"], config["r"], config["oft_block_size"], config["coft"], config["target_modules"]) \
         == ("OFT", 0, 8, True, ["q_proj", "v_proj"])
-    capsys.readouterr()
-    main(["generate", "--model", str(path), "--adapter", str(out), "--prompt", "Where is Paris?",
-          "--max-new-tokens", "6"])
-    cli_answer = capsys.readouterr().out
-
-    model, tok = mc.load_model(path), mc.load_tokenizer(path)
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Where is Paris?"}],
-                                                add_generation_prompt=True)])
-    with torch.no_grad():
-        base = model(ids)
-    mc.load_adapter(model, out)
-    with torch.no_grad():
-        adapted = model(ids)
-    assert not torch.equal(adapted, base)  # three steps at lr 1e-2 moved Q off zero
-    new = model.generate(ids, max_new_tokens=6, stop=default_stop_ids(model, tok))[0, ids.shape[1]:]
-    assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
-
-    main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
-    with torch.no_grad():
-        close_to_largest(mc.load_model(tmp_path / "merged")(ids), adapted, TOL, "merged checkpoint")
+    pp.cli_generate_and_merge(setup, tmp_path / "run", tmp_path, capsys)

@@ -24,20 +24,12 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
 
 import json
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-    write_tokenizer,
-)
-from peft import PeftModel, TrainableTokensConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from conftest import adamw_step_changes, make_checkpoint, token_ids, write_tokenizer
+from peft import PeftModel, TrainableTokensConfig
+from safetensors.torch import load_file
 from test_cli_errors import fails
 
 import minicustom as mc
@@ -45,46 +37,12 @@ from minicustom.cli import main
 from minicustom.methods import apply_method, get_method
 from minicustom.methods.trainable_tokens import TiedTokensHead, TrainableTokensLayer
 
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
+PREFIX = pp.PREFIX
 TOKENS = [5, 17, 40, 99, 130]  # rows that the test ids (3..130) use
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every D := N(0, 0.5²), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if ".trainable_tokens_delta" in name:
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
-def _deltas(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".trainable_tokens_delta" in n}
-
-
-def _assert_close(out, ref, what=""):
-    close_to_largest(out, ref, TOL, what)
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    return get_peft_model(hf, TrainableTokensConfig(task_type="CAUSAL_LM", **{"token_indices": TOKENS, **kw}))
-
-
-def _untouched(model):
-    return (not any(isinstance(m, (TrainableTokensLayer, TiedTokensHead)) for m in model.modules())
-            and not getattr(model, "adapter_configs", {}))
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
+# Every D := N(0, 0.5²); PEFT's configs train TOKENS unless told.
+TT = pp.Method("trainable tokens", "trainable_tokens", mc.apply_trainable_tokens, TrainableTokensConfig,
+               (TrainableTokensLayer, TiedTokensHead), (".trainable_tokens_delta",), pp.normal(0.5),
+               peft_defaults=dict(token_indices=TOKENS))
 
 
 # -- invariants and the formula --------------------------------------------------------------------
@@ -92,17 +50,10 @@ def ckpt(tmp_path):
 @pytest.mark.parametrize("family", ["smollm", "qwen3"])
 def test_identity_at_init_is_exact(tmp_path, family):
     path, _ = make_checkpoint(tmp_path / family, family)
-    base = mc.load_model(path)
-    model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, verbose=False)
+    model = pp.exact_at_init(TT, path, token_indices=TOKENS)
     layer = model.model.embed_tokens
-    assert torch.equal(layer.trainable_tokens_delta["default"], base.model.embed_tokens.weight[TOKENS])
+    assert torch.equal(layer.trainable_tokens_delta["default"], mc.load_model(path).model.embed_tokens.weight[TOKENS])
     assert isinstance(model.lm_head, TiedTokensHead) == (family == "smollm")  # tied: lm_head follows
-    ids = _ids()
-    with torch.no_grad():
-        assert torch.equal(model(ids), base(ids))
-    noisy = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, init_weights=False, verbose=False)
-    with torch.no_grad():
-        assert not torch.equal(noisy(ids), base(ids))
 
 
 def test_formula_by_hand():
@@ -139,10 +90,7 @@ def test_formula_by_hand():
 
 def test_only_the_chosen_rows_train(ckpt, capsys):
     model = mc.apply_trainable_tokens(mc.load_model(ckpt), token_indices=TOKENS)
-    trained = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    assert trained == {"model.embed_tokens.trainable_tokens_delta.default": (len(TOKENS), 72)}
-    n, total = mc.count_parameters(model)
-    assert n == len(TOKENS) * 72
+    n, _ = pp.trainable_shapes(model, {"model.embed_tokens.trainable_tokens_delta.default": (len(TOKENS), 72)})
     out = capsys.readouterr().out
     assert f"trainable tokens 'default': 5 tokens in model.embed_tokens (lm_head tied), trainable parameters {n:,}" in out
 
@@ -152,7 +100,7 @@ def test_base_bit_identical_after_an_adamw_step(tmp_path):
         path, _ = make_checkpoint(tmp_path / family, family)
         model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, verbose=False).train()
         before = model.model.embed_tokens.trainable_tokens_delta["default"].detach().clone()
-        assert adamw_step_changes(model, _ids()) == ["model.embed_tokens.trainable_tokens_delta.default"]
+        assert adamw_step_changes(model, token_ids()) == ["model.embed_tokens.trainable_tokens_delta.default"]
         moved = (model.model.embed_tokens.trainable_tokens_delta["default"] != before).any(-1)
         assert moved.all()  # every chosen row is used by the ids, and its gradient moves it
 
@@ -160,7 +108,7 @@ def test_base_bit_identical_after_an_adamw_step(tmp_path):
 def test_the_gradient_of_a_tied_row_sums_its_input_and_output_uses(ckpt):
     """Tied: D feeds the embedding and the logits; its gradient is the sum of both (the lm_head follows E)."""
     model = mc.apply_trainable_tokens(mc.load_model(ckpt), token_indices=TOKENS, verbose=False)
-    ids = _ids()
+    ids = token_ids()
     model(ids).logsumexp(-1).sum().backward()
     both = model.model.embed_tokens.trainable_tokens_delta["default"].grad.clone()
     plain = mc.load_model(ckpt)
@@ -171,17 +119,8 @@ def test_the_gradient_of_a_tied_row_sums_its_input_and_output_uses(ckpt):
 
 def test_disable_adapters_is_exactly_the_base(tmp_path):
     for family, targets in (("smollm", None), ("qwen3", ["embed_tokens", "lm_head"])):
-        path, _ = make_checkpoint(tmp_path / family, family)
-        base = mc.load_model(path)
-        model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, targets=targets, verbose=False)
-        _perturb(model.named_parameters())
-        ids = _ids()
-        adapted = disabled_is_the_base(model, base, ids)
-        with torch.no_grad():
-            _assert_adapter_matters(model, ids, adapted)
-            mc.merge_adapters(model)
-            with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-                pass
+        pp.disabling_gives_the_base(TT, make_checkpoint(tmp_path / family, family)[0], token_indices=TOKENS,
+                                    targets=targets)
 
 
 @pytest.mark.parametrize("family, targets", [("smollm", None), ("qwen3", ["embed_tokens", "lm_head"])])
@@ -189,12 +128,12 @@ def test_merge_equals_the_unmerged_forward_and_unmerge_restores_e0_exactly(tmp_p
     path, _ = make_checkpoint(tmp_path / family, family)
     base_keys = set(mc.load_model(path).state_dict())
     model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, targets=targets, verbose=False)
-    _perturb(model.named_parameters())
+    TT.perturb(model.named_parameters())
     w0 = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         before = model(ids)
-        _assert_adapter_matters(model, ids, before)
+        pp.adapter_matters(model, ids, before)
         mc.merge_adapters(model)
         assert torch.equal(model(ids), before)
         if family == "smollm":  # the tied lm_head sees the merged rows: it is the same matrix
@@ -205,18 +144,13 @@ def test_merge_equals_the_unmerged_forward_and_unmerge_restores_e0_exactly(tmp_p
                 assert torch.equal(p, w0[n]), n
         plain = mc.merge_adapter(model)
         assert torch.equal(plain(ids), before)
-    assert set(plain.state_dict()) == base_keys and _untouched(plain)
+    assert set(plain.state_dict()) == base_keys and TT.untouched(plain)
     assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == (family == "smollm")
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_trainable_tokens(mc.load_model(ckpt), token_indices=TOKENS, verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = torch.tensor([[5, 17, 40, 8, 99], [130, 3, 40, 40, 6]])
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(TT, ckpt, seq=torch.tensor([[5, 17, 40, 8, 99], [130, 3, 40, 40, 6]]),
+                             token_indices=TOKENS)
 
 
 # -- PEFT parity ------------------------------------------------------------------------------------
@@ -232,35 +166,14 @@ PARITY = {  # family, options on both sides (None targets: PEFT's default, the i
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, case):
     family, targets = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, target_modules=targets)
-    _perturb(peft.named_parameters())
-    model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, targets=targets, verbose=False)
-    ours, theirs = _deltas(model), _deltas(peft)
-    assert set(ours) == set(theirs)
-    with torch.no_grad():
-        for n, p in ours.items():
-            p.copy_(theirs[n])
-    model.train(), peft.train()
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
+    _, model, peft = pp.twins(TT, tmp_path, family, token_indices=TOKENS, targets=targets)
+    pp.trains_as_peft(TT, model, peft, count=False)
 
 
 def test_merging_matches_peft(tmp_path):
     """merge_and_unload on both sides: the same folded weights, bit for bit (rows are copied)."""
-    path, hf = make_checkpoint(tmp_path / "base", "smollm")
-    peft = _peft(hf)
-    _perturb(peft.named_parameters())
-    model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, verbose=False)
-    with torch.no_grad():
-        for n, p in _deltas(model).items():
-            p.copy_(_deltas(peft)[n])
-    merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs)
-    for n in ours:
-        assert torch.equal(ours[n], theirs[n]), n
+    _, model, peft = pp.twins(TT, tmp_path, "smollm", token_indices=TOKENS)
+    pp.merged_as_peft(model, peft, exact=True)
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -272,21 +185,9 @@ FOLDERS = {"smollm-tied": ("smollm", None), "qwen3-untied": ("qwen3", None),
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
     family, targets = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, target_modules=targets)
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_deltas(model)) == {n for n in _deltas(peft) if n != "lm_head.trainable_tokens_delta.default"
-                                   or targets}
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(out, peft(input_ids=ids).logits, "logits")
-    _assert_adapter_matters(model, ids, out)
+    model, peft, _ = pp.peft_folder_loads(TT, tmp_path, family, dict(targets=targets), same_params=False)
+    assert set(TT.params(model)) == {n for n in TT.params(peft) if n != "lm_head.trainable_tokens_delta.default"
+                                     or targets}
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
@@ -294,42 +195,22 @@ def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     """PeftModel.from_pretrained reads our folder and gives our logits; our folder loads back here bit for bit,
     merged or not."""
     family, targets = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, targets=targets, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(peft(input_ids=ids).logits, out, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids), out)
+    pp.our_folder_loads(TT, tmp_path, family, dict(token_indices=TOKENS, targets=targets), same_params=False)
 
 
 @pytest.mark.parametrize("family", ["smollm", "qwen3"])
 def test_folder_keys_and_config_are_peft_s(tmp_path, family):
     """The file holds exactly PEFT's keys and shapes (a tied lm_head's key too, the same rows; no
     trainable_tokens_original, which PEFT does not write), and adapter_config.json every field PEFT writes for
-    TRAINABLE_TOKENS (but peft_version, which PEFT stamps itself), with the same values."""
+    TRAINABLE_TOKENS (but peft_version, which PEFT stamps itself), with the same values; auto_mapping None where
+    PEFT names transformers' class (PeftModel.from_pretrained ignores it)."""
     path, hf = make_checkpoint(tmp_path / "hf", family)
-    _peft(hf).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, verbose=False),
-                    tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = TT.peft(hf)
+    model = mc.apply_trainable_tokens(mc.load_model(path), token_indices=TOKENS, verbose=False)
+    ours, theirs = pp.saved_as_peft_saves(model, peft, tmp_path, unordered=(), ours_differ=dict(auto_mapping=None))
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k  # D = E0[I] at init on both sides, the same base
     assert ("base_model.model.lm_head.trainable_tokens_delta" in ours) == (family == "smollm")
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    c_theirs["auto_mapping"] = None  # PEFT names transformers' class here; PeftModel.from_pretrained ignores it
-    assert c_ours == c_theirs
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -346,10 +227,7 @@ def test_folder_keys_and_config_are_peft_s(tmp_path, family):
     (dict(new_tokens=["<tool>"]), "new tokens need the tokenizer"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, options, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError, match=message) as e:
-        mc.apply_trainable_tokens(model, **options)
-    assert "\n" not in str(e.value) and _untouched(model)
+    pp.attach_refused(TT, ckpt, options, message)
 
 
 def test_the_registry_entry(setup):
@@ -364,17 +242,13 @@ def test_the_registry_entry(setup):
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_trainable_tokens(mc.load_model(ckpt), token_indices=TOKENS, verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(TT, ckpt, tmp_path / "adapter", token_indices=TOKENS)
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key, tied = (f"{PREFIX}model.embed_tokens.trainable_tokens_delta", f"{PREFIX}lm_head.trainable_tokens_delta")
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(TT, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(5, 71), tied: torch.ones(5, 71)}, r"shape \(5, 71\), expected \(5, 72\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
         ({**config, "token_indices": [5, 17]}, good, r"shape \(5, 72\), expected \(2, 72\)"),
@@ -386,14 +260,7 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         (config, {**good, tied: good[tied] + 1}, "lm_head.trainable_tokens_delta differs from the embedding's rows"),
         (config, {**good, f"{PREFIX}model.norm.trainable_tokens_delta": torch.ones(5, 72)},
          r"1 keys match no trainable tokens embedding of this model .*model.norm.trainable_tokens_delta"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+    ])
 
 
 # -- new tokens -------------------------------------------------------------------------------------
@@ -461,7 +328,7 @@ def test_bad_new_tokens_are_one_line_before_anything_changes(setup, tokens, mess
         with pytest.raises(ValueError, match=message) as e:
             call()
         assert "\n" not in str(e.value)
-        assert tok.vocab_size == n and model.config.vocab_size == 400 and _untouched(model)
+        assert tok.vocab_size == n and model.config.vocab_size == 400 and TT.untouched(model)
 
 
 def test_new_tokens_flow_from_the_command_line(setup, tmp_path, capsys):
@@ -492,7 +359,7 @@ def test_new_tokens_flow_from_the_command_line(setup, tmp_path, capsys):
     ours_base = mc.load_model(out / "base")
     hf = AutoModelForCausalLM.from_pretrained(out / "base").eval()
     with torch.no_grad():
-        _assert_close(ours_base(ids), hf(input_ids=ids).logits, "extended base")
+        pp.close(ours_base(ids), hf(input_ids=ids).logits, "extended base")
         old = mc.load_model(path)
         assert torch.equal(ours_base.model.embed_tokens.weight[:400], old.model.embed_tokens.weight)
     trained = tensors[f"{PREFIX}model.embed_tokens.trainable_tokens_delta"]
@@ -502,8 +369,8 @@ def test_new_tokens_flow_from_the_command_line(setup, tmp_path, capsys):
     peft = PeftModel.from_pretrained(hf, out).eval()
     with torch.no_grad():
         adapted = model(ids)
-        _assert_close(peft(input_ids=ids).logits, adapted, "adapter on the extended base")
-        _assert_adapter_matters(model, ids, adapted)
+        pp.close(peft(input_ids=ids).logits, adapted, "adapter on the extended base")
+        pp.adapter_matters(model, ids, adapted)
     main(["merge", "--model", str(out / "base"), "--adapter", str(out), "--out", str(tmp_path / "merged")])
     with torch.no_grad():  # the rows written into the tied matrix: exactly the adapted model
         assert torch.equal(mc.load_model(tmp_path / "merged")(ids), adapted)
@@ -527,7 +394,7 @@ def test_new_tokens_on_an_untied_model_train_both_rows_and_load_in_transformers_
     torch.manual_seed(3)
     mc.apply_trainable_tokens(model, new_tokens=["<tool>", "<think>"], tokenizer=tok, verbose=False)
     assert model.adapter_configs["default"].targets == ["embed_tokens", "lm_head"]
-    assert sorted(_deltas(model)) == ["lm_head.trainable_tokens_delta.default",
+    assert sorted(TT.params(model)) == ["lm_head.trainable_tokens_delta.default",
                                       "model.embed_tokens.trainable_tokens_delta.default"]
     assert model.lm_head.weight.shape == (402, 64) and model.config.vocab_size == 402
     ids = torch.tensor([tok.encode("Paris <tool> Lima<think>")])
@@ -541,8 +408,8 @@ def test_new_tokens_on_an_untied_model_train_both_rows_and_load_in_transformers_
     with torch.no_grad():
         out = model(ids)
         with mc.disable_adapters(model):
-            _assert_close(model(ids), hf(input_ids=ids).logits, "extended base")
-        _assert_close(PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=ids).logits, out, "adapter")
+            pp.close(model(ids), hf(input_ids=ids).logits, "extended base")
+        pp.close(PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=ids).logits, out, "adapter")
         assert torch.equal(mc.load_adapter(mc.load_model(tmp_path / "base"), tmp_path / "adapter")(ids), out)
 
 

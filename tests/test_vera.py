@@ -35,46 +35,22 @@ Exactness and tolerances (fp32, eps = 1.2e-7):
 import json
 import warnings
 
+import peft_parity as pp
 import pytest
 import torch
-from conftest import (
-    adamw_step_changes,
-    close_to_largest,
-    disabled_is_the_base,
-    greedy_uncached,
-    make_checkpoint,
-    matches_peft,
-    token_ids,
-)
-from peft import PeftModel, VeraConfig, get_peft_model
+from conftest import make_checkpoint, token_ids
+from peft import PeftModel, VeraConfig
 from peft.tuners.vera.model import _kaiming_init
 from safetensors.torch import load_file, save_file
 
 import minicustom as mc
-from minicustom.cli import main
-from minicustom.methods import apply_method, get_method
+from minicustom.methods import get_method
 from minicustom.methods.vera import VeraLinear, VeraProjections, projections
-from minicustom.prompting import default_stop_ids
 
-TOL = 1e-5  # logits and gradients against PEFT, divided by the reference's largest entry
-PREFIX = "base_model.model."
-EPS = torch.finfo(torch.float32).eps
 A_KEY, B_KEY = "base_model.vera_A", "base_model.vera_B"
-
-_ids = token_ids
-
-
-@torch.no_grad()
-def _perturb(named_params, seed=0):
-    """Every vector := N(0, 1), in name order (PEFT's names without PREFIX equal ours)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-        if ".vera_lambda_" in name:
-            p.copy_(torch.randn(p.shape, generator=g))
-
-
-def _vectors(model) -> dict[str, torch.Tensor]:
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".vera_lambda_" in n}
+# Every vector := N(0, 1); save_projection=False makes PEFT warn that the seed will restore the pair (quiet).
+VERA = pp.Method("VeRA", "vera", mc.apply_vera, VeraConfig, VeraLinear, (".vera_lambda_",), pp.normal(1.0),
+                 to_peft=pp.renamed(dropout="vera_dropout"), quiet_peft=True)
 
 
 def _shared(model, name="default") -> VeraProjections:
@@ -85,41 +61,13 @@ def _peft_pair(peft, name="default"):  # PEFT's shared pair: one BufferDict entr
     return peft.base_model.vera_A[name], peft.base_model.vera_B[name]
 
 
-def _assert_close(out, ref, what=""):
-    close_to_largest(out, ref, TOL, what)
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
-
-
-def _peft(hf, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # save_projection=False warns that the seed will restore the pair
-        return get_peft_model(hf, VeraConfig(task_type="CAUSAL_LM", **kw))
-
-
-def _untouched(model):
-    return not any(isinstance(m, VeraLinear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    return make_checkpoint(tmp_path / "base", "smollm")[0]
-
-
 # -- invariants and the formula --------------------------------------------------------------------
 
 def test_identity_at_init_is_exact(ckpt):
-    base = mc.load_model(ckpt)
-    model = mc.apply_vera(mc.load_model(ckpt), r=16, verbose=False)
+    model = pp.exact_at_init(VERA, ckpt, r=16)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, VeraLinear) and not layer.vera_lambda_b["default"].any()
     assert torch.equal(layer.vera_lambda_d["default"], torch.full((16,), 0.1))
-    ids, noisy = _ids(), mc.apply_vera(mc.load_model(ckpt), r=16, init_weights=False, verbose=False)
-    with torch.no_grad():
-        assert torch.equal(model(ids), base(ids)) and not torch.equal(noisy(ids), base(ids))
 
 
 def test_formula_by_hand():
@@ -130,7 +78,7 @@ def test_formula_by_hand():
     pairs = {"a": projections(3, 20, 9, seed=1), "b": projections(5, 13, 7, seed=2)}
     for n, (a, b) in pairs.items():
         layer.add(n, VeraProjections(a, b), mc.VeraConfig(r=a.shape[0]))
-    _perturb(layer.named_parameters())
+    VERA.perturb(layer.named_parameters())
     x = torch.randn(4, 5, 13)
 
     def dw(n):
@@ -183,80 +131,36 @@ def test_only_the_vectors_are_trainable(tmp_path, capsys, family):
             out = model.model.layers[i].self_attn.get_submodule(m).out_features
             expected[f"model.layers.{i}.self_attn.{m}.vera_lambda_b.default"] = (out,)
             expected[f"model.layers.{i}.self_attn.{m}.vera_lambda_d.default"] = (4,)
-    assert {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad} == expected
-    n, total = mc.count_parameters(model)
-    assert n == sum(s[0] for s in expected.values())
+    n, total = pp.trainable_shapes(model, expected)
     assert f"VeRA 'default': 4 modules, r=4, d_initial=0.1, trainable parameters {n:,} of {total:,}" in \
         capsys.readouterr().out
 
 
 def test_base_and_projections_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_vera(mc.load_model(ckpt), r=16, verbose=False).train()
+    model = mc.apply_vera(mc.load_model(ckpt), r=16, verbose=False)
     shared = _shared(model)
     a, b = shared.vera_A.clone(), shared.vera_B.clone()
-    changed = adamw_step_changes(model, _ids())
     # λ_b = 0 at init: λ_d gets a zero gradient at the first step (weight decay still moves it)
-    assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    pp.adamw_moves_every_trainable(model)
     assert torch.equal(shared.vera_A, a) and torch.equal(shared.vera_B, b)
 
 
 def test_disable_adapters_is_exactly_the_base(ckpt):
-    base = mc.load_model(ckpt)
-    model = apply_method(mc.load_model(ckpt), "vera", r=16)
-    _perturb(model.named_parameters())
-    ids = _ids()
-    adapted = disabled_is_the_base(model, base, ids)
-    with torch.no_grad():
-        _assert_adapter_matters(model, ids, adapted)
-        mc.merge_adapters(model)
-        with pytest.raises(ValueError, match="merged into the base weights"), mc.disable_adapters(model):
-            pass
+    pp.disabling_gives_the_base(VERA, ckpt, r=16)
 
 
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_w0(ckpt):
-    base_keys = set(mc.load_model(ckpt).state_dict())
-    model = mc.apply_vera(mc.load_model(ckpt), r=16, targets="all-linear", verbose=False)
-    _perturb(model.named_parameters())
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, VeraLinear)}
-    w0 = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ids = _ids()
-    with torch.no_grad():
-        before = model(ids)
-        _assert_adapter_matters(model, ids, before)
-        dws = {n: m.delta_weight("default") for n, m in layers.items()}
-        mc.merge_adapters(model)
-        _assert_close(model(ids), before, "merged")
-        mc.unmerge_adapters(model)
-        for n, m in layers.items():
-            atol = 2 * EPS * (w0[n].abs() + dws[n].abs()).max().item()
-            torch.testing.assert_close(m.weight, w0[n], atol=atol, rtol=0)
-        plain = mc.merge_adapter(model)
-        _assert_close(plain(ids), before, "unloaded")
-    assert set(plain.state_dict()) == base_keys and not any(isinstance(m, VeraLinear) for m in plain.modules())
+    pp.merge_unmerge_unload(VERA, ckpt, pp.additive_restore_atol, r=16, targets="all-linear")
 
 
 def test_on_a_4bit_base_the_adapter_runs_and_merging_is_refused():
-    torch.manual_seed(0)
-    q = mc.Linear4bit.from_linear(torch.nn.Linear(70, 33))
-    layer = VeraLinear(q)
-    layer.add("a", VeraProjections(*projections(4, 70, 33, seed=0)), mc.VeraConfig(r=4, init_weights=False))
-    layer.active = ["a"]
-    x = torch.randn(3, 70)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), q(x) + x @ layer.delta_weight("a").T, atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="the base is 4-bit and cannot take VeRA's ΔW in place"):
-            layer.merge("a")
-    assert not layer.merged
+    pp.on_a_4bit_base(VeraLinear, lambda layer: layer.add("a", VeraProjections(*projections(4, 70, 33, seed=0)),
+                                                          mc.VeraConfig(r=4, init_weights=False)),
+                      pp.adds_delta_w, "VeRA's ΔW")
 
 
 def test_cached_generate_equals_uncached_greedy_loop(ckpt):
-    model = mc.apply_vera(mc.load_model(ckpt), r=16, verbose=False).eval()
-    _perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
-    cached = model.generate(seq, max_new_tokens=15)
-    assert torch.equal(cached, greedy_uncached(model, seq, 15))
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert not torch.equal(model.generate(seq, max_new_tokens=15), cached)
+    pp.generates_as_uncached(VERA, ckpt, r=16)
 
 
 def test_two_adapters_each_with_its_own_pair(ckpt, tmp_path):
@@ -264,9 +168,9 @@ def test_two_adapters_each_with_its_own_pair(ckpt, tmp_path):
     and saving either works; another seed or save_projection is refused, as PEFT refuses it."""
     model = mc.apply_vera(mc.load_model(ckpt), r=4, verbose=False)
     mc.apply_vera(model, r=8, targets=["q_proj"], adapter_name="b", verbose=False)
-    _perturb(model.named_parameters())
+    VERA.perturb(model.named_parameters())
     assert _shared(model, "b").vera_A.shape == (8, 72) and _shared(model).vera_A.shape == (4, 72)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         out_b = model(ids)  # the adapter attached last is the active one
         mc.set_adapter(model, "default")
@@ -294,30 +198,13 @@ PARITY = {  # family, options on both sides (None targets: PEFT's default for th
 }
 
 
-def _peft_kw(opts):
-    names = dict(targets="target_modules", dropout="vera_dropout", layers="layers_to_transform")
-    return {names.get(k, k): v for k, v in opts.items()}
-
-
 @pytest.mark.parametrize("case", list(PARITY))
 def test_logits_and_gradients_match_peft(tmp_path, case):
     family, opts = PARITY[case]
-    path, hf = make_checkpoint(tmp_path / family, family)
-    peft = _peft(hf, **_peft_kw(opts))
-    _perturb(peft.named_parameters())
-    model = mc.apply_vera(mc.load_model(path), **opts, verbose=False)
+    _, model, peft = pp.twins(VERA, tmp_path, family, **opts)
     shared, (a, b) = _shared(model), _peft_pair(peft)
     assert torch.equal(shared.vera_A, a) and torch.equal(shared.vera_B, b)  # same seed: same pair, not copied
-    ours, theirs = _vectors(model), _vectors(peft)
-    assert set(ours) == set(theirs)
-    with torch.no_grad():
-        for n, p in ours.items():
-            p.copy_(theirs[n])
-    model.train(), peft.train()
-    ids = _ids()
-    out = matches_peft(model, peft, ids, TOL)
-    _assert_adapter_matters(model, ids, out)
-    assert sum(p.requires_grad for p in model.parameters()) == len(_vectors(peft))
+    pp.trains_as_peft(VERA, model, peft)
 
 
 def test_init_weights_false_draws_what_peft_draws(tmp_path):
@@ -325,51 +212,41 @@ def test_init_weights_false_draws_what_peft_draws(tmp_path):
     global seed both sides hold the same vectors (no copying) and give the same logits."""
     path, hf = make_checkpoint(tmp_path, "qwen3")
     torch.manual_seed(11)
-    peft = _peft(hf, r=8, target_modules="all-linear", init_weights=False)
+    peft = VERA.peft(hf, r=8, target_modules="all-linear", init_weights=False)
     torch.manual_seed(11)
     model = mc.apply_vera(mc.load_model(path), r=8, targets="all-linear", init_weights=False, verbose=False)
-    ours, theirs = _vectors(model), _vectors(peft)
+    ours, theirs = VERA.params(model), VERA.params(peft)
     assert set(ours) == set(theirs) and all(torch.equal(p, theirs[n]) for n, p in ours.items())
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
-        _assert_close(model(ids), peft(input_ids=ids).logits, "logits")
+        pp.close(model(ids), peft(input_ids=ids).logits, "logits")
 
 
 def test_dropout_matches_peft_in_train_mode_and_is_off_in_eval(tmp_path):
     path, hf = make_checkpoint(tmp_path, "smollm")
-    peft = _peft(hf, r=16, vera_dropout=0.3)
-    _perturb(peft.named_parameters())
+    peft = VERA.peft(hf, r=16, vera_dropout=0.3)
+    VERA.perturb(peft.named_parameters())
     model = mc.apply_vera(mc.load_model(path), r=16, dropout=0.3, verbose=False)
-    _perturb(model.named_parameters())
+    VERA.perturb(model.named_parameters())
     model.train(), peft.train()
-    ids = _ids()
+    ids = token_ids()
     torch.manual_seed(3)
     out = model(ids)
     torch.manual_seed(3)
-    _assert_close(out, peft(input_ids=ids).logits, "train-mode logits")
+    pp.close(out, peft(input_ids=ids).logits, "train-mode logits")
     with torch.no_grad():
         assert (out - model(ids)).abs().max() > 1e-2  # other masks: dropout acts
         model.eval(), peft.eval()
         plain = mc.apply_vera(mc.load_model(path), r=16, verbose=False).eval()
-        _perturb(plain.named_parameters())
+        VERA.perturb(plain.named_parameters())
         assert torch.equal(model(ids), plain(ids))
-        _assert_close(model(ids), peft(input_ids=ids).logits, "eval-mode logits")
+        pp.close(model(ids), peft(input_ids=ids).logits, "eval-mode logits")
 
 
 def test_merging_matches_peft(tmp_path):
     """merge_and_unload on both sides: the same folded weights (within the parity tolerance)."""
-    path, hf = make_checkpoint(tmp_path / "base", "qwen3")
-    peft = _peft(hf, r=16, target_modules=["q_proj", "o_proj", "down_proj"])
-    _perturb(peft.named_parameters())
-    model = mc.apply_vera(mc.load_model(path), r=16, targets=["q_proj", "o_proj", "down_proj"], verbose=False)
-    with torch.no_grad():
-        for n, p in _vectors(model).items():
-            p.copy_(_vectors(peft)[n])
-    merged, ref = mc.merge_adapter(model), peft.merge_and_unload()
-    ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
-    assert set(ours) == set(theirs)
-    for n in ours:
-        _assert_close(ours[n], theirs[n], n)
+    _, model, peft = pp.twins(VERA, tmp_path, "qwen3", r=16, targets=["q_proj", "o_proj", "down_proj"])
+    pp.merged_as_peft(model, peft)
 
 
 # -- folders ----------------------------------------------------------------------------------------
@@ -385,78 +262,37 @@ FOLDERS = {  # family, options on both sides
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
     family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    peft = _peft(hf, **_peft_kw({"targets": None, **opts}))
-    _perturb(peft.named_parameters())
-    peft.save_pretrained(tmp_path / "adapter")
+    model, peft, _ = pp.peft_folder_loads(VERA, tmp_path, family, opts)
     assert (A_KEY in load_file(tmp_path / "adapter/adapter_model.safetensors")) == opts.get("save_projection", True)
-
-    model = mc.load_adapter(mc.load_model(path), tmp_path / "adapter").eval()
-    peft.eval()
-    assert set(_vectors(model)) == set(_vectors(peft))
     assert all(torch.equal(x, y) for x, y in zip((_shared(model).vera_A, _shared(model).vera_B), _peft_pair(peft)))
-    assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(out, peft(input_ids=ids).logits, "logits")
-    _assert_adapter_matters(model, ids, out)
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))
 def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
     """PeftModel.from_pretrained reads our folder, adapts the same modules and gives our logits; our folder
     loads back here bit for bit, merged or not."""
-    family, opts = FOLDERS[case]
-    path, hf = make_checkpoint(tmp_path / "base", family)
-    model = mc.apply_vera(mc.load_model(path), **opts, verbose=False).eval()
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # save_projection=False: PEFT warns that the seed restores the pair
-        peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    assert set(_vectors(peft)) == set(_vectors(model))
-    ids = _ids()
-    with torch.no_grad():
-        out = model(ids)
-        _assert_close(peft(input_ids=ids).logits, out, "logits")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-        mc.merge_adapters(model)
-        mc.save_adapter(model, tmp_path / "merged")
-        assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "merged")(ids), out)
+    pp.our_folder_loads(VERA, tmp_path, *FOLDERS[case])
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_folder_keys_and_config_are_peft_s(ckpt, tmp_path, save_projection):
     """The file holds exactly PEFT's keys, shapes and (same seed) projection bytes, and adapter_config.json
     every field PEFT writes for VERA (but peft_version, which PEFT stamps itself), with the same values."""
-    hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    _peft(hf, save_projection=save_projection).save_pretrained(tmp_path / "peft")
-    mc.save_adapter(mc.apply_vera(mc.load_model(ckpt), save_projection=save_projection, verbose=False),
-                    tmp_path / "ours")
-    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
-    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    peft = VERA.peft(make_checkpoint(tmp_path / "hf", "smollm")[1], save_projection=save_projection)
+    ours, theirs = pp.saved_as_peft_saves(
+        mc.apply_vera(mc.load_model(ckpt), save_projection=save_projection, verbose=False), peft, tmp_path)
     assert "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b" in ours
     assert (A_KEY in ours) == save_projection
     for key in (A_KEY, B_KEY) if save_projection else ():
         assert torch.equal(ours[key], theirs[key]), key
-    c_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
-    c_theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
-    c_theirs.pop("peft_version")
-    assert set(c_ours) == set(c_theirs)
-    for key in c_ours:
-        same = sorted if key == "target_modules" else (lambda v: v)
-        assert same(c_ours[key]) == same(c_theirs[key]), key
 
 
 def test_projections_in_a_seed_only_folder_are_ignored_as_peft_ignores_them(ckpt, tmp_path):
     """save_projection false but vera_A/vera_B in the file: PEFT warns and regenerates them from the seed; so
     does minicustom (the file's pair here is other random numbers, which would change the logits)."""
     hf = make_checkpoint(tmp_path / "hf", "smollm")[1]
-    peft = _peft(hf, r=16)
-    _perturb(peft.named_parameters())
+    peft = VERA.peft(hf, r=16)
+    VERA.perturb(peft.named_parameters())
     peft.save_pretrained(tmp_path / "adapter")
     folder = tmp_path / "adapter"
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -468,10 +304,10 @@ def test_projections_in_a_seed_only_folder_are_ignored_as_peft_ignores_them(ckpt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(make_checkpoint(tmp_path / "hf2", "smollm")[1], folder).eval()
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
-        _assert_close(model(ids), peft.eval()(input_ids=ids).logits, "logits")
-        _assert_close(model(ids), theirs(input_ids=ids).logits, "logits")
+        pp.close(model(ids), peft.eval()(input_ids=ids).logits, "logits")
+        pp.close(model(ids), theirs(input_ids=ids).logits, "logits")
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -488,11 +324,7 @@ def test_projections_in_a_seed_only_folder_are_ignored_as_peft_ignores_them(ckpt
     (dict(d_initial=float("nan")), "VeRA d_initial must be a finite number, found nan"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, kw, message):
-    model = mc.load_model(ckpt)
-    with pytest.raises(ValueError) as e:
-        mc.apply_vera(model, **kw)
-    assert e.match(message) and "\n" not in str(e.value)
-    assert _untouched(model)
+    pp.attach_refused(VERA, ckpt, kw, message)
 
 
 def test_the_registry_entry():
@@ -503,18 +335,14 @@ def test_the_registry_entry():
 
 @pytest.fixture
 def saved(ckpt, tmp_path):
-    model = mc.apply_vera(mc.load_model(ckpt), r=8, verbose=False)
-    _perturb(model.named_parameters())
-    mc.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter"
+    return pp.saved_perturbed(VERA, ckpt, tmp_path / "adapter", r=8)
 
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
-    good = load_file(saved / "adapter_model.safetensors")
-    config = json.loads((saved / "adapter_config.json").read_text())
+    config, good = pp.folder_contents(saved)
     key = "base_model.model.model.layers.1.self_attn.v_proj.vera_lambda_b"
     no_pair = {k: v for k, v in good.items() if k not in (A_KEY, B_KEY)}
-    cases = [  # (config, tensors, message)
+    pp.each_folder_refused(VERA, ckpt, saved, [  # (config, tensors, message)
         (config, no_pair, "base_model.vera_A is missing, but save_projection is true in adapter_config.json"),
         (config, {k: v for k, v in good.items() if k != B_KEY}, "base_model.vera_B is missing"),
         (config, {**good, A_KEY: torch.ones(8, 71)}, r"base_model.vera_A has shape \(8, 71\), expected \(8, 72\)"),
@@ -538,18 +366,9 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         ({**config, "vera_dropout": 1.5}, good, r"field 'vera_dropout' must be a number in \[0, 1\)"),
         ({**config, "d_initial": "x"}, good, "field 'd_initial' must be a finite number"),
         ({**config, "r": 0}, good, "field 'r' must be a positive integer"),
-        ({**config, "bias": "all"}, good, "bias='all' is not supported"),
-        ({**config, "fan_in_fan_out": True}, good, "fan_in_fan_out=True is not supported"),
-        ({**config, "modules_to_save": ["lm_head"]}, good, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({**config, "layers_pattern": "h"}, good, "layers_pattern='h' is not supported"),
-    ]
-    for cfg, state, message in cases:
-        (saved / "adapter_config.json").write_text(json.dumps(cfg))
-        save_file(state, saved / "adapter_model.safetensors")
-        model = mc.load_model(ckpt)
-        with pytest.raises(mc.AdapterError, match=message):
-            mc.load_adapter(model, saved)
-        assert _untouched(model), message
+        *pp.unsupported(config, good, bias="all", fan_in_fan_out=True, modules_to_save=["lm_head"],
+                        layers_pattern="h"),
+    ])
 
 
 def test_a_second_folder_with_another_seed_is_refused_by_field(ckpt, saved):
@@ -566,33 +385,10 @@ def test_a_second_folder_with_another_seed_is_refused_by_field(ckpt, saved):
 
 def test_train_generate_and_merge_from_the_command_line(setup, tmp_path, capsys):
     """`train sft --method vera --r 16` exports a PEFT VERA folder; `generate --adapter` answers as the library
-    does with it; `merge` writes a plain checkpoint whose logits equal the adapted ones within the parity
-    tolerance (merging rounds W0 + ΔW once)."""
-    root, path = setup
+    does with it (three steps at VeRA's lr, 1e-2, moved λ_b off zero); `merge` writes a plain checkpoint whose
+    logits equal the adapted ones within the parity tolerance (merging rounds W0 + ΔW once)."""
     out = tmp_path / "run"
-    main(["train", "sft", "--model", str(path), "--data", str(root / "train.jsonl"), "--out", str(out),
-          "--method", "vera", "--r", "16", "--max-length", "128", "--batch-size", "2", "--max-steps", "3",
-          "--exact-match", "0", "--seed", "1"])
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = pp.cli_train(setup, out, "--method", "vera", "--r", "16")
     assert (config["peft_type"], config["r"], config["target_modules"]) == ("VERA", 16, ["q_proj", "v_proj"])
     assert load_file(out / "adapter_model.safetensors")[A_KEY].shape == (16, 72)
-    capsys.readouterr()
-    main(["generate", "--model", str(path), "--adapter", str(out), "--prompt", "Where is Paris?",
-          "--max-new-tokens", "6"])
-    cli_answer = capsys.readouterr().out
-
-    model, tok = mc.load_model(path), mc.load_tokenizer(path)
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Where is Paris?"}],
-                                                add_generation_prompt=True)])
-    with torch.no_grad():
-        base = model(ids)
-    mc.load_adapter(model, out)
-    with torch.no_grad():
-        adapted = model(ids)
-    assert not torch.equal(adapted, base)  # three steps at VeRA's lr (1e-2) moved λ_b off zero
-    new = model.generate(ids, max_new_tokens=6, stop=default_stop_ids(model, tok))[0, ids.shape[1]:]
-    assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
-
-    main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
-    with torch.no_grad():
-        _assert_close(mc.load_model(tmp_path / "merged")(ids), adapted, "merged checkpoint")
+    pp.cli_generate_and_merge(setup, out, tmp_path, capsys)
