@@ -2,9 +2,10 @@
 
     python examples/kto.py                      # MINICUSTOM_SMOKE=1: a tiny random model, in seconds
 
-Each sentiment review keeps one answer only, its right label marked desirable or a wrong one marked
-undesirable. KTO (Ethayarajh et al. 2024) raises the implicit reward log pi - log pi_ref of the desirable
-answers above a reference point (the batch's KL estimate) and pushes the undesirable ones below it, with a
+Each sentiment review's preference pair becomes two unpaired records, as `minicustom train kto` does with a
+paired file: its right label marked desirable and a wrong one undesirable. KTO (Ethayarajh et al. 2024) raises
+the implicit reward log pi - log pi_ref of the desirable answers above a reference point (the batch's KL
+estimate, from mismatched prompt/answer pairs) and pushes the undesirable ones below it, with a
 LoRA adapter and the base model (adapter disabled) as reference. Prints held-out preference accuracy (how often
 log pi(right label) > log pi(wrong label)) and greedy accuracy on held-out reviews before and after, and saves
 the adapter.
@@ -18,17 +19,17 @@ from common import accuracy, held_out, model_path, out_dir, report, size
 import minicustom as mc
 from minicustom.data import load_preferences, pad_id_for
 from minicustom.train import KTOConfig, train_kto
-from minicustom.train.kto import unpaired
+from minicustom.train.kto import split_pairs
 
 MODEL = model_path()
 TASK = held_out("sentiment", n_test=size(30, 4))
-STEPS, BATCH, LR, BETA = size(30, 2), 8, 2e-4, 0.1
-N_HELD_OUT = size(40, 4)  # validation pairs
+STEPS, BATCH, LR, BETA = size(20, 2), 8, 5e-4, 0.1
+N_HELD_OUT = size(20, 4)  # validation pairs
 OUT = out_dir("kto")
 
 model, tok = mc.load_model(MODEL), mc.load_tokenizer(MODEL)
 pairs = load_preferences(TASK.folder / "prefs_train.jsonl", tok)
-feedback = [unpaired(p.chosen, True) if i % 2 == 0 else unpaired(p.rejected, False) for i, p in enumerate(pairs)]
+feedback = split_pairs(pairs)  # each review: its right label desirable, then a wrong one undesirable
 held = load_preferences(TASK.folder / "prefs_validation.jsonl", tok)[:N_HELD_OUT]
 before = accuracy(model, tok, TASK)
 mc.apply_lora(model, r=8, alpha=16, targets="all-linear")
