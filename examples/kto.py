@@ -1,14 +1,14 @@
-"""KTO on SmolLM2-135M-Instruct: alignment from unpaired thumbs-up / thumbs-down answers, no pairs needed.
+"""KTO on SmolLM2-135M-Instruct: alignment from thumbs-up / thumbs-down answers, one at a time (no pairs).
 
     python examples/kto.py                      # MINICUSTOM_SMOKE=1: a tiny random model, in seconds
 
 Each sentiment review's preference pair becomes two unpaired records, as `minicustom train kto` does with a
 paired file: its right label marked desirable and a wrong one undesirable. KTO (Ethayarajh et al. 2024) raises
 the implicit reward log pi - log pi_ref of the desirable answers above a reference point (the batch's KL
-estimate, from mismatched prompt/answer pairs) and pushes the undesirable ones below it, with a
-LoRA adapter and the base model (adapter disabled) as reference. Prints held-out preference accuracy (how often
-log pi(right label) > log pi(wrong label)) and greedy accuracy on held-out reviews before and after, and saves
-the adapter.
+estimate, each prompt with the previous record's answer in the shuffled batch) and pushes the undesirable ones
+below it, with a LoRA adapter and the base model (adapter disabled) as reference. Prints held-out preference
+accuracy (how often log pi(right label) > log pi(wrong label)) and greedy accuracy on held-out reviews before
+and after, and saves the adapter.
 Implementation: minicustom/train/kto.py (the loss: kto_loss in minicustom/losses.py)
 """
 

@@ -79,9 +79,10 @@ class Method:
         """Every parameter of the method := draw, in name order (PEFT's names without PREFIX equal ours, so two
         models with the same names get the same values)."""
         g = torch.Generator().manual_seed(seed)
-        for name, p in sorted((n.removeprefix(PREFIX), p) for n, p in named_params):
-            if self.owns(name):
-                p.copy_(self.draw(name, p, g))
+        owned = sorted((n, p) for n, p in ((n.removeprefix(PREFIX), p) for n, p in named_params) if self.owns(n))
+        assert owned, f"no parameter matches {self.markers}: nothing would be perturbed"
+        for name, p in owned:
+            p.copy_(self.draw(name, p, g))
 
     def peft(self, hf, **fields):
         with warnings.catch_warnings():
@@ -361,10 +362,10 @@ def not_a_linear(name: str) -> list[tuple]:
     ]
 
 
-def attach_refused(method: Method, path, opts: dict, match: str | None = None) -> str:
+def attach_refused(method: Method, path, opts: dict, match: str | None = None, model=None) -> str:
     """apply(**opts) raises a ValueError in one line matching `match` (re.search; None: any) and leaves the model
-    as it was; returns the message."""
-    model = mc.load_model(path)
+    (the one given, else a fresh load of path) as it was; returns the message."""
+    model = mc.load_model(path) if model is None else model
     with pytest.raises(ValueError, match=match) as e:
         method.apply(model, **opts)
     assert "\n" not in str(e.value) and method.untouched(model)
@@ -433,7 +434,8 @@ def cli_generate_and_merge(setup, out, tmp_path, capsys, exact: bool = False):
         adapted = model(ids)
     assert not torch.equal(adapted, base)
     new = model.generate(ids, max_new_tokens=6, stop=default_stop_ids(model, tok))[0, ids.shape[1]:]
-    assert tok.decode(new.tolist(), skip_special_tokens=True).strip() in cli_answer
+    answer = tok.decode(new.tolist(), skip_special_tokens=True).strip()
+    assert answer and answer in cli_answer
 
     main(["merge", "--model", str(path), "--adapter", str(out), "--out", str(tmp_path / "merged")])
     with torch.no_grad():

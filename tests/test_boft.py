@@ -39,8 +39,7 @@ import peft.tuners.boft.layer as peft_boft
 import peft_parity as pp
 import pytest
 import torch
-from conftest import make_checkpoint
-from conftest import token_ids as _ids
+from conftest import make_checkpoint, token_ids
 from peft import BOFTConfig
 
 import minicustom as mc
@@ -256,7 +255,7 @@ def test_multiplicative_dropout_is_peft_s_draw_for_draw(tmp_path, fbd, p):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]  # down_proj: 88 = 11 blocks of 8
     _, model, peft = pp.twins(BOFT, tmp_path, "qwen3", boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=p,
                               targets=targets)
-    ids = _ids()
+    ids = token_ids()
     model.train()
     peft.train()
     torch.manual_seed(5)
@@ -413,7 +412,7 @@ def test_train_and_merge_from_the_command_line(setup, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["boft_block_size"], config["boft_block_num"],
             config["boft_n_butterfly_factor"]) == ("BOFT", 0, 6, 2)
-    ids = _ids(1, 9, seed=4)
+    ids = token_ids(1, 9, seed=4)
     model = mc.load_model(path)
     with torch.no_grad():
         base = model(ids)

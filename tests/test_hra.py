@@ -329,8 +329,9 @@ def test_a_target_that_is_not_a_linear_is_one_line_naming_it(ckpt, targets, mess
     (dict(apply_gs="yes"), "HRA's apply_gs must be True or False, found 'yes'"),
 ])
 def test_bad_options_are_one_line_before_anything_changes(ckpt, kw, message):
-    pp.attach_refused(HRA, ckpt, kw, f"^{message}$")
-    model = mc.apply_hra(mc.load_model(ckpt), verbose=False)
+    model = mc.load_model(ckpt)
+    pp.attach_refused(HRA, ckpt, kw, f"^{message}$", model=model)
+    mc.apply_hra(model, verbose=False)  # the refused attach left nothing that blocks the next one
     with pytest.raises(ValueError, match="^an adapter named 'default' already exists"):
         mc.apply_hra(model, r=2, verbose=False)
 

@@ -39,38 +39,14 @@ from minicustom.quant import linear4bit
 ATOL, RTOL = 1e-5, 1e-6  # logits against PEFT
 GATOL = 1e-5  # gradients against PEFT, divided by their largest entry
 MERGE_ATOL = 1e-4
-PREFIX = "base_model.model."
-
-
-_ids = token_ids
-
-
 # Every ia3_l := 1 + 0.3·N(0, 1).
-IA3 = pp.Method("IA3", "ia3", mc.apply_ia3, IA3Config, IA3Linear, ("ia3_l.",), pp.normal(0.3, mean=1.0))
-
-
-def _vectors(model) -> dict[str, torch.Tensor]:
-    """{our parameter name: tensor} of every IA3 vector; PEFT's names mapped to ours."""
-    return {n.removeprefix(PREFIX): p for n, p in model.named_parameters() if ".ia3_l." in n}
-
-
-@torch.no_grad()
-def _copy_peft_into(model, peft):
-    ours, theirs = _vectors(model), _vectors(peft)
-    assert set(ours) == set(theirs)
-    for name, p in ours.items():
-        p.copy_(theirs[name])
+IA3 = pp.Method("IA3", "ia3", mc.apply_ia3, IA3Config, IA3Linear, (".ia3_l.",), pp.normal(0.3, mean=1.0))
 
 
 def _layers(model, adapter="default") -> dict[str, tuple[bool, tuple[int, ...]]]:
     """{module name: (is_feedforward, shape of l)} of every IA3 layer holding `adapter`, PEFT's mapped to ours."""
-    return {n.removeprefix(PREFIX): (m.is_feedforward, tuple(m.ia3_l[adapter].shape))
+    return {n.removeprefix(pp.PREFIX): (m.is_feedforward, tuple(m.ia3_l[adapter].shape))
             for n, m in model.named_modules() if hasattr(m, "ia3_l") and adapter in m.ia3_l}
-
-
-def _assert_adapter_matters(model, ids, out):
-    with torch.no_grad(), mc.disable_adapters(model):
-        assert (out - model(ids)).abs().max() > 0.1
 
 
 def _peft(hf, adapter_name="default", **kw):
@@ -78,18 +54,18 @@ def _peft(hf, adapter_name="default", **kw):
 
 
 @pytest.fixture
-def ckpt(tmp_path):
+def llama_bias_ckpt(tmp_path):
     return make_checkpoint(tmp_path / "base", "llama-bias")[0]
 
 
 # -- invariants and the formula --------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [{}, {"targets": "all-linear", "feedforward": ["down_proj", "up_proj"]}])
-def test_identity_at_init_is_exact(ckpt, kw):
-    base = mc.load_model(ckpt)
-    model = mc.apply_ia3(mc.load_model(ckpt), verbose=False, **kw)
-    assert all(torch.equal(p, torch.ones_like(p)) for p in _vectors(model).values())
-    ids = _ids()
+def test_identity_at_init_is_exact(llama_bias_ckpt, kw):
+    base = mc.load_model(llama_bias_ckpt)
+    model = mc.apply_ia3(mc.load_model(llama_bias_ckpt), verbose=False, **kw)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in IA3.params(model).values())
+    ids = token_ids()
     with torch.no_grad():
         assert torch.equal(model(ids), base(ids))
 
@@ -116,8 +92,8 @@ def test_formula_by_hand():
             torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_only_ia3_vectors_are_trainable(ckpt, capsys):
-    model = mc.apply_ia3(mc.load_model(ckpt))
+def test_only_ia3_vectors_are_trainable(llama_bias_ckpt, capsys):
+    model = mc.apply_ia3(mc.load_model(llama_bias_ckpt))
     trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     # llama: k_proj, v_proj scale their outputs (64 here: 4 kv heads of 16), down_proj its input (88)
     assert trainable == {f"model.layers.{i}.{m}.ia3_l.default": s for i in (0, 1)
@@ -128,23 +104,23 @@ def test_only_ia3_vectors_are_trainable(ckpt, capsys):
     assert f"IA3 'default': 6 modules (2 feedforward), trainable parameters {n:,} of {total:,}" in capsys.readouterr().out
 
 
-def test_base_bit_identical_after_an_adamw_step(ckpt):
-    model = mc.apply_ia3(mc.load_model(ckpt), verbose=False).train()
-    changed = adamw_step_changes(model, _ids())
+def test_base_bit_identical_after_an_adamw_step(llama_bias_ckpt):
+    model = mc.apply_ia3(mc.load_model(llama_bias_ckpt), verbose=False).train()
+    changed = adamw_step_changes(model, token_ids())
     assert sorted(changed) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # every vector
 
 
-def test_disable_adapters_is_exactly_the_base(ckpt):
-    pp.disabling_gives_the_base(IA3, ckpt)
+def test_disable_adapters_is_exactly_the_base(llama_bias_ckpt):
+    pp.disabling_gives_the_base(IA3, llama_bias_ckpt)
 
 
-def test_merge_equivalence_unmerge_and_unload(ckpt):
+def test_merge_equivalence_unmerge_and_unload(llama_bias_ckpt):
     """The bias of a scaled output is scaled too (l ⊙ (W x + b)); the feedforward bias is not."""
-    base_keys = set(mc.load_model(ckpt).state_dict())
-    model = mc.apply_ia3(mc.load_model(ckpt), verbose=False)
+    base_keys = set(mc.load_model(llama_bias_ckpt).state_dict())
+    model = mc.apply_ia3(mc.load_model(llama_bias_ckpt), verbose=False)
     IA3.perturb(model.named_parameters())
     w0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".ia3_l." not in n}
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         before = model(ids)
         mc.merge_lora(model)
@@ -166,8 +142,8 @@ def test_merge_equivalence_unmerge_and_unload(ckpt):
     assert type(plain.model.layers[0].self_attn.k_proj) is nn.Linear
 
 
-def test_several_named_adapters(ckpt):
-    model = mc.load_model(ckpt)
+def test_several_named_adapters(llama_bias_ckpt):
+    model = mc.load_model(llama_bias_ckpt)
     mc.apply_ia3(model, adapter_name="a", verbose=False)
     mc.apply_ia3(model, targets=["v_proj", "up_proj"], feedforward=["up_proj"], adapter_name="b", verbose=False)
     IA3.perturb(model.named_parameters())
@@ -209,7 +185,7 @@ def test_cached_generate_equals_uncached_greedy_loop(tmp_path, family):
     path, _ = make_checkpoint(tmp_path, family)
     model = mc.apply_ia3(mc.load_model(path), verbose=False).eval()
     IA3.perturb(model.named_parameters())
-    seq = _ids(2, 5, seed=6)
+    seq = token_ids(2, 5, seed=6)
     cached = model.generate(seq, max_new_tokens=15)
     with torch.no_grad():
         for _ in range(15):
@@ -253,7 +229,7 @@ def test_4bit_model_saves_the_same_keys(tmp_path):
     IA3.perturb(model.named_parameters())
     mc.save_adapter(model, tmp_path / "a")
     loaded = mc.load_adapter(mc.load_model(path, quantize="nf4"), tmp_path / "a")
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
     with pytest.raises(ValueError, match="4-bit"):
@@ -279,21 +255,21 @@ def test_logits_and_gradients_match_peft(tmp_path, family, variant):
     peft = _peft(hf, **peft_kw)
     IA3.perturb(peft.named_parameters())
     model = mc.apply_ia3(mc.load_model(path), verbose=False, **ours_kw)
-    _copy_peft_into(model, peft)
+    IA3.copy_peft_into(model, peft)
     assert _layers(model) == _layers(peft)
     assert len(_layers(model)) == {"defaults": 6, "all-linear": 14}[variant]
     model.train()
     peft.train()
 
-    ids = _ids()
+    ids = token_ids()
     probe = torch.randn(2, 17, 131, generator=torch.Generator().manual_seed(2))
     out, ref = model(ids), peft(input_ids=ids).logits
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
-    _assert_adapter_matters(model, ids, out)
+    pp.adapter_matters(model, ids, out)
     (out * probe).sum().backward()
     (ref * probe).sum().backward()
     ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    theirs = {n.removeprefix(PREFIX): p for n, p in peft.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix(pp.PREFIX): p for n, p in peft.named_parameters() if p.requires_grad}
     assert set(ours) == set(theirs)
     for name in ours:
         scale = theirs[name].grad.abs().max()
@@ -315,15 +291,15 @@ def test_two_active_adapters_and_merging_match_peft(tmp_path):
     mc.apply_ia3(model, verbose=False)
     mc.apply_ia3(model, targets=b_kw["target_modules"], feedforward=["down_proj"], adapter_name="b", verbose=False)
     mc.set_adapter(model, ["default", "b"])
-    _copy_peft_into(model, peft)
+    IA3.copy_peft_into(model, peft)
     peft.eval()
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         out = model(ids)
         torch.testing.assert_close(out, peft(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
 
         def base_weights(m):
-            return {n.removeprefix(PREFIX).replace(".base_layer", ""): p.detach().clone()
+            return {n.removeprefix(pp.PREFIX).replace(".base_layer", ""): p.detach().clone()
                     for n, p in m.named_parameters() if ".ia3_l." not in n}
 
         mc.merge_lora(model)
@@ -345,13 +321,13 @@ def test_merge_adapter_matches_peft_merge_and_unload(tmp_path):
     peft = _peft(hf, target_modules="all-linear", feedforward_modules=["down_proj", "o_proj"])
     IA3.perturb(peft.named_parameters())
     model = mc.apply_ia3(mc.load_model(path), targets="all-linear", feedforward=["down_proj", "o_proj"], verbose=False)
-    _copy_peft_into(model, peft)
+    IA3.copy_peft_into(model, peft)
     merged, ref = mc.merge_adapter(model).eval(), peft.merge_and_unload().eval()
     ours, theirs = dict(merged.named_parameters()), dict(ref.named_parameters())
     assert set(ours) == set(theirs)
     for n in ours:
         torch.testing.assert_close(ours[n], theirs[n], atol=0, rtol=0, msg=n)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), ref(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
 
@@ -380,11 +356,11 @@ def test_adapter_saved_by_peft_loads_in_minicustom(tmp_path, case):
     peft.eval()
     assert _layers(model) == _layers(peft)
     assert not any(p.requires_grad for p in model.parameters())
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         out = model(ids)
         torch.testing.assert_close(out, peft(input_ids=ids).logits, atol=ATOL, rtol=RTOL)
-    _assert_adapter_matters(model, ids, out)
+    pp.adapter_matters(model, ids, out)
 
 
 SAVE_CASES = {  # family, apply_ia3 keywords
@@ -409,12 +385,12 @@ def test_adapter_saved_by_minicustom_loads_in_peft(tmp_path, case):
 
     peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     assert _layers(peft) == _layers(model)
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         out = model(ids)
         torch.testing.assert_close(peft(input_ids=ids).logits, out, atol=ATOL, rtol=RTOL)
         assert torch.equal(mc.load_adapter(mc.load_model(path), tmp_path / "adapter")(ids), out)
-    _assert_adapter_matters(model, ids, out)
+    pp.adapter_matters(model, ids, out)
 
 
 def test_folder_keys_and_config_are_peft_s(tmp_path):
@@ -439,8 +415,8 @@ def test_folder_keys_and_config_are_peft_s(tmp_path):
 # -- errors -----------------------------------------------------------------------------------------
 
 @pytest.fixture
-def saved(ckpt, tmp_path):
-    model = mc.apply_ia3(mc.load_model(ckpt), verbose=False)
+def saved(llama_bias_ckpt, tmp_path):
+    model = mc.apply_ia3(mc.load_model(llama_bias_ckpt), verbose=False)
     IA3.perturb(model.named_parameters())
     mc.save_adapter(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
@@ -453,23 +429,19 @@ def _edit(path, config=None, state=None):
         save_file(state, path / "adapter_model.safetensors")
 
 
-def _untouched(model):
-    return not any(isinstance(m, IA3Linear) for m in model.modules()) and not getattr(model, "adapter_configs", {})
-
-
-def test_wrong_shaped_vector_in_file(ckpt, saved):
+def test_wrong_shaped_vector_in_file(llama_bias_ckpt, saved):
     _, path = saved
     state = load_file(path / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.mlp.down_proj.ia3_l"
     state[key] = state[key].T.contiguous()  # (88, 1): an output scaling on a feedforward module
     _edit(path, state=state)
-    model = mc.load_model(ckpt)
+    model = mc.load_model(llama_bias_ckpt)
     with pytest.raises(mc.AdapterError, match=r"down_proj\.ia3_l: shape \(88, 1\), expected \(1, 88\) \(feedforward"):
         mc.load_adapter(model, path)
-    assert _untouched(model)
+    assert IA3.untouched(model)
 
 
-def test_unknown_and_missing_keys(ckpt, saved):
+def test_unknown_and_missing_keys(llama_bias_ckpt, saved):
     _, path = saved
     good = load_file(path / "adapter_model.safetensors")
     cases = [  # (extra key, the message's reason)
@@ -479,47 +451,47 @@ def test_unknown_and_missing_keys(ckpt, saved):
     ]
     for key, why in cases:
         _edit(path, state={**good, key: torch.ones(64, 1)})
-        model = mc.load_model(ckpt)
+        model = mc.load_model(llama_bias_ckpt)
         with pytest.raises(mc.AdapterError, match=rf"1 keys match no IA3 module of this model .*{key.replace('.', '[.]')} \({why}"):
             mc.load_adapter(model, path)
-        assert _untouched(model)
+        assert IA3.untouched(model)
     missing = "base_model.model.model.layers.1.self_attn.v_proj.ia3_l"
     _edit(path, state={k: v for k, v in good.items() if k != missing})
     with pytest.raises(mc.AdapterError, match=rf"{missing.replace('.', '[.]')} is missing"):
-        mc.load_adapter(mc.load_model(ckpt), path)
+        mc.load_adapter(mc.load_model(llama_bias_ckpt), path)
 
 
-def test_feedforward_module_must_be_a_target(ckpt, saved):
+def test_feedforward_module_must_be_a_target(llama_bias_ckpt, saved):
     with pytest.raises(ValueError, match=r"feedforward modules \['down_proj'\] are not in targets \['k_proj', 'v_proj'\]"):
-        mc.apply_ia3(mc.load_model(ckpt), targets=["k_proj", "v_proj"], feedforward=["down_proj"])
+        mc.apply_ia3(mc.load_model(llama_bias_ckpt), targets=["k_proj", "v_proj"], feedforward=["down_proj"])
     # feedforward left to the default: down_proj only where it is targeted (PEFT would keep it and then
     # refuse to load its own folder)
-    model = mc.apply_ia3(mc.load_model(ckpt), targets=["k_proj", "v_proj"], verbose=False)
+    model = mc.apply_ia3(mc.load_model(llama_bias_ckpt), targets=["k_proj", "v_proj"], verbose=False)
     assert model.adapter_configs["default"].feedforward == []
     _, path = saved
     config = json.loads((path / "adapter_config.json").read_text())
     _edit(path, config={**config, "target_modules": ["k_proj", "v_proj"]})
-    model = mc.load_model(ckpt)
+    model = mc.load_model(llama_bias_ckpt)
     with pytest.raises(mc.AdapterError, match=r"adapter_config\.json: feedforward modules \['down_proj'\] are not in targets"):
         mc.load_adapter(model, path)
-    assert _untouched(model)
+    assert IA3.untouched(model)
 
 
-def test_unsupported_options_and_bad_targets(ckpt, saved, tmp_path):
+def test_unsupported_options_and_bad_targets(llama_bias_ckpt, saved, tmp_path):
     _, path = saved
     config = json.loads((path / "adapter_config.json").read_text())
     for key, value in (("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]), ("exclude_modules", ["k_proj"])):
         _edit(path, config={**config, key: value})
         with pytest.raises(mc.AdapterError, match=rf"{key}={value!r} is not supported".replace("[", r"\[")):
-            mc.load_adapter(mc.load_model(ckpt), path)
+            mc.load_adapter(mc.load_model(llama_bias_ckpt), path)
     _edit(path, config={**config, "init_ia3_weights": False})  # harmless: every vector comes from the file
-    mc.load_adapter(mc.load_model(ckpt), path)
+    mc.load_adapter(mc.load_model(llama_bias_ckpt), path)
 
     with pytest.raises(ValueError, match="match no module; linear modules are named like .*down_proj"):
-        mc.apply_ia3(mc.load_model(ckpt), targets=["qkv"])
+        mc.apply_ia3(mc.load_model(llama_bias_ckpt), targets=["qkv"])
     with pytest.raises(ValueError, match="input_layernorm is a RMSNorm; IA3 targets nn.Linear"):
-        mc.apply_ia3(mc.load_model(ckpt), targets=["input_layernorm"], feedforward=[])
-    model = mc.apply_lora(mc.load_model(ckpt), r=2, targets=["k_proj"], verbose=False)
+        mc.apply_ia3(mc.load_model(llama_bias_ckpt), targets=["input_layernorm"], feedforward=[])
+    model = mc.apply_lora(mc.load_model(llama_bias_ckpt), r=2, targets=["k_proj"], verbose=False)
     with pytest.raises(ValueError, match="k_proj already carries a LoRALinear; IA3 cannot be stacked"):
         mc.apply_ia3(model, adapter_name="ia3")
     assert mc.IA3Config(targets=("v_proj", "k_proj")).targets == ["k_proj", "v_proj"]

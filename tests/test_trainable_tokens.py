@@ -37,7 +37,6 @@ from minicustom.cli import main
 from minicustom.methods import apply_method, get_method
 from minicustom.methods.trainable_tokens import TiedTokensHead, TrainableTokensLayer
 
-PREFIX = pp.PREFIX
 TOKENS = [5, 17, 40, 99, 130]  # rows that the test ids (3..130) use
 # Every D := N(0, 0.5²); PEFT's configs train TOKENS unless told.
 TT = pp.Method("trainable tokens", "trainable_tokens", mc.apply_trainable_tokens, TrainableTokensConfig,
@@ -247,7 +246,7 @@ def saved(ckpt, tmp_path):
 
 def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, saved):
     config, good = pp.folder_contents(saved)
-    key, tied = (f"{PREFIX}model.embed_tokens.trainable_tokens_delta", f"{PREFIX}lm_head.trainable_tokens_delta")
+    key, tied = (f"{pp.PREFIX}model.embed_tokens.trainable_tokens_delta", f"{pp.PREFIX}lm_head.trainable_tokens_delta")
     pp.each_folder_refused(TT, ckpt, saved, [  # (config, tensors, message)
         (config, {**good, key: torch.ones(5, 71), tied: torch.ones(5, 71)}, r"shape \(5, 71\), expected \(5, 72\)"),
         (config, {k: v for k, v in good.items() if k != key}, f"{key} is missing"),
@@ -258,7 +257,7 @@ def test_a_folder_that_does_not_fit_is_refused_before_anything_changes(ckpt, sav
         ({**config, "target_modules": ["q_proj"]}, good, "q_proj is a Linear; trainable tokens adapt the embedding"),
         ({**config, "init_weights": "yes"}, good, "field 'init_weights' must be true or false"),
         (config, {**good, tied: good[tied] + 1}, "lm_head.trainable_tokens_delta differs from the embedding's rows"),
-        (config, {**good, f"{PREFIX}model.norm.trainable_tokens_delta": torch.ones(5, 72)},
+        (config, {**good, f"{pp.PREFIX}model.norm.trainable_tokens_delta": torch.ones(5, 72)},
          r"1 keys match no trainable tokens embedding of this model .*model.norm.trainable_tokens_delta"),
     ])
 
@@ -350,7 +349,7 @@ def test_new_tokens_flow_from_the_command_line(setup, tmp_path, capsys):
     assert config["base_model_name_or_path"] == str(out / "base")
     tensors = load_file(out / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
-        f"{PREFIX}model.embed_tokens.trainable_tokens_delta": (2, 72), f"{PREFIX}lm_head.trainable_tokens_delta": (2, 72)}
+        f"{pp.PREFIX}model.embed_tokens.trainable_tokens_delta": (2, 72), f"{pp.PREFIX}lm_head.trainable_tokens_delta": (2, 72)}
 
     base_tok, hf_tok = mc.load_tokenizer(out / "base"), AutoTokenizer.from_pretrained(out / "base")
     text = "Use <tool>Paris</tool>"
@@ -362,7 +361,7 @@ def test_new_tokens_flow_from_the_command_line(setup, tmp_path, capsys):
         pp.close(ours_base(ids), hf(input_ids=ids).logits, "extended base")
         old = mc.load_model(path)
         assert torch.equal(ours_base.model.embed_tokens.weight[:400], old.model.embed_tokens.weight)
-    trained = tensors[f"{PREFIX}model.embed_tokens.trainable_tokens_delta"]
+    trained = tensors[f"{pp.PREFIX}model.embed_tokens.trainable_tokens_delta"]
     assert not torch.equal(trained, ours_base.model.embed_tokens.weight[400:])  # three steps moved the new rows
 
     model = mc.load_adapter(mc.load_model(out / "base"), out)
