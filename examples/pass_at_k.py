@@ -10,10 +10,10 @@ samples, and sharpening alone cannot take greedy past pass@k.
 """
 
 import argparse
-import re
 from collections import Counter
 
 import torch
+from arithmetic_reward import OPS, STEP
 
 import minicustom as mc
 from minicustom.evaluate import extract_answer, number_match
@@ -21,13 +21,10 @@ from minicustom.gguf import fetch_demo_model
 from minicustom.methods import load_adapter
 from minicustom.train.rollout import SamplingConfig, load_prompts, sample
 
-STEP = re.compile(r"(\d+) *([-+*]) *(\d+) *= *(\d+)")
-
 
 def wrong_steps(text: str) -> tuple[int, int]:
     steps = STEP.findall(text)
-    bad = sum({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] != int(c) for a, op, b, c in steps)
-    return bad, len(steps)
+    return sum(OPS[op](int(a), int(b)) != int(c) for a, op, b, c in steps), len(steps)
 
 
 def main():

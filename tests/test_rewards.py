@@ -3,6 +3,7 @@ and every unusable reward refused by name."""
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,23 @@ def test_bad_weights_and_records():
         build_reward("label")
     with pytest.raises(RewardError, match="record 0 has none"):
         build_reward("number")(["q"], ["1"], [{"question": "q"}])
+
+
+def test_the_arithmetic_step_reward_credits_true_steps_on_the_reference_path(monkeypatch):
+    """examples/arithmetic_reward.py (the RLHF demo's process reward): 1/n for each of the rationale's n
+    results reached by a true calculation; a false one, an identity ("16 + 0 = 16") or a true sum off the
+    path earn nothing. Through build_reward, as `--reward examples.arithmetic_reward:steps` loads it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
+    reward = build_reward("number,examples.arithmetic_reward:steps", weights=[1.0, 0.5])
+    record = {"answer": "43", "rationale": "Mia starts with 10. 10 + 6 = 16. 16 * 2 = 32. 32 + 11 = 43."}
+    completions = ["10 + 6 = 16. 16 * 2 = 32. 32 + 11 = 43. The answer is 43.",  # all three steps, right answer
+                   "10 + 6 = 16. 16 * 2 = 33. 33 + 11 = 44. The answer is 44.",  # one true step
+                   "10 + 6 = 15. 15 * 2 = 32. 32 + 11 = 43. The answer is 43.",  # 15 false; 32 false; 43 true
+                   "16 + 0 = 16. 1 * 32 = 32. 2 + 2 = 4. The answer is 4.",     # identities and a sum off the path
+                   "The answer is 43."]                                         # right, with no steps
+    parts = reward.parts(["q"] * 5, completions, [record] * 5)
+    assert parts["examples.arithmetic_reward:steps"] == [1.0, 1 / 3, 1 / 3, 0.0, 0.0]
+    assert reward(["q"] * 5, completions, [record] * 5) == pytest.approx([1.5, 1 / 6, 1 + 1 / 6, 0.0, 1.0])
+    with pytest.raises(ValueError, match="needs each record's 'rationale'; record 0 has none"):
+        reward.parts(["q"], ["1 + 1 = 2"], [{"answer": "2"}])
+    sys.modules.pop("examples.arithmetic_reward", None)
