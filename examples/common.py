@@ -29,6 +29,7 @@ from minicustom.train import TrainConfig, train
 SMOKE = os.environ.get("MINICUSTOM_SMOKE") == "1"
 TASKS = Path(__file__).parent / "data" / "tasks"
 START = time.perf_counter()
+torch.manual_seed(0)  # the adapters' random starts (LoRA's A, ...): torch seeds itself at random in each process
 if SMOKE:
     torch.set_num_threads(1)  # a model this small loses more to thread hand-offs than it gains
     sys.modules["matplotlib"] = None  # no loss chart (the run folder is temporary): a second saved per example
