@@ -6,6 +6,14 @@ logits are O(1) and a wrong sign, a swapped half or a missing bias shows far abo
 
 import json
 import os
+import sys
+from pathlib import Path
+
+# The repository's kernels/ folder (installed as minicustom.kernels) would shadow the PyPI package `kernels`,
+# which transformers (>= 5.25) and bitsandbytes import, wherever the repository root is on sys.path: `python
+# -m pytest` puts the working directory there. Take it off before any test module is collected.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a function, its own helpers included, which it
 # does when triton is first imported (peft and bitsandbytes import it): set it before any test module is
