@@ -20,8 +20,11 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 def calculations(text: str) -> list[tuple[bool, int]]:
     """Each "a op b = c" of text as (whether it is true and moves: c differs from a and b, so that "16 + 0 =
     16" reaches nothing, c)."""
-    return [(OPS[op](a, b) == c and c not in (a, b), c)
-            for a, op, b, c in ((int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(text))]
+    found = []
+    for a, op, b, c in STEP.findall(text):
+        a, b, c = int(a), int(b), int(c)
+        found.append((OPS[op](a, b) == c and c not in (a, b), c))
+    return found
 
 
 def step_credit(completion: str, rationale: str) -> float:

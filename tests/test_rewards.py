@@ -86,4 +86,5 @@ def test_the_arithmetic_step_reward_credits_true_steps_on_the_reference_path(mon
     assert reward(["q"] * 5, completions, [record] * 5) == pytest.approx([1.5, 1 / 6, 1 + 1 / 6, 0.0, 1.0])
     with pytest.raises(ValueError, match="needs each record's 'rationale'; record 0 has none"):
         reward.parts(["q"], ["1 + 1 = 2"], [{"answer": "2"}])
-    sys.modules.pop("examples.arithmetic_reward", None)
+    for name in ("examples.arithmetic_reward", "examples"):  # imported from the repository root, taken off after
+        sys.modules.pop(name, None)
