@@ -63,7 +63,7 @@ FILLERS = {"day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Satu
            "mins": ["88", "95", "102", "110", "124", "131"], "year": ["1998", "2004", "2011", "2016", "2021"]}
 
 MATH_SYSTEM = "Solve the problem. Think step by step, then end with 'The answer is N.'"
-MATH_COUNTS = {"train": 240, "validation": 60, "test": 90}
+MATH_COUNTS = {"train": 240, "validation": 60, "test": 90, "test_large": 400}
 NAMES = [("Mia", "She"), ("Omar", "He"), ("Lena", "She"), ("Ravi", "He"), ("Sofia", "She"), ("Tom", "He"),
          ("Aisha", "She"), ("Ben", "He"), ("Yuki", "She"), ("Carlos", "He"), ("Nora", "She"), ("Sam", "He")]
 OBJECTS = ["pencils", "stickers", "marbles", "apples", "cards", "coins", "stamps", "cookies", "books", "shells",
@@ -201,7 +201,7 @@ def rationale(name, steps, slip=None):
 
 def arithmetic_task(rng):
     seen, rows, prefs = set(), {}, {}
-    for split in ("train", "validation", "test"):
+    for split in MATH_COUNTS:  # test_large comes last, so the other splits are unchanged by it
         rows[split], prefs[split] = [], []
         while len(rows[split]) < MATH_COUNTS[split]:
             made = problem(rng)
