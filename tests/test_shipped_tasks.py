@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 DATA = Path(__file__).parents[1] / "examples/data"
+ARITHMETIC_SPLITS = ("train", "validation", "test", "test_large")
 
 
 def test_make_tasks_regenerates_the_shipped_files(tmp_path):
@@ -26,7 +27,7 @@ def test_arithmetic_splits_are_disjoint_and_answered():
     folder = DATA / "tasks/arithmetic"
     counts = json.loads((folder / "task.json").read_text())["counts"]
     seen = {}
-    for split in ("train", "validation", "test", "test_large"):
+    for split in ARITHMETIC_SPLITS:
         rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
         assert len(rows) == counts[split]
         for row in rows:
@@ -37,4 +38,4 @@ def test_arithmetic_splits_are_disjoint_and_answered():
             assert steps and steps[-1][3] == row["answer"]
             for a, op, b, c in steps:
                 assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
-    assert len(seen) == sum(counts[s] for s in ("train", "validation", "test", "test_large"))
+    assert len(seen) == sum(counts[s] for s in ARITHMETIC_SPLITS)
