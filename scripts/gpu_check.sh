@@ -30,10 +30,16 @@ fi
 # minicustom itself, without its dependencies (the machine has them) and without the network
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" . || exit 1
 # PYTHONSAFEPATH: the installed copy, not ./minicustom (whose kernels/ lives beside it), is what gets imported
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+# and with it the script's folder is not on sys.path: benchmarks/ goes there by name (bench_sft imports memory_peak)
+export PYTHONPATH="$site:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels, not the interpreter
 log=${OUT:-$(mktemp -d)}
-"$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+"$PY" -c "import torch, triton; print('gpu_check:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
+# the memory bandwidth that bench_nf4's "% peak" columns divide by: the vendor's figure for the device
+case "$("$PY" -c "import torch; print(torch.cuda.get_device_name())")" in
+  *H200*) peak=4800 ;; *H100*PCIe*) peak=2000 ;; *H100*) peak=3350 ;; *A100*80GB*) peak=2039 ;; *A100*) peak=1555 ;;
+  *) peak=${PEAK_GBPS:-3350} ;;
+esac
 
 declare -a rows
 run() {  # run NAME COMMAND...: its output to $log/NAME.log and the screen, one summary row
@@ -45,9 +51,11 @@ run() {  # run NAME COMMAND...: its output to $log/NAME.log and the screen, one 
 }
 
 run cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_model.py -k "cuda or gpu"
-run bench-nf4 "$PY" benchmarks/bench_nf4.py --repeats 15
+run bench-nf4 "$PY" benchmarks/bench_nf4.py --repeats 15 --peak-gbps "$peak"
 run step-lora "$PY" benchmarks/bench_sft.py --device cuda --method lora --rounds 1 --steps 5
 run step-qlora "$PY" benchmarks/bench_sft.py --device cuda --method qlora --rounds 1 --steps 5
+run step-lora-bf16 "$PY" benchmarks/bench_sft.py --device cuda --method lora --rounds 1 --steps 5 --precision bf16
+run step-qlora-bf16 "$PY" benchmarks/bench_sft.py --device cuda --method qlora --rounds 1 --steps 5 --precision bf16
 
 echo
 echo "## gpu_check summary"
@@ -56,5 +64,5 @@ echo "|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "### LoRA / QLoRA step (tokens/s, minicustom vs transformers+peft)"
-grep -h "^| \(chat\|all\) " "$log/step-lora.log" "$log/step-qlora.log"
+grep -H "^| \(chat\|all\) " "$log"/step-*.log
 ! printf '%s\n' "${rows[@]}" | grep -q FAILED

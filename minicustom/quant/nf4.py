@@ -200,7 +200,8 @@ _GRID_LUT: dict[int, torch.Tensor] = {}
 
 def _grid_lut(code: torch.Tensor) -> torch.Tensor:
     """For each of 65536 grid points on [-1, 1], the index of the nearest code (first on ties)."""
-    key = hash(code.cpu().numpy().tobytes())
+    code = code.detach().cpu()  # built once on the CPU, whatever device the tensors live on
+    key = hash(code.numpy().tobytes())
     if key not in _GRID_LUT:
         grid = torch.arange(65536, dtype=torch.float64) / 65535 * 2 - 1
         lut = torch.empty(65536, dtype=torch.uint8)
