@@ -9,7 +9,9 @@ per byte), never per row.
 Each program owns a (BLOCK_M, BLOCK_N) tile of y and walks K in steps of BLOCK_K. At each step it
 dequantizes the (BLOCK_K, BLOCK_N) tile of W.T in registers (same arithmetic as ``nf4_dequant``) and
 multiplies it into an fp32 accumulator; the weight is read once per M-tile, at 4.13 bits per value,
-which is what makes small M (decode, M <= 64) run at the speed of memory instead of 16-bit weights.
+which should let small M (decode, M <= 64) run at the speed of memory instead of 16-bit weights. On the
+first GPU it ran on (an H200, README) it did not: 11 to 76 GB/s, 1.3 to 6x slower than dequantize + cuBLAS
+at 1 and 16 rows, so minicustom.quant.linear4bit routes no rows here (FUSED_MAX_ROWS = 0) until it is tuned.
 For large M (training, prefill) W is re-dequantized per M-tile and ``nf4_dequant.dequantize`` followed
 by cuBLAS is faster; bitsandbytes makes the same split (gemv_4bit for one token, dequantize + matmul
 otherwise).

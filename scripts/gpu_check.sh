@@ -11,9 +11,15 @@
 # bitsandbytes and gguf there), and the demo model does not fit, so the training step uses SmolLM2-135M's
 # architecture with random weights unless the converted model is in the cache.
 #
-#   bash scripts/gpu_check.sh            (with the device tool: carry [".whl"], timeout ~540 s)
+#   bash scripts/gpu_check.sh [CHECK ...]   (with the device tool: carry [".whl"], timeout ~600 s; the checks,
+#                                           default all: cuda-tests bench-nf4 step-lora step-qlora step-lora-bf16
+#                                           step-qlora-bf16)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+CHECKS="cuda-tests bench-nf4 step-lora step-qlora step-lora-bf16 step-qlora-bf16"
+for c in "$@"; do
+  [[ " $CHECKS " == *" $c "* ]] || { echo "gpu_check: no check named '$c'; the checks: $CHECKS" >&2; exit 2; }
+done
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 
@@ -42,8 +48,10 @@ case "$("$PY" -c "import torch; print(torch.cuda.get_device_name())")" in
 esac
 
 declare -a rows
-run() {  # run NAME COMMAND...: its output to $log/NAME.log and the screen, one summary row
+wanted=" ${*:-all} "
+run() {  # run NAME COMMAND...: its output to $log/NAME.log and the screen, one summary row (if NAME is wanted)
   local name=$1; shift
+  [[ $wanted == " all " || $wanted == *" $name "* ]] || return 0
   local t0=$SECONDS
   "$@" 2>&1 | tee "$log/$name.log"
   local rc=${PIPESTATUS[0]}

@@ -22,7 +22,10 @@ from torch import nn
 from ..precision import compute_dtype
 from . import nf4
 
-FUSED_MAX_ROWS = 64  # the fused dequant+matmul kernel serves up to this many tokens; above, dequant + GEMM
+# The fused dequant+matmul kernel serves up to this many rows on CUDA; above, dequant + GEMM. 0: on the first GPU
+# run (an H200, README's GPU section) the kernel was 1.3 to 6x slower than dequantize-then-F.linear at every
+# shape benchmarks/bench_nf4.py measures, 1 and 16 rows, so every row takes that path until it is tuned.
+FUSED_MAX_ROWS = 0
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
