@@ -17,3 +17,11 @@ def test_gpu_check_skips_without_a_gpu():
                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("gpu_check: skipped: no CUDA GPU here"), out.stdout
+
+
+def test_gpu_check_refuses_an_unknown_check_name():
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "bench-nf4", "step-lroa"], capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == ["gpu_check: no check named 'step-lroa'; the checks: cuda-tests bench-nf4 "
+                                               "step-lora step-qlora step-lora-bf16 step-qlora-bf16"]
