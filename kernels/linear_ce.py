@@ -223,8 +223,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             acc = torch.zeros((N, C), dtype=torch.float32, device=h2.device)  # (N, C) fp32
             if N:
                 _dh_bwd[(triton.cdiv(N, config["BLOCK_N"]),)](h2, W, y, lse, acc, *args, **config)
-            # (grad_h.to(X) * g).to(h.dtype), grad_h = dz @ W in X: the twin's expression
-            dh = (acc.to(h2.dtype) * scale).to(ctx.dtypes[0]).view(ctx.h_shape)
+            # (grad_h.to(X) * g).to(h.dtype), grad_h = dz @ W in X: the twin's expression, the product in fp32
+            dh = (acc.to(h2.dtype).float() * scale).to(h2.dtype).to(ctx.dtypes[0]).view(ctx.h_shape)
         if ctx.needs_input_grad[1]:
             acc = torch.zeros((V, C), dtype=torch.float32, device=W.device)  # (V, C) fp32
             if N:

@@ -79,7 +79,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         grad_h, grad_W = ctx.saved_tensors
         h_dtype, W_dtype = ctx.dtypes
-        return ((grad_h * g).to(h_dtype) if grad_h is not None else None,
+        # grad_h * g in fp32, rounded once to grad_h's dtype, on every device (the kernel's dh in bf16 missed
+        # its bound on CUDA, by g's low bits, while it multiplied a bf16 tensor by g directly)
+        return ((grad_h.float() * g).to(grad_h.dtype).to(h_dtype) if grad_h is not None else None,
                 (grad_W * g).to(W_dtype) if grad_W is not None else None, None, None)
 
 

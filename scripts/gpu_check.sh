@@ -12,11 +12,14 @@
 # architecture with random weights unless the converted model is in the cache.
 #
 #   bash scripts/gpu_check.sh [CHECK ...]   (with the device tool: carry [".whl"], timeout ~600 s; the checks,
-#                                           default all: cuda-tests bench-nf4 step-lora step-qlora step-lora-bf16
-#                                           step-qlora-bf16)
+#                                           default all: cuda-tests train-kernels bench-nf4 step-lora step-qlora
+#                                           step-lora-bf16 step-qlora-bf16)
+#
+# train-kernels: the training kernels' tests (RMSNorm, RoPE, SwiGLU, LoRA, linear + cross-entropy), compiled
+# on CUDA against their twins on the CPU (tests/kernel_checks.py), and the loss twin on CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CHECKS="cuda-tests bench-nf4 step-lora step-qlora step-lora-bf16 step-qlora-bf16"
+CHECKS="cuda-tests train-kernels bench-nf4 step-lora step-qlora step-lora-bf16 step-qlora-bf16"
 for c in "$@"; do
   [[ " $CHECKS " == *" $c "* ]] || { echo "gpu_check: no check named '$c'; the checks: $CHECKS" >&2; exit 2; }
 done
@@ -48,10 +51,10 @@ case "$("$PY" -c "import torch; print(torch.cuda.get_device_name())")" in
 esac
 
 declare -a rows
-wanted=" ${*:-all} "
+wanted=" ${*:-$CHECKS} "
 run() {  # run NAME COMMAND...: its output to $log/NAME.log and the screen, one summary row (if NAME is wanted)
   local name=$1; shift
-  [[ $wanted == " all " || $wanted == *" $name "* ]] || return 0
+  [[ $wanted == *" $name "* ]] || return 0
   local t0=$SECONDS
   "$@" 2>&1 | tee "$log/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -59,6 +62,8 @@ run() {  # run NAME COMMAND...: its output to $log/NAME.log and the screen, one 
 }
 
 run cuda-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_model.py -k "cuda or gpu"
+run train-kernels "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_train.py tests/test_kernels_lora.py \
+  tests/test_kernels_linear_ce.py
 run bench-nf4 "$PY" benchmarks/bench_nf4.py --repeats 15 --peak-gbps "$peak"
 run step-lora "$PY" benchmarks/bench_sft.py --device cuda --method lora --rounds 1 --steps 5
 run step-qlora "$PY" benchmarks/bench_sft.py --device cuda --method qlora --rounds 1 --steps 5
@@ -72,5 +77,5 @@ echo "|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "### LoRA / QLoRA step (tokens/s, minicustom vs transformers+peft)"
-grep -H "^| \(chat\|all\) " "$log"/step-*.log
+grep -sH "^| \(chat\|all\) " "$log"/step-*.log
 ! printf '%s\n' "${rows[@]}" | grep -q FAILED

@@ -1,6 +1,13 @@
 """What the Triton kernel tests share: they run on the interpreter (never skipped on CPU), the unit roundoffs
-of the float dtypes, and an elementwise bound check that names the worst element."""
+of the float dtypes, and an elementwise bound check that names the worst element.
 
+On a GPU with TRITON_INTERPRET=0 (scripts/gpu_check.sh) the training kernels' tests run compiled instead:
+`compiled_on_cuda` swaps each kernel entry point for one that runs it on CUDA copies of its CPU inputs and
+hands its outputs back to the CPU, differentiably, so the same inputs, twins (on the CPU) and bounds check
+the compiled kernels. The NF4 kernel tests have CUDA tests of their own and skip the interpreted ones there."""
+
+import contextlib
+import functools
 import os
 
 import pytest
@@ -24,10 +31,53 @@ def interpreted(test):
 
 
 def assert_interpreted(*kernels) -> None:
-    """The kernels (and triton.language itself) are the interpreter's, so that a test cannot pass vacuously."""
-    if not COMPILED:
+    """The kernels (and triton.language itself) are the interpreter's, so that a test cannot pass vacuously;
+    under COMPILED, the kernels are compiled ones."""
+    if COMPILED:
+        assert all(type(f).__name__ == "JITFunction" for f in kernels), [type(f).__name__ for f in kernels]
+    else:
         assert all(type(f).__name__ == "InterpretedFunction" for f in (tl.zeros, *kernels)), \
             "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
+
+
+def to_device(t, device):
+    """t on `device` with t's own strides (a column slice keeps its row padding), differentiable back to t;
+    anything but a tensor as it is."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.numel() == 0 or t.is_contiguous() or 0 in t.stride():  # (an expanded tensor: made dense)
+        return t.to(device)
+    span = t.storage_offset() + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
+    buffer = torch.zeros(span, dtype=t.dtype, device=device)
+    return buffer.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
+
+
+def on_cuda(fn):
+    """fn run on CUDA copies of its tensor arguments (CPU autocast carried over as CUDA autocast), its tensor
+    results back on the CPU."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        args = [to_device(a, "cuda") for a in args]
+        kwargs = {k: to_device(v, "cuda") for k, v in kwargs.items()}
+        amp = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu")
+               else contextlib.nullcontext())
+        with amp:
+            out = fn(*args, **kwargs)
+        return tuple(to_device(o, "cpu") for o in out) if isinstance(out, tuple) else to_device(out, "cpu")
+    return run
+
+
+def compiled_on_cuda(*entries):
+    """An autouse fixture for a kernel test module: under COMPILED, each (module, name) entry point runs on
+    CUDA (`on_cuda`) for the test; on the interpreter, nothing changes."""
+    @pytest.fixture(autouse=True)
+    def fixture(monkeypatch):
+        if COMPILED:
+            for module, name in entries:
+                monkeypatch.setattr(module, name, on_cuda(getattr(module, name)))
+        yield
+    return fixture
+
 
 
 def within(out, ref, bound, what: str) -> None:

@@ -45,7 +45,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import BF16, ETA, F16, F32, U32, U, assert_interpreted, interpreted, within
+from kernel_checks import (
+    BF16,
+    COMPILED,
+    ETA,
+    F16,
+    F32,
+    U32,
+    U,
+    assert_interpreted,
+    compiled_on_cuda,
+    on_cuda,
+    within,
+)
 from minicustom.kernels import linear_ce
 
 from minicustom import fused
@@ -56,6 +68,9 @@ IGNORE = -100
 
 def test_the_kernels_are_interpreted():
     assert_interpreted(linear_ce._lse_fwd, linear_ce._dh_bwd, linear_ce._dw_bwd)
+
+
+_compiled_on_cuda = compiled_on_cuda((linear_ce, "linear_cross_entropy"))  # under TRITON_INTERPRET=0 on a GPU (kernel_checks)
 
 
 def gamma(k: int) -> float:
@@ -144,6 +159,10 @@ def check(h, W, y, reduction, g=0.75, autocast=False, with_plain=False, **blocks
         within(a.double(), center, err, f"{name} kernel vs exact, {what}")
         within(b.double(), center, err, f"{name} twin vs exact, {what}")
         within(a, b, 2 * err, f"{name} kernel vs twin, {what}")
+    if COMPILED:  # the twin on CUDA (the default path there) within the same bounds
+        for name, b, (center, err) in zip(("loss", "dh", "dW"), run(on_cuda(fused.linear_cross_entropy_reference),
+                                                                     h, W, y, reduction, g, autocast), exact):
+            within(b.double(), center, err, f"{name} twin on cuda vs exact, {what}")
     if with_plain:
         ref = run(plain, h, W, y, reduction, g, False)
         for name, a, b, (_center, err) in zip(("loss", "dh", "dW"), out, ref,
@@ -172,7 +191,6 @@ CASES = [  # (N, C, V, blocks, reduction): rows, hidden, vocabulary not multiple
 ]
 
 
-@interpreted
 @pytest.mark.parametrize("N, C, V, blocks, reduction", CASES)
 @pytest.mark.parametrize("dtype, w_dtype", [(F32, F32), (BF16, BF16), (BF16, F32)])
 def test_matches_twin(N, C, V, blocks, reduction, dtype, w_dtype):
@@ -181,7 +199,6 @@ def test_matches_twin(N, C, V, blocks, reduction, dtype, w_dtype):
     check(h, W, y, reduction, **blocks)
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_matches_the_plain_definition(dtype):
     """F.cross_entropy(h.float() @ W.float().T, y, ignore_index=-100), "mean" and "sum"; leading dims (B, T)."""
@@ -190,7 +207,6 @@ def test_matches_the_plain_definition(dtype):
     check(h, W, y, "sum", g=-0.5, with_plain=True, block_n=16, block_v=64, block_c=16)
 
 
-@interpreted
 def test_autocast_fp16_and_strided_rows():
     """fp32 h and W under autocast(bf16): logits in bf16, grads fp32. fp16 throughout. h a column slice of a
     wider tensor (row stride 80) and a row block (16 rows) whose labels are all ignore_index."""
@@ -203,7 +219,6 @@ def test_autocast_fp16_and_strided_rows():
     check(wide[:, 4:76], W, y, "mean", block_n=16, block_v=128)
 
 
-@interpreted
 def test_all_rows_ignored():
     """No row kept: the mean is nan (0 / 0) and the sum 0, both with zero grads, as F.cross_entropy's."""
     h, W, y = inputs(5, 24, 70, F32)
@@ -215,7 +230,6 @@ def test_all_rows_ignored():
             assert not dh.any() and not dW.any(), (fn, reduction)
 
 
-@interpreted
 def test_bad_inputs():
     h, W, y = inputs(4, 24, 70, F32)
     for fn in (linear_ce.linear_cross_entropy, fused.linear_cross_entropy_reference):

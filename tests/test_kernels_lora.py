@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from kernel_checks import BF16, ETA, F32, U32, U, assert_interpreted, interpreted, within
+from kernel_checks import BF16, ETA, F32, U32, U, assert_interpreted, compiled_on_cuda, within
 from minicustom.kernels import lora
 
 from minicustom.methods import lora_layers
@@ -49,6 +49,9 @@ from minicustom.methods import lora_layers
 
 def test_the_kernels_are_interpreted():
     assert_interpreted(lora._lora_fwd, lora._lora_bwd_rows, lora._thin_tn)
+
+
+_compiled_on_cuda = compiled_on_cuda((lora, "lora_linear"))  # under TRITON_INTERPRET=0 on a GPU (kernel_checks)
 
 
 def twin(x, A, B, s, base_out):
@@ -148,7 +151,6 @@ def inputs(M, K, N, r, dtype, g, B_scale=1.0):
 # ---------------------------------------------------------------- kernel vs twin
 
 
-@interpreted
 @pytest.mark.parametrize("r", [1, 8, 13])
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_matches_twin_on_awkward_shapes(r, dtype):
@@ -159,7 +161,6 @@ def test_matches_twin_on_awkward_shapes(r, dtype):
     check(x, A, B, 16 / r, base_out, g, split=3, block_m=16)  # s = alpha / r, alpha = 16
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_strided_views_and_frozen_inputs(dtype):
     """x a (B, T, K) column slice, A stored transposed, B every other column of a wider matrix (as
@@ -174,7 +175,6 @@ def test_strided_views_and_frozen_inputs(dtype):
     check(x, A, B.detach(), 2.0, base_out.detach(), g)  # B frozen: the forward saves no xa
 
 
-@interpreted
 def test_matches_twin_under_autocast():
     """fp32 master A and B, an fp32 x (the residual stream) and base_out, under bf16 autocast: both sides
     round every operand to bf16, y comes out bf16, and dA, dB, dx, d base_out in their inputs' fp32."""
@@ -188,7 +188,6 @@ def test_matches_twin_under_autocast():
 # ---------------------------------------------------------------- identities and errors
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_zero_B_or_zero_scale_leaves_base_out(dtype):
     """B = 0 (LoRA's init) or s = 0: every product is an exact 0, so y == base_out bit for bit, and dx and
@@ -204,7 +203,6 @@ def test_zero_B_or_zero_scale_leaves_base_out(dtype):
         assert dB.any() == zero_B
 
 
-@interpreted
 def test_no_rows():
     """x (0, K), as an empty batch: y (0, N), zero gradients for A and B, no launch with an empty grid."""
     x, A, B, base_out = inputs(0, 72, 100, 8, F32, torch.Generator().manual_seed(0))
@@ -214,7 +212,6 @@ def test_no_rows():
     assert dx.shape == (0, 72) and not dA.any() and not dB.any()
 
 
-@interpreted
 def test_bad_inputs_say_what_was_expected():
     x, A, B, base_out = torch.randn(4, 72), torch.randn(8, 72), torch.randn(100, 8), torch.randn(4, 100)
     with pytest.raises(ValueError, match=r"B is \(100, 7\) with rank 7, A \(8, 72\) with rank 8; "
@@ -224,7 +221,7 @@ def test_bad_inputs_say_what_was_expected():
         lora.lora_linear(torch.randn(4, 70), A, B, 2.0, base_out)
     with pytest.raises(ValueError, match=r"base_out is \(4, 99\); expected \(4, 100\)"):
         lora.lora_linear(x, A, B, 2.0, torch.randn(4, 99))
-    with pytest.raises(ValueError, match="A is torch.float64 on cpu; expected float32/bfloat16/float16"):
+    with pytest.raises(ValueError, match="A is torch.float64 on (cpu|cuda:0); expected float32/bfloat16/float16"):
         lora.lora_linear(x, A.double(), B, 2.0, base_out)
     with pytest.raises(ValueError, match="rank 129 is above MAX_R"):
         lora.lora_linear(x, torch.randn(129, 72), torch.randn(100, 129), 2.0, base_out)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kernel_checks import BF16, ETA, F16, F32, U32, U, assert_interpreted, interpreted, within
+from kernel_checks import BF16, ETA, F16, F32, U32, U, assert_interpreted, compiled_on_cuda, within
 from minicustom.kernels import rmsnorm, rope, swiglu
 
 from minicustom import fused, model
@@ -28,6 +28,9 @@ from minicustom.rope import RoPE
 
 def test_the_kernels_are_interpreted():
     assert_interpreted(rmsnorm._rms_norm_fwd, rmsnorm._rms_norm_bwd, rope._rope_kernel, swiglu._swiglu_fwd, swiglu._swiglu_bwd)
+
+
+_compiled_on_cuda = compiled_on_cuda((rmsnorm, "rms_norm"), (rope, "rope"), (swiglu, "swiglu"))  # under TRITON_INTERPRET=0 on a GPU (kernel_checks)
 
 
 def strided_like(shape, dtype, g, pad=3):
@@ -122,7 +125,6 @@ def rms_input(shape, dtype, g):
 DTYPE_PAIRS = [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32), (F32, BF16)]  # (x, w): mixed as under autocast
 
 
-@interpreted
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # the twin's F.rms_norm, fp32 x
 @pytest.mark.parametrize("shape, block_m", [((37, 70), 4), ((1, 576), None), ((2, 9, 64), 8), ((5, 1), 2)])
 @pytest.mark.parametrize("x_dtype, w_dtype", DTYPE_PAIRS)
@@ -135,7 +137,6 @@ def test_rms_norm_matches_twin(shape, block_m, x_dtype, w_dtype, plus_one):
     check_rms_norm(rms_input(shape, x_dtype, g), w, plus_one, g, block_m=block_m)
 
 
-@interpreted
 def test_rms_norm_strided_input_and_errors():
     """x a column slice (row stride 100), 3-D; the errors a caller gets."""
     g = torch.Generator().manual_seed(3)
@@ -170,7 +171,6 @@ ROPE_SHAPES = [  # (B, nh, T, hs, d, block_r): rows B*nh*T not a multiple of blo
 ]
 
 
-@interpreted
 @pytest.mark.parametrize("B, nh, T, hs, d, block_r", ROPE_SHAPES)
 @pytest.mark.parametrize("x_dtype, table_dtype", [(F32, F32), (BF16, BF16), (F16, F16), (BF16, F32)])
 def test_rope_matches_twin_exactly(B, nh, T, hs, d, block_r, x_dtype, table_dtype):
@@ -185,7 +185,6 @@ def test_rope_matches_twin_exactly(B, nh, T, hs, d, block_r, x_dtype, table_dtyp
     check_rope(x.detach(), cos[:1], sin[:1], g, block_r=block_r)
 
 
-@interpreted
 def test_rope_backward_is_the_rotation_by_minus_angle():
     """With real tables (rotate_half layout: both halves of cos and sin equal), dx = rope(dy, cos, -sin) bit
     for bit, and a forward rotation by -angle undoes the rotation by angle, to rounding."""
@@ -203,7 +202,6 @@ def test_rope_backward_is_the_rotation_by_minus_angle():
                                rtol=0, atol=24 * U32 * x.abs().max().item())
 
 
-@interpreted
 def test_rope_errors():
     x = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="d even and d <= 8"):
@@ -274,7 +272,6 @@ def glu_inputs(shape, dtype, g):
 OVERFLOW = "ignore:overflow encountered in exp"  # numpy, exp(100) = inf on purpose (glu_inputs), as on a GPU
 
 
-@interpreted
 @pytest.mark.filterwarnings(OVERFLOW)
 @pytest.mark.parametrize("shape", [(9, 70), (2, 3, 576), (3, 1)])
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
@@ -286,7 +283,6 @@ def test_swiglu_matches_twin(shape, dtype, act):
     check_swiglu(*glu_inputs(shape, dtype, g), act, g)
 
 
-@interpreted
 @pytest.mark.filterwarnings(OVERFLOW)
 def test_swiglu_on_a_fused_gate_up_and_errors():
     """gate and up as the two halves of Phi-3's gate_up_proj output: strided views of one tensor."""

@@ -23,5 +23,5 @@ def test_gpu_check_refuses_an_unknown_check_name():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "bench-nf4", "step-lroa"], capture_output=True,
                          text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
     assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
-    assert out.stderr.strip().splitlines() == ["gpu_check: no check named 'step-lroa'; the checks: cuda-tests bench-nf4 "
-                                               "step-lora step-qlora step-lora-bf16 step-qlora-bf16"]
+    assert out.stderr.strip().splitlines() == ["gpu_check: no check named 'step-lroa'; the checks: cuda-tests train-kernels "
+                                               "bench-nf4 step-lora step-qlora step-lora-bf16 step-qlora-bf16"]
