@@ -79,7 +79,6 @@ def compiled_on_cuda(*entries):
     return fixture
 
 
-
 def within(out, ref, bound, what: str) -> None:
     """|out - ref| <= bound elementwise (bound a float64 tensor of out's shape, or a float), in float64."""
     assert out.shape == ref.shape and out.dtype == ref.dtype, (what, out.shape, ref.shape, out.dtype, ref.dtype)
